@@ -1,0 +1,1 @@
+"""SRigL: structured dynamic sparse training in JAX."""
