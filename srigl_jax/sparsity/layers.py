@@ -1,0 +1,331 @@
+"""Which parameters are sparse, their fan-in geometry, and their budgets.
+
+Everything here is static Python computed from the parameter *shapes*; it is
+derived once when the sparse optimizer is initialised and travels with its
+state as static pytree metadata (no arrays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fractions
+import logging
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+# A rule deciding which leaves are sparse: (path, shape) -> bool.
+SparseRule = Callable[[str, tuple[int, ...]], bool]
+# A rule giving the fan-in axes of a sparse leaf: (path, shape) -> axes or None
+# (None falls back to the default rule).
+FanInRule = Callable[[str, tuple[int, ...]], "tuple[int, ...] | None"]
+
+DISTRIBUTIONS = ("uniform", "erk")
+# The classifier heads of common models; exempt from ablation by default.
+DEFAULT_NO_ABLATION = (r"(^|/)(head|classifier|logits)/kernel$",)
+_ATTENTION_QKV = ("query", "key", "value")
+
+
+def path_str(key_path: Sequence[Any]) -> str:
+  """Turns a jax key path into 'a/b/kernel'."""
+  parts = []
+  for k in key_path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(k.name)
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def kernels_rule(path: str, shape: tuple[int, ...]) -> bool:
+  """Default sparse rule: Flax `kernel` leaves of rank >= 2."""
+  return path.rsplit("/", 1)[-1] == "kernel" and len(shape) >= 2
+
+
+def dense_only_rule(path: str, shape: tuple[int, ...]) -> bool:
+  """Only 2-D Dense kernels are sparse; convolutions stay dense."""
+  return path.rsplit("/", 1)[-1] == "kernel" and len(shape) == 2
+
+
+SPARSE_RULES: dict[str, SparseRule] = {
+    "kernels": kernels_rule,
+    "dense_only": dense_only_rule,
+}
+
+
+def default_fan_in_axes(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Fan-in axes of a Flax kernel (notes section 1).
+
+  Dense and Conv kernels hold their output units on the last axis. Flax
+  attention projections are DenseGeneral kernels: query/key/value are
+  (embed, heads, head_dim) with fan-in axis 0, the output projection `out` is
+  (heads, head_dim, embed) with fan-in axes (0, 1).
+  """
+  parts = path.split("/")
+  parent = parts[-2] if len(parts) >= 2 else ""
+  if len(shape) == 3 and parent in _ATTENTION_QKV:
+    return (0,)
+  return tuple(range(len(shape) - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of one sparse layer.
+
+  Attributes:
+    path: '/'-joined path of the kernel in the params tree.
+    shape: kernel shape.
+    fan_in_axes: axes that feed one neuron; the other axes index neurons.
+    density: target fraction of non-zero weights, 1 - sparsity.
+    ablation: whether SRigL may ablate neurons of this layer.
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  fan_in_axes: tuple[int, ...]
+  density: float
+  ablation: bool
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def fan_in(self) -> int:
+    """Dense fan-in D: product of the fan-in axes."""
+    return math.prod(self.shape[a] for a in self.fan_in_axes)
+
+  @property
+  def num_neurons(self) -> int:
+    return self.size // self.fan_in
+
+  @property
+  def budget(self) -> int:
+    """B = floor(numel * (1 - s)) non-zero weights."""
+    return budget(self.size, self.density)
+
+  @property
+  def k0(self) -> int:
+    """Constant fan-in before any ablation, floor(B / n_neurons)."""
+    return self.budget // self.num_neurons
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.density
+
+  @property
+  def perm(self) -> tuple[int, ...]:
+    """Axis order putting the fan-in axes first (identity for Flax kernels)."""
+    rest = tuple(a for a in range(len(self.shape)) if a not in self.fan_in_axes)
+    return self.fan_in_axes + rest
+
+
+def budget(size: int, density: float) -> int:
+  # The tolerance absorbs binary rounding of decimal sparsities: 10 weights at
+  # sparsity 0.9 are meant to keep exactly 1, not floor(0.99999...) = 0.
+  return int(math.floor(size * density + 1e-6))
+
+
+def _density_from_sparsity(sparsity: float) -> float:
+  # 1 - 0.9 is 0.09999999999999998 in binary; take the decimal the user typed.
+  return float(1 - fractions.Fraction(repr(float(sparsity))))
+
+
+def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
+  if not isinstance(sparsity, (int, float, np.floating)) or isinstance(sparsity, bool):
+    raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r}.")
+  if not 0.0 <= float(sparsity) < 1.0:
+    raise ValueError(
+        f"{name}={sparsity!r} is outside [0, 1): it is the fraction of weights "
+        "set to zero, e.g. 0.9 keeps 10% of each sparse layer."
+    )
+  return float(sparsity)
+
+
+def erk_densities(
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    power_scale: float = 1.0,
+) -> dict[str, float]:
+  """Erdos-Renyi-Kernel layer densities (notes section 2).
+
+  Density of layer i is eps * p_i with p_i = (sum(shape_i) / prod(shape_i)) **
+  power_scale; eps makes the total non-zero count equal
+  sum_i floor((1 - s) * N_i). Layers whose density would exceed 1 become dense,
+  leave the budget, and eps is solved again.
+
+  Args:
+    shapes: path -> kernel shape of every sparse layer.
+    sparsity: global target sparsity over these layers.
+    power_scale: exponent applied to the raw ERK probabilities.
+
+  Returns:
+    path -> density in (0, 1].
+  """
+  density = _density_from_sparsity(sparsity)
+  sizes = {p: math.prod(s) for p, s in shapes.items()}
+  raw = {p: (sum(s) / math.prod(s)) ** power_scale for p, s in shapes.items()}
+  target = sum(budget(n, density) for n in sizes.values())
+  dense: set[str] = set()
+  while True:
+    free = [p for p in shapes if p not in dense]
+    remaining = target - sum(sizes[p] for p in dense)
+    divisor = sum(raw[p] * sizes[p] for p in free)
+    if not free or divisor <= 0:
+      return {p: 1.0 for p in shapes}
+    eps = remaining / divisor
+    over = [p for p in free if eps * raw[p] > 1.0]
+    if not over:
+      out = {p: 1.0 for p in dense}
+      out.update({p: eps * raw[p] for p in free})
+      return out
+    # Only the layers with the largest raw density are forced dense per round,
+    # as in RigL's reference implementation; the others may fit once eps drops.
+    top = max(raw[p] for p in over)
+    dense.update(p for p in over if raw[p] == top)
+
+
+def _compile_patterns(patterns: Sequence[str] | str | None, what: str):
+  if patterns is None:
+    return []
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  out = []
+  for p in patterns:
+    try:
+      out.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"{what} pattern {p!r} is not a valid regex: {e}") from e
+  return out
+
+
+def resolve_sparse_rule(rule: str | SparseRule | None) -> SparseRule:
+  if rule is None:
+    return kernels_rule
+  if isinstance(rule, str):
+    if rule not in SPARSE_RULES:
+      raise ValueError(
+          f"Unknown sparse rule {rule!r}; valid names are {sorted(SPARSE_RULES)}"
+          " or a callable (path, shape) -> bool."
+      )
+    return SPARSE_RULES[rule]
+  if not callable(rule):
+    raise TypeError(f"sparse_rule must be a name or a callable, got {rule!r}.")
+  return rule
+
+
+def build_layer_specs(
+    params: Any,
+    *,
+    sparsity: float,
+    distribution: str = "erk",
+    erk_power_scale: float = 1.0,
+    sparse_rule: str | SparseRule | None = None,
+    dense_layers: Sequence[str] | str | None = (),
+    no_ablation: Sequence[str] | str | None = DEFAULT_NO_ABLATION,
+    fan_in_axes: FanInRule | None = None,
+    constant_fan_in: bool = True,
+) -> dict[str, LayerSpec]:
+  """Decides the sparse layers of a params tree and their budgets.
+
+  Args:
+    params: params pytree (arrays or ShapeDtypeStructs).
+    sparsity: global sparsity in [0, 1).
+    distribution: 'uniform' or 'erk'.
+    erk_power_scale: ERK exponent.
+    sparse_rule: 'kernels' (default), 'dense_only', or (path, shape) -> bool.
+    dense_layers: regexes (searched in the path) of layers kept dense.
+    no_ablation: regexes of layers exempt from neuron ablation.
+    fan_in_axes: optional override (path, shape) -> fan-in axes or None.
+    constant_fan_in: whether every neuron must receive >= 1 weight (SRigL).
+
+  Returns:
+    path -> LayerSpec for every sparse layer, in tree order. Layers whose
+    density is 1 (sparsity 0, or made dense by ERK) are left out.
+
+  Raises:
+    ValueError: on bad arguments or a layer whose fan-in would reach 0.
+  """
+  validate_sparsity(sparsity)
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}."
+    )
+  if erk_power_scale <= 0:
+    raise ValueError(f"erk_power_scale must be > 0, got {erk_power_scale}.")
+  rule = resolve_sparse_rule(sparse_rule)
+  dense_pats = _compile_patterns(dense_layers, "dense_layers")
+  abl_pats = _compile_patterns(no_ablation, "no_ablation")
+
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  shapes: dict[str, tuple[int, ...]] = {}
+  for kp, leaf in leaves:
+    path = path_str(kp)
+    shape = tuple(int(d) for d in np.shape(leaf))
+    if not rule(path, shape):
+      continue
+    if any(p.search(path) for p in dense_pats):
+      continue
+    shapes[path] = shape
+  for p in dense_pats:
+    if not any(p.search(path_str(kp)) for kp, _ in leaves):
+      logging.warning("dense_layers pattern %r matches no parameter.", p.pattern)
+  if not shapes or sparsity == 0.0:
+    return {}
+
+  if distribution == "uniform":
+    d = _density_from_sparsity(sparsity)
+    densities = {p: d for p in shapes}
+  else:
+    densities = erk_densities(shapes, sparsity, erk_power_scale)
+
+  specs: dict[str, LayerSpec] = {}
+  for path, shape in shapes.items():
+    dens = densities[path]
+    if dens >= 1.0:
+      continue
+    axes = fan_in_axes(path, shape) if fan_in_axes is not None else None
+    if axes is None:
+      axes = default_fan_in_axes(path, shape)
+    axes = tuple(sorted(int(a) % len(shape) for a in axes))
+    if not axes or len(axes) == len(shape) or len(set(axes)) != len(axes):
+      raise ValueError(
+          f"Layer '{path}' with shape {shape}: fan-in axes {axes} must be a "
+          "non-empty proper subset of the axes."
+      )
+    spec = LayerSpec(
+        path=path,
+        shape=shape,
+        fan_in_axes=axes,
+        density=dens,
+        ablation=not any(p.search(path) for p in abl_pats),
+    )
+    _check_budget(spec, constant_fan_in)
+    specs[path] = spec
+  return specs
+
+
+def _check_budget(spec: LayerSpec, constant_fan_in: bool) -> None:
+  n, size = spec.num_neurons, spec.size
+  if constant_fan_in and spec.budget < n:
+    raise ValueError(
+        f"Layer '{spec.path}' (shape {spec.shape}, dense fan-in {spec.fan_in}, "
+        f"{n} neurons) would have a constant fan-in of 0 at sparsity "
+        f"{spec.sparsity:.4f}: its budget of {spec.budget} weights is below its "
+        f"neuron count. The largest sparsity this layer can take is "
+        f"{1 - n / size:.4f}. Lower the sparsity, or keep the layer dense with "
+        f"dense_layers=[{re.escape(spec.path)!r}]."
+    )
+  if spec.budget < 1:
+    raise ValueError(
+        f"Layer '{spec.path}' (shape {spec.shape}) would keep no weight at "
+        f"sparsity {spec.sparsity:.4f}. The largest sparsity it can take is "
+        f"{1 - 1 / size:.4f}; lower the sparsity or keep the layer dense."
+    )

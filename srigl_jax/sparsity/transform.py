@@ -1,0 +1,540 @@
+"""SRigL, RigL, SET and static sparse training as one Optax wrapper.
+
+`srigl(inner, ...)` wraps any optax optimizer. Its state carries the masks, the
+step count, a PRNG key and the inner optimizer's state. One call does
+everything:
+
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+
+leaves every masked weight exactly zero (weights pruned at this step
+included), gives masked positions no update from the inner optimizer, and every
+`update_every` steps (until `stop_step`) updates the masks under `lax.cond`
+inside the same jitted call, resetting the inner optimizer's moments wherever
+the mask changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from srigl_jax.sparsity import layers as layers_lib
+from srigl_jax.sparsity import select
+from srigl_jax.sparsity import updates as upd
+from srigl_jax.sparsity.layers import LayerSpec
+
+METHODS = ("dense", "static", "set", "rigl", "srigl")
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SparseLayers:
+  """Static (non-array) description of the sparse layers, kept in the state."""
+
+  specs: tuple[LayerSpec, ...]
+  method: str
+
+  def by_path(self) -> dict[str, LayerSpec]:
+    return {s.path: s for s in self.specs}
+
+
+class SparseState(NamedTuple):
+  """State of the sparse optimizer.
+
+  Attributes:
+    count: int32 number of updates applied so far.
+    masks: params-shaped tree: bool array per sparse kernel, None elsewhere.
+    key: PRNG key (random growth of SET).
+    grad_acc: params-shaped tree of accumulated grow scores (sparse kernels
+      only, and only when grad_accumulation > 1), None elsewhere.
+    inner_state: the wrapped optimizer's state.
+    layers: static description of the sparse layers.
+  """
+
+  count: jax.Array
+  masks: Any
+  key: jax.Array
+  grad_acc: Any
+  inner_state: Any
+  layers: SparseLayers
+
+
+def _is_none(x):
+  return x is None
+
+
+def map_sparse(fn: Callable, sparse_tree: Any, *trees: Any, dense_fn=None) -> Any:
+  """Maps fn over leaves where sparse_tree is not None.
+
+  Args:
+    fn: applied as fn(sparse_leaf, *other_leaves) on sparse positions.
+    sparse_tree: params-shaped tree with None at dense positions.
+    *trees: params-shaped trees.
+    dense_fn: applied as dense_fn(*other_leaves) on dense positions; by default
+      dense positions map to None.
+
+  Returns:
+    A params-shaped tree.
+  """
+
+  def f(s, *xs):
+    if s is None:
+      return None if dense_fn is None else dense_fn(*xs)
+    return fn(s, *xs)
+
+  return jax.tree.map(f, sparse_tree, *trees, is_leaf=_is_none)
+
+
+def _paths_tree(params: Any) -> Any:
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: layers_lib.path_str(kp), params
+  )
+
+
+def find_sparse_state(tree: Any) -> SparseState:
+  """Finds the SparseState inside an optimizer state (or a TrainState)."""
+  found = [
+      x
+      for x in jax.tree_util.tree_leaves(
+          tree, is_leaf=lambda x: isinstance(x, SparseState)
+      )
+      if isinstance(x, SparseState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"Expected exactly one srigl_jax sparse optimizer state in the tree, "
+        f"found {len(found)}. Pass the state returned by tx.init of a "
+        "srigl/rigl/set_sparse/static_sparse transformation."
+    )
+  return found[0]
+
+
+def get_masks(opt_state: Any) -> Any:
+  """Params-shaped tree of bool masks (None for dense leaves).
+
+  Works on the state of the transformation itself, of any chain or wrapper
+  containing it, or on a Flax TrainState holding it.
+  """
+  return find_sparse_state(opt_state).masks
+
+
+def apply_masks(params: Any, masks_or_state: Any) -> Any:
+  """Zeroes the masked weights of params."""
+  masks = _masks_of(masks_or_state)
+  return map_sparse(
+      lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), masks, params,
+      dense_fn=lambda p: p,
+  )
+
+
+def _masks_of(masks_or_state: Any) -> Any:
+  try:
+    return get_masks(masks_or_state)
+  except ValueError:
+    return masks_or_state
+
+
+def sparse_init(
+    params: Any, opt_state: Any, key: jax.Array, gain: float = math.sqrt(2.0)
+) -> Any:
+  """Re-initialises the kept weights with their sparse fan-in (notes sec. 3).
+
+  Every active weight of a sparse kernel is drawn from N(0, (gain / sqrt(k))^2)
+  where k is its neuron's number of non-zero inputs (He/Kaiming normal with the
+  sparse fan-in, so activations keep their scale); masked weights are zero.
+  Dense leaves are returned unchanged.
+
+  Args:
+    params: params tree.
+    opt_state: state containing the sparse optimizer's state.
+    key: PRNG key.
+    gain: sqrt(2) for ReLU networks.
+
+  Returns:
+    The new params.
+  """
+  state = find_sparse_state(opt_state)
+  specs = state.layers.by_path()
+  paths = _paths_tree(params)
+
+  def init_leaf(m, p, path):
+    spec = specs[path]
+    mm = upd.to_matrix(m, spec)
+    k = jnp.maximum(jnp.sum(mm, axis=0), 1).astype(jnp.float32)
+    leaf_key = jax.random.fold_in(key, list(specs).index(path))
+    w = jax.random.normal(leaf_key, mm.shape, jnp.float32) * (gain / jnp.sqrt(k))
+    w = jnp.where(mm, w, 0.0).astype(p.dtype)
+    return upd.from_matrix(w, spec)
+
+  return map_sparse(init_leaf, state.masks, params, paths, dense_fn=lambda p, _: p)
+
+
+def layer_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
+  """Per-layer density, active neurons and fan-in, computed from the masks.
+
+  Returns:
+    path -> {'density', 'active_neurons', 'neurons', 'fan_in', 'min_fan_in',
+    'sparsity_target'}; fan_in is the largest fan-in of a neuron (the constant
+    fan-in k' for SRigL), min_fan_in the smallest over active neurons.
+  """
+  state = find_sparse_state(opt_state)
+  specs = state.layers.by_path()
+  out = {}
+  leaves = jax.tree_util.tree_leaves_with_path(state.masks)
+  for kp, m in leaves:
+    path = layers_lib.path_str(kp)
+    spec = specs[path]
+    per = jnp.sum(upd.to_matrix(m, spec), axis=0, dtype=jnp.int32)
+    active = per > 0
+    out[path] = {
+        "density": jnp.mean(m.astype(jnp.float32)),
+        "active_neurons": jnp.sum(active, dtype=jnp.int32),
+        "neurons": jnp.int32(spec.num_neurons),
+        "fan_in": jnp.max(per),
+        "min_fan_in": jnp.min(jnp.where(active, per, jnp.iinfo(jnp.int32).max)),
+        "sparsity_target": jnp.float32(spec.sparsity),
+    }
+  return out
+
+
+def global_sparsity(opt_state: Any, params: Any) -> jax.Array:
+  """Fraction of zero-masked weights over all params (dense leaves count)."""
+  masks = get_masks(opt_state)
+  total = sum(int(p.size) for p in jax.tree.leaves(params))
+  zeros = sum(
+      jnp.sum(~m, dtype=jnp.float32) for m in jax.tree.leaves(masks)
+  )
+  return jnp.asarray(zeros, jnp.float32) / total
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  method: str
+  sparsity: float
+  distribution: str
+  erk_power_scale: float
+  update_every: int
+  drop_fraction: float
+  stop_step: int
+  gamma_sal: float
+  grad_accumulation: int
+  sparse_rule: Any
+  dense_layers: Any
+  no_ablation: Any
+  fan_in_axes: Any
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+  return value
+
+
+def _validate(cfg: _Config) -> None:
+  if cfg.method not in METHODS:
+    raise ValueError(f"Unknown method {cfg.method!r}; valid methods are {METHODS}.")
+  layers_lib.validate_sparsity(cfg.sparsity)
+  if cfg.distribution not in layers_lib.DISTRIBUTIONS:
+    raise ValueError(
+        f"Unknown distribution {cfg.distribution!r}; valid names are "
+        f"{layers_lib.DISTRIBUTIONS}."
+    )
+  if not cfg.erk_power_scale > 0:
+    raise ValueError(f"erk_power_scale must be > 0, got {cfg.erk_power_scale}.")
+  _check_int("update_every (delta)", cfg.update_every, 1)
+  _check_int("stop_step (T_end)", cfg.stop_step, 1)
+  _check_int("grad_accumulation", cfg.grad_accumulation, 1)
+  if cfg.grad_accumulation > cfg.update_every:
+    raise ValueError(
+        f"grad_accumulation={cfg.grad_accumulation} exceeds update_every="
+        f"{cfg.update_every}: the grow score can only average the mini-batches "
+        "since the last mask update."
+    )
+  if not 0.0 < cfg.drop_fraction <= 1.0:
+    raise ValueError(
+        f"drop_fraction (alpha) must be in (0, 1], got {cfg.drop_fraction}."
+    )
+  if not cfg.gamma_sal >= 0.0:
+    raise ValueError(
+        f"gamma_sal must be >= 0 (0 disables ablation), got {cfg.gamma_sal}."
+    )
+  if cfg.gamma_sal > 1.0:
+    raise ValueError(
+        f"gamma_sal={cfg.gamma_sal} > 1 would ablate every neuron with fewer "
+        "salient weights than its whole fan-in; use a value in [0, 1]."
+    )
+  layers_lib.resolve_sparse_rule(cfg.sparse_rule)
+  layers_lib._compile_patterns(cfg.dense_layers, "dense_layers")
+  layers_lib._compile_patterns(cfg.no_ablation, "no_ablation")
+
+
+def _as_key(key: Any) -> jax.Array:
+  if key is None:
+    raise ValueError(
+        "A PRNG key is required (key=jax.random.key(seed)); srigl_jax uses no "
+        "hidden seed."
+    )
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.shape == (2,) and key.dtype == jnp.uint32:
+    return jax.random.wrap_key_data(key)
+  raise TypeError(f"key must be a JAX PRNG key, got {key!r}.")
+
+
+def sparse_optimizer(
+    inner: optax.GradientTransformation,
+    *,
+    method: str = "srigl",
+    sparsity: float,
+    key: jax.Array,
+    stop_step: int,
+    distribution: str = "erk",
+    erk_power_scale: float = 1.0,
+    update_every: int = 100,
+    drop_fraction: float = 0.3,
+    gamma_sal: float = 0.3,
+    grad_accumulation: int = 1,
+    sparse_rule: str | Callable | None = None,
+    dense_layers: Sequence[str] | str | None = (),
+    no_ablation: Sequence[str] | str | None = layers_lib.DEFAULT_NO_ABLATION,
+    fan_in_axes: Callable | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Wraps an optax optimizer with dynamic (or static) sparse training.
+
+  Args:
+    inner: the optimizer to wrap (any optax GradientTransformation).
+    method: 'srigl', 'rigl', 'set', 'static', or 'dense' (no sparsity; the
+      same state layout, so trainers need no special case).
+    sparsity: global sparsity s in [0, 1).
+    key: PRNG key for the initial masks and SET's random growth.
+    stop_step: T_end, the last step (exclusive) at which masks change; the
+      paper uses 75% of training.
+    distribution: layer-wise sparsity, 'erk' or 'uniform'.
+    erk_power_scale: ERK exponent.
+    update_every: delta, steps between mask updates.
+    drop_fraction: alpha, the initial drop fraction (cosine-annealed to 0).
+    gamma_sal: SRigL ablation threshold as a fraction of the constant fan-in;
+      0 disables ablation (SRigL w/o ablation).
+    grad_accumulation: average the grow score over this many mini-batches
+      before each update (<= update_every).
+    sparse_rule: which leaves are sparse: 'kernels' (Flax kernels of rank >= 2,
+      the default), 'dense_only', or a callable (path, shape) -> bool.
+    dense_layers: regexes (searched in '/'-joined paths) of kernels kept dense.
+    no_ablation: regexes of layers exempt from ablation (classifier heads by
+      default).
+    fan_in_axes: optional callable (path, shape) -> fan-in axes or None, to
+      override the default fan-in geometry (see layers.default_fan_in_axes).
+
+  Returns:
+    An optax.GradientTransformationExtraArgs whose update requires params.
+  """
+  if method == "dense":
+    sparsity = 0.0
+  cfg = _Config(
+      method=method,
+      sparsity=sparsity,
+      distribution=distribution,
+      erk_power_scale=erk_power_scale,
+      update_every=update_every,
+      drop_fraction=drop_fraction,
+      stop_step=stop_step,
+      gamma_sal=gamma_sal if method == "srigl" else 0.0,
+      grad_accumulation=grad_accumulation,
+      sparse_rule=sparse_rule,
+      dense_layers=dense_layers,
+      no_ablation=no_ablation,
+      fan_in_axes=fan_in_axes,
+  )
+  _validate(cfg)
+  base_key = _as_key(key)
+  dynamic = method in ("set", "rigl", "srigl")
+
+  def specs_for(params) -> SparseLayers:
+    specs = layers_lib.build_layer_specs(
+        params,
+        sparsity=cfg.sparsity,
+        distribution=cfg.distribution,
+        erk_power_scale=cfg.erk_power_scale,
+        sparse_rule=cfg.sparse_rule,
+        dense_layers=cfg.dense_layers,
+        no_ablation=cfg.no_ablation,
+        fan_in_axes=cfg.fan_in_axes,
+        constant_fan_in=method == "srigl",
+    )
+    return SparseLayers(tuple(specs.values()), method)
+
+  def init_fn(params):
+    layers = specs_for(params)
+    specs = layers.by_path()
+    mask_key, state_key = jax.random.split(base_key)
+    index = {p: i for i, p in enumerate(specs)}
+
+    def make_mask(path, p):
+      if path not in specs:
+        return None
+      spec = specs[path]
+      k = jax.random.fold_in(mask_key, index[path])
+      if method == "srigl":
+        m = upd.random_constant_fan_in_mask(k, spec)
+      else:
+        m = upd.random_unstructured_mask(k, spec)
+      return upd.from_matrix(m, spec)
+
+    masks = jax.tree.map(make_mask, _paths_tree(params), params)
+    if cfg.grad_accumulation > 1 and dynamic:
+      grad_acc = map_sparse(
+          lambda m, p: jnp.zeros(p.shape, jnp.float32), masks, params
+      )
+    else:
+      grad_acc = map_sparse(lambda m: None, masks)
+    return SparseState(
+        count=jnp.zeros([], jnp.int32),
+        masks=masks,
+        key=state_key,
+        grad_acc=grad_acc,
+        inner_state=inner.init(params),
+        layers=layers,
+    )
+
+  def update_fn(grads, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+          "The sparse optimizer needs the params: call "
+          "tx.update(grads, state, params)."
+      )
+    specs = state.layers.by_path()
+    masks = state.masks
+    step = state.count + 1
+    masked_grads = map_sparse(
+        lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), masks, grads,
+        dense_fn=lambda g: g,
+    )
+    inner_updates, inner_state = inner.update(
+        masked_grads, state.inner_state, params, **extra_args
+    )
+    # Weights after the inner step, computed exactly as optax.apply_updates
+    # does so that kept weights end at bit-identical values.
+    stepped = map_sparse(
+        lambda m, p, u: jnp.asarray(p + u).astype(p.dtype), masks, params,
+        inner_updates,
+    )
+
+    grad_acc = state.grad_acc
+    if cfg.grad_accumulation > 1 and dynamic:
+      pos = (step - 1) % cfg.update_every
+      first = pos == cfg.update_every - cfg.grad_accumulation
+      in_window = pos >= cfg.update_every - cfg.grad_accumulation
+      grad_acc = map_sparse(
+          lambda a, g: jnp.where(first, 0.0, a)
+          + jnp.where(in_window, g.astype(jnp.float32), 0.0),
+          grad_acc, grads,
+      )
+      scores = grad_acc
+    else:
+      scores = map_sparse(lambda m, g: g, masks, grads)
+
+    key = state.key
+    if dynamic and specs:
+      is_update = (step % cfg.update_every == 0) & (step < cfg.stop_step)
+      frac = upd.drop_fraction(step, cfg.drop_fraction, cfg.stop_step)
+
+      def do_update(key, inner_state):
+        key, grow_key = jax.random.split(key)
+        paths = _paths_tree(params)
+
+        def layer(m, w, s, path):
+          spec = specs[path]
+          mm = upd.to_matrix(m, spec)
+          w_keys = select.magnitude_keys(upd.to_matrix(w, spec))
+          if method == "set":
+            g_keys = select.random_keys(
+                jax.random.fold_in(grow_key, list(specs).index(path)), mm.shape
+            )
+          else:
+            g_keys = select.magnitude_keys(upd.to_matrix(s, spec))
+          if method == "srigl":
+            res = upd.srigl_update(mm, w_keys, g_keys, frac, spec, cfg.gamma_sal)
+          else:
+            res = upd.unstructured_update(mm, w_keys, g_keys, frac)
+          return upd.from_matrix(res.mask, spec)
+
+        new_masks = map_sparse(layer, masks, stepped, scores, paths)
+        changed = _changed_tree(masks, new_masks, params)
+        inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
+        return new_masks, key, inner_state
+
+      def no_update(key, inner_state):
+        return masks, key, inner_state
+
+      new_masks, key, inner_state = lax.cond(
+          is_update, do_update, no_update, key, inner_state
+      )
+    else:
+      new_masks = masks
+
+    def final_update(new_m, old_m, p, u):
+      # Kept weights take the inner step; pruned and newly grown weights end
+      # at exactly 0 (p + (-p) == 0 in IEEE arithmetic).
+      return jnp.where(new_m & old_m, u, -p).astype(u.dtype)
+
+    updates = map_sparse(
+        final_update, new_masks, masks, params, inner_updates,
+        dense_fn=lambda m, p, u: u,
+    )
+    return updates, SparseState(
+        count=state.count + 1,
+        masks=new_masks,
+        key=key,
+        grad_acc=grad_acc,
+        inner_state=inner_state,
+        layers=state.layers,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _reset_where(s, changed):
+  """Zeroes an optimizer-state leaf where the mask changed."""
+  if jnp.ndim(changed) == 0 or jnp.shape(s) != changed.shape:
+    return s  # a dense parameter, or a state leaf not shaped like its param
+  return jnp.where(changed, jnp.zeros_like(s), s)
+
+
+def _changed_tree(masks, new_masks, params):
+  """Params-shaped bool tree: where the mask changed (scalar False if dense)."""
+  return jax.tree.map(
+      lambda old, new, p: jnp.zeros((), bool) if old is None else old != new,
+      masks, new_masks, params, is_leaf=_is_none,
+  )
+
+
+def srigl(inner: optax.GradientTransformation, **kwargs):
+  """SRigL: constant fan-in dynamic sparse training with neuron ablation.
+
+  See `sparse_optimizer` for the arguments (method is 'srigl').
+  """
+  return sparse_optimizer(inner, method="srigl", **kwargs)
+
+
+def rigl(inner: optax.GradientTransformation, **kwargs):
+  """RigL (unstructured); see `sparse_optimizer`."""
+  return sparse_optimizer(inner, method="rigl", **kwargs)
+
+
+def set_sparse(inner: optax.GradientTransformation, **kwargs):
+  """SET: magnitude drop, random growth (unstructured); see `sparse_optimizer`."""
+  return sparse_optimizer(inner, method="set", **kwargs)
+
+
+def static_sparse(inner: optax.GradientTransformation, **kwargs):
+  """Static sparse training: a random unstructured mask that never changes."""
+  kwargs.setdefault("stop_step", 1)
+  return sparse_optimizer(inner, method="static", **kwargs)
