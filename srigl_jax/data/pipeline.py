@@ -426,7 +426,14 @@ class Dataset:
         self.steps_per_epoch = self.num_train // global_batch_size
         self.num_eval_batches = math.ceil(self.num_eval / eval_batch_size)
         self._perm_cache: tuple[int, np.ndarray] | None = None
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Created up front, not lazily, because prefetch threads of a train and
+        # an eval iterator may need it at the same time.
+        needs_pool = spec.resize or not isinstance(self._train, _ArraySplit)
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(config.num_workers)
+            if needs_pool and config.num_workers > 1
+            else None
+        )
 
     # -- public ----------------------------------------------------------
 
@@ -524,19 +531,15 @@ class Dataset:
 
     def _map(self, fn: Callable[..., np.ndarray], *iterables) -> np.ndarray:
         # PIL decodes and resizes with the GIL released, so threads scale.
-        if self.config.num_workers > 1:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(self.config.num_workers)
+        if self._pool is not None:
             return np.stack(list(self._pool.map(fn, *iterables)))
         return np.stack([fn(*args) for args in zip(*iterables)])
 
     def _read(self, split, indices):
         """Reads examples, in parallel chunks when the split decodes on read."""
         workers = self.config.num_workers
-        if isinstance(split, _ArraySplit) or workers <= 1 or len(indices) < 2 * workers:
+        if isinstance(split, _ArraySplit) or self._pool is None or len(indices) < 2 * workers:
             return split.read(indices)
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(workers)
         # Decoding (JPEG) dominates ImageNet reads; tfds decodes in `read`, so
         # the chunks are what spreads it over threads.
         chunks = np.array_split(np.asarray(indices), workers)
@@ -582,7 +585,14 @@ class Dataset:
             layers, magnitude = cfg.randaugment
             ops = rng.integers(0, aug.NUM_RANDAUGMENT_OPS, (b, layers))[lo:hi]
             signs = np.where(rng.random((b, layers)) < 0.5, -1.0, 1.0)[lo:hi]
-            images = aug.rand_augment(images, ops, signs, magnitude)
+            if self._pool is not None and len(images) >= 2 * cfg.num_workers:
+                # Rows are independent, so chunks over threads give the same
+                # result; numpy releases the GIL on these large array ops.
+                chunks = np.array_split(np.arange(len(images)), cfg.num_workers)
+                images = np.concatenate(list(self._pool.map(
+                    lambda r: aug.rand_augment(images[r], ops[r], signs[r], magnitude), chunks)))
+            else:
+                images = aug.rand_augment(images, ops, signs, magnitude)
         return images, np.asarray(labels, np.int32)
 
     def _mix(self, rng, images, labels):
