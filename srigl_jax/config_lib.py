@@ -1,0 +1,214 @@
+"""Shared building blocks of the experiment configs in `configs/`.
+
+A config is an `ml_collections.ConfigDict` grouped as `input`, `model`,
+`sparsity` and `optim`, plus a few top-level run fields. `base_config` fills
+every field with a default so that each one can be overridden from the command
+line (`--config.sparsity.gamma_sal=0.5`); the experiment files only set what
+differs.
+
+The sparse schedule follows the length of training: `sparsity.stop_step` is
+left unset (None) and the trainer uses `stop_fraction * num_train_steps`
+(`resolve_stop_step`), so `--config.num_train_steps=200` moves T_end with it.
+Setting `--config.sparsity.stop_step=N` pins it instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from srigl_jax import data as data_lib
+
+# The user-facing methods; 'srigl_noablation' is SRigL with gamma_sal = 0.
+METHODS = ('dense', 'static', 'set', 'rigl', 'srigl_noablation', 'srigl')
+SCHEDULES = ('constant', 'step', 'multistep', 'cosine')
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def parse_arg(arg: str | None, allowed: dict[str, Any]) -> dict[str, Any]:
+  """Parses a config arg like 'method=srigl,sparsity=0.9'.
+
+  Args:
+    arg: the text after ':' in `--config=path.py:arg`, or None.
+    allowed: key -> default value. A tuple default lists the valid strings
+      (its first entry is the default); a float/int default converts the value
+      to that type.
+
+  Returns:
+    key -> value, with the defaults of the keys not given.
+
+  Raises:
+    ValueError: an unknown key, a malformed item, or a value that is not valid
+      for its key; the message lists what is valid.
+  """
+  out = {k: (v[0] if isinstance(v, tuple) else v) for k, v in allowed.items()}
+  if not arg:
+    return out
+  for item in arg.split(','):
+    item = item.strip()
+    if not item:
+      continue
+    if '=' not in item:
+      raise ValueError(
+          f'Config arg item {item!r} is not key=value; valid keys: '
+          f'{sorted(allowed)} (e.g. "method=srigl,sparsity=0.9").')
+    key, value = (s.strip() for s in item.split('=', 1))
+    if key not in allowed:
+      raise ValueError(
+          f'Unknown config arg key {key!r}; valid keys: {sorted(allowed)}.')
+    spec = allowed[key]
+    if isinstance(spec, tuple):
+      if value not in spec:
+        raise ValueError(
+            f'Invalid value {value!r} for config arg {key!r}; valid values: '
+            f'{list(spec)}.')
+      out[key] = value
+    else:
+      try:
+        out[key] = type(spec)(value)
+      except ValueError:
+        raise ValueError(
+            f'Invalid value {value!r} for config arg {key!r}: expected a '
+            f'{type(spec).__name__}.') from None
+  return out
+
+
+def sparsity_arg(arg: str | None, extra: dict[str, Any] | None = None):
+  """Parses the common 'method=...,sparsity=...' arg (plus `extra` keys).
+
+  Returns:
+    key -> value; 'method' defaults to 'srigl' and 'sparsity' to 0.9.
+
+  Raises:
+    ValueError: see `parse_arg`, or a sparsity outside [0, 1).
+  """
+  allowed = {'method': ('srigl',) + tuple(m for m in METHODS if m != 'srigl'),
+             'sparsity': 0.9}
+  allowed.update(extra or {})
+  out = parse_arg(arg, allowed)
+  if not 0.0 <= out['sparsity'] < 1.0:
+    raise ValueError(f'sparsity must be in [0, 1), got {out["sparsity"]}.')
+  return out
+
+
+def base_config(dataset: str) -> ml_collections.ConfigDict:
+  """A complete config with defaults for every field the trainer reads.
+
+  Args:
+    dataset: the input pipeline's dataset name (see `srigl_jax.data`).
+
+  Returns:
+    The ConfigDict; experiment files override fields of it.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128  # Global, summed over devices and processes.
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size.
+  c.num_train_steps = 1000
+  c.log_every = 100  # Train loss, progress line and NaN check.
+  c.eval_every = 1000  # Also evaluated at the last step.
+  c.checkpoint_every = 1000  # Also saved at the last step.
+  c.keep_checkpoints = 3
+  # Stops (as if preempted) after this step, saving a checkpoint; running the
+  # same command again continues. None: run to num_train_steps.
+  c.halt_after_step = config_dict.placeholder(int)
+  c.write_plots = True
+
+  c.input = data_lib.default_input_config(dataset)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16'.
+  # Extra keyword arguments of the model constructor, e.g. {'width': 8}.
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.sparsity = ml_collections.ConfigDict()
+  c.sparsity.method = 'srigl'  # One of METHODS.
+  c.sparsity.sparsity = 0.9
+  c.sparsity.distribution = 'erk'
+  c.sparsity.erk_power_scale = 1.0
+  c.sparsity.update_every = 100  # delta.
+  c.sparsity.drop_fraction = 0.3  # alpha.
+  c.sparsity.gamma_sal = 0.3
+  c.sparsity.grad_accumulation = 1  # Mini-batches averaged for the grow score.
+  c.sparsity.stop_fraction = 0.75  # T_end = stop_fraction * num_train_steps,
+  c.sparsity.stop_step = config_dict.placeholder(int)  # unless this is set.
+  c.sparsity.sparse_rule = 'kernels'  # 'kernels' or 'dense_only'.
+  c.sparsity.dense_layers = ()  # Regexes of kernels kept dense.
+  c.sparsity.no_ablation = (r'(^|/)head/kernel$',)  # Classifier head.
+  # 'sparse_he': He-normal with each neuron's sparse fan-in (notes sec. 3);
+  # 'masked': keep the model's own init and zero the masked weights.
+  c.sparsity.init = 'sparse_he'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'  # 'sgd' or 'adamw'.
+  c.optim.learning_rate = 0.1
+  c.optim.momentum = 0.9  # SGD; also adamw's b1.
+  c.optim.nesterov = False
+  c.optim.b2 = 0.999  # AdamW.
+  c.optim.eps = 1e-8  # AdamW.
+  c.optim.weight_decay = 5e-4
+  # Regex of the params weight decay applies to; None: all (PyTorch SGD).
+  c.optim.decay_pattern = config_dict.placeholder(str)
+  c.optim.schedule = 'step'  # One of SCHEDULES.
+  c.optim.warmup_epochs = 0.0
+  c.optim.decay_every_epochs = 77.0  # 'step'.
+  c.optim.decay_factor = 0.2  # 'step' and 'multistep'.
+  c.optim.boundaries_epochs = (30.0, 70.0, 90.0)  # 'multistep'.
+  c.optim.label_smoothing = 0.0
+  c.optim.grad_clip_norm = config_dict.placeholder(float)  # None: no clipping.
+  # Splits each global batch into this many micro-batches whose gradients
+  # are averaged before one optimizer step (to fit big batches in memory).
+  c.optim.grad_accum_steps = 1
+
+  c.mesh = ml_collections.ConfigDict()
+  # Devices on the data axis; -1: all devices (pure data parallelism; params
+  # and optimizer state, masks included, are replicated).
+  c.mesh.data = -1
+  return c
+
+
+def apply_sparsity_arg(config: ml_collections.ConfigDict,
+                       parsed: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets sparsity.method / sparsity.sparsity from a parsed arg."""
+  config.sparsity.method = parsed['method']
+  config.sparsity.sparsity = (
+      0.0 if parsed['method'] == 'dense' else parsed['sparsity'])
+  return config
+
+
+def resolve_stop_step(config: ml_collections.ConfigDict) -> int:
+  """T_end: the last step (exclusive) at which masks may change.
+
+  Args:
+    config: a full config.
+
+  Returns:
+    `sparsity.stop_step` when set, else
+    `max(1, int(stop_fraction * num_train_steps))`.
+  """
+  if config.sparsity.stop_step is not None:
+    return int(config.sparsity.stop_step)
+  return max(1, int(config.sparsity.stop_fraction * config.num_train_steps))
+
+
+def optimizer_method(config: ml_collections.ConfigDict) -> tuple[str, float]:
+  """Maps the user-facing method to the sparse optimizer's (method, gamma_sal).
+
+  Raises:
+    ValueError: an unknown method.
+  """
+  method = config.sparsity.method
+  if method not in METHODS:
+    raise ValueError(
+        f'Unknown sparsity.method {method!r}; valid methods: {list(METHODS)}.')
+  if method == 'srigl_noablation':
+    return 'srigl', 0.0
+  return method, float(config.sparsity.gamma_sal)
+
+
+def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
+  """Number of steps of `epochs` passes over `num_examples` (remainder dropped)."""
+  return int(round(epochs * (num_examples // batch_size)))

@@ -1,0 +1,70 @@
+r"""Command-line entry point: trains one experiment config.
+
+  python -m srigl_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
+
+Any config field can be overridden, e.g. `--config.num_train_steps=200
+--config.sparsity.gamma_sal=0.5`; the config file's arg selects method and
+sparsity: `--config=configs/cifar10_resnet18.py:method=rigl,sparsity=0.95`.
+Running the same command again resumes from the latest checkpoint in
+`--workdir`. In a multi-process job (Cloud TPU pod, SLURM, or
+JAX_COORDINATOR_ADDRESS set) every process runs the same command.
+"""
+
+import logging as py_logging
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from srigl_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/*.py[:arg]).',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics, plots and summary.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _is_multi_process() -> bool:
+  """Whether this process is one of several that must form one JAX job."""
+  env = os.environ
+  if env.get('JAX_COORDINATOR_ADDRESS'):
+    return True
+  # SLURM: one task of several (srun); a single-task allocation is local.
+  if int(env.get('SLURM_NTASKS', env.get('SLURM_NPROCS', '1')) or 1) > 1:
+    return True
+  # Cloud TPU VM pods: more than one worker host.
+  hostnames = env.get('TPU_WORKER_HOSTNAMES', '')
+  return len([h for h in hostnames.split(',') if h]) > 1
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Drops INFO records of orbax (dozens per checkpoint) from the console."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or (
+        f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if _is_multi_process():
+    # Finds the coordinator, process count and id from the environment
+    # (SLURM, TPU pod metadata, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
+    # JAX_PROCESS_ID).
+    jax.distributed.initialize()
+  logging.info('JAX process %d of %d, %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
