@@ -31,6 +31,11 @@ def get_config(arg=None):
   config.checkpoint_every = 936
 
   config.model.name = args['model']
+  if args['model'] == 'mlp':
+    config.model.kwargs.hidden_sizes = (1024, 1024)
+  else:
+    config.model.kwargs.features = (32, 64)
+    config.model.kwargs.hidden_size = 256
 
   config.sparsity.update_every = 100
   config.sparsity.distribution = 'erk'

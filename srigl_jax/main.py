@@ -55,10 +55,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _is_multi_process():
-    # Finds the coordinator, process count and id from the environment
-    # (SLURM, TPU pod metadata, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/
-    # JAX_PROCESS_ID).
-    jax.distributed.initialize()
+    # SLURM and TPU pods are detected by JAX itself; a generic launcher gives
+    # JAX_COORDINATOR_ADDRESS plus JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    kwargs = {}
+    if 'JAX_NUM_PROCESSES' in os.environ:
+      kwargs['num_processes'] = int(os.environ['JAX_NUM_PROCESSES'])
+    if 'JAX_PROCESS_ID' in os.environ:
+      kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
+    jax.distributed.initialize(**kwargs)
   logging.info('JAX process %d of %d, %d local / %d global devices (%s).',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),

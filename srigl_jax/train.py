@@ -526,6 +526,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       timed_steps += interval_steps
     interval_start, interval_steps = None, 0
 
+  if start_step == 0:
+    writer.write_scalars(0, _scalars(stats_fn(state)))  # The initial masks.
   train_iter = dataset.train_batches(start_step=start_step)
   step = start_step
   try:
@@ -682,6 +684,7 @@ def plot_metrics(records: list[dict[str, Any]], layer_paths: list[str],
   ax1.set_xlabel('step')
   ax1.set_ylabel('active neurons (% of layer)')
   ax1.set_title('Active neurons per layer during training')
+  ax1.set_ylim(0, 105)
   ax1.grid(alpha=0.3)
   if 0 < len(layer_paths) <= 12:
     ax1.legend(fontsize=7)

@@ -1,0 +1,312 @@
+"""Tests of the trainer, the configs and the entry point (CPU, tiny models).
+
+The end-to-end runs use a few hundred real Fashion-MNIST images when Debian's
+dataset-fashion-mnist is installed, generated data otherwise.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+from absl import flags
+import jax
+import numpy as np
+import pytest
+from ml_collections import config_flags
+
+import srigl_jax
+from srigl_jax import config_lib
+from srigl_jax import metric_writers
+from srigl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, 'configs')
+FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
+HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
+CONFIG_NAMES = ('fashion_mnist', 'cifar10_resnet18', 'cifar10_wrn22',
+                'imagenet_resnet50', 'imagenet_vit_b16', 'imagenet_mobilenet_v3')
+
+# Small run: MLP 784-64-64-10 at 80% SRigL, 20 steps of batch 32, masks updated
+# every 5 steps until step 15.
+SMALL_OVERRIDES = {
+    'batch_size': 32,
+    'num_train_steps': 20,
+    'log_every': 5,
+    'eval_every': 10,
+    'checkpoint_every': 10,
+    'model.kwargs.hidden_sizes': (64, 64),
+    'sparsity.sparsity': 0.8,
+    'sparsity.update_every': 5,
+    'input.num_train_examples': 512,
+    'input.num_eval_examples': 200,
+    'input.prefetch': 0,
+}
+if not HAVE_FMNIST:
+  SMALL_OVERRIDES['input.name'] = 'synthetic'
+  SMALL_OVERRIDES['input.image_shape'] = (28, 28, 1)
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(CONFIGS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def small_config(**extra):
+  config = load_config('fashion_mnist')
+  for key, value in {**SMALL_OVERRIDES, **extra}.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_overrides(**extra):
+  out = []
+  for key, value in {**SMALL_OVERRIDES, **extra}.items():
+    if isinstance(value, tuple):
+      value = '(' + ','.join(str(v) for v in value) + ',)'
+    out.append(f'--config.{key}={value}')
+  return out
+
+
+def records(workdir):
+  return metric_writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+
+
+# ------------------------------------------------------------------ configs
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_every_config_defaults_to_srigl_90(name):
+  config = load_config(name)
+  assert config.sparsity.method == 'srigl'
+  assert config.sparsity.sparsity == 0.9
+  assert config.sparsity.no_ablation == (r'(^|/)head/kernel$',)
+  assert set(config.keys()) >= {'input', 'model', 'sparsity', 'optim'}
+  assert config_lib.resolve_stop_step(config) == int(
+      0.75 * config.num_train_steps)
+
+
+@pytest.mark.parametrize('method', config_lib.METHODS)
+def test_arg_selects_method_and_sparsity(method):
+  config = load_config('cifar10_resnet18', f'method={method},sparsity=0.95')
+  assert config.sparsity.method == method
+  assert config.sparsity.sparsity == (0.0 if method == 'dense' else 0.95)
+  inner_method, gamma = config_lib.optimizer_method(config)
+  if method == 'srigl_noablation':
+    assert (inner_method, gamma) == ('srigl', 0.0)
+  else:
+    assert inner_method == method
+
+
+@pytest.mark.parametrize('arg, match', [
+    ('methd=rigl', 'Unknown config arg key'),
+    ('method=magic', 'Invalid value'),
+    ('sparsity=lots', 'expected a float'),
+    ('sparsity=1.5', r'\[0, 1\)'),
+    ('rigl', 'not key=value'),
+])
+def test_bad_arg_is_a_clear_error(arg, match):
+  with pytest.raises(ValueError, match=match):
+    load_config('cifar10_resnet18', arg)
+
+
+def test_paper_hyperparameters():
+  r18 = load_config('cifar10_resnet18')
+  assert (r18.batch_size, r18.optim.learning_rate, r18.optim.weight_decay,
+          r18.optim.decay_factor, r18.optim.decay_every_epochs) == (
+              128, 0.1, 5e-4, 0.2, 77.0)
+  assert r18.num_train_steps == 250 * (50_000 // 128)
+  r50 = load_config('imagenet_resnet50')
+  assert (r50.batch_size, r50.num_train_steps, r50.sparsity.update_every,
+          r50.sparsity.grad_accumulation, r50.optim.label_smoothing) == (
+              512, 256_000, 800, 8, 0.1)
+  vit = load_config('imagenet_vit_b16')
+  assert (vit.optim.name, vit.sparsity.distribution, vit.sparsity.gamma_sal,
+          vit.optim.grad_clip_norm, vit.optim.label_smoothing) == (
+              'adamw', 'uniform', 0.95, 1.0, 0.11)
+  mnv3 = load_config('imagenet_mobilenet_v3')
+  assert mnv3.sparsity.dense_layers == ('depthwise',)
+
+
+def _parse_flags(argv):
+  fv = flags.FlagValues()
+  argv = ['prog'] + argv
+  config_flags.DEFINE_config_file('config', None, flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_overrides_and_stop_step_follows_num_train_steps():
+  path = os.path.join(CONFIGS, 'cifar10_resnet18.py')
+  config = _parse_flags([
+      f'--config={path}:method=rigl,sparsity=0.8',
+      '--config.num_train_steps=200', '--config.batch_size=64',
+      '--config.seed=1', '--config.checkpoint_every=100',
+      '--config.sparsity.gamma_sal=0.5'])
+  assert (config.sparsity.method, config.sparsity.sparsity) == ('rigl', 0.8)
+  assert (config.num_train_steps, config.batch_size, config.seed,
+          config.checkpoint_every, config.sparsity.gamma_sal) == (
+              200, 64, 1, 100, 0.5)
+  assert config_lib.resolve_stop_step(config) == 150
+  pinned = _parse_flags([f'--config={path}', '--config.sparsity.stop_step=42'])
+  assert config_lib.resolve_stop_step(pinned) == 42
+
+
+def test_unknown_override_field_is_an_error():
+  path = os.path.join(CONFIGS, 'fashion_mnist.py')
+  with pytest.raises(Exception, match='num_train_stepz'):
+    _parse_flags([f'--config={path}', '--config.num_train_stepz=3'])
+
+
+def test_learning_rate_schedules():
+  config = load_config('cifar10_resnet18')
+  lr = train.create_learning_rate_fn(config.optim, steps_per_epoch=10,
+                                     num_train_steps=2500)
+  assert np.isclose(lr(0), 0.1) and np.isclose(lr(769), 0.1)
+  assert np.isclose(lr(770), 0.02) and np.isclose(lr(1540), 0.004)
+  r50 = load_config('imagenet_resnet50').optim
+  lr = train.create_learning_rate_fn(r50, steps_per_epoch=10,
+                                     num_train_steps=1000)
+  assert np.isclose(lr(0), 0.0) and np.isclose(lr(25), 0.1)
+  assert np.isclose(lr(50), 0.2) and np.isclose(lr(299), 0.2)
+  assert np.isclose(lr(300), 0.02) and np.isclose(lr(900), 0.0002)
+  vit = load_config('imagenet_vit_b16').optim
+  lr = train.create_learning_rate_fn(vit, steps_per_epoch=1,
+                                     num_train_steps=116)
+  assert np.isclose(lr(8), 1.5e-3) and np.isclose(lr(16), 3e-3)
+  assert np.isclose(lr(66), 1.5e-3) and np.isclose(lr(116), 0.0, atol=1e-9)
+
+
+# ------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('full'))
+  state = train.train_and_evaluate(small_config(), workdir)
+  return workdir, state
+
+
+def test_run_leaves_checkpoints_metrics_events_plots(full_run):
+  workdir, _ = full_run
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if d.isdigit())
+  assert steps == [10, 20]
+  assert any(f.startswith('events.out.tfevents')
+             for f in os.listdir(workdir))
+  for name in ('accuracy.png', 'active_neurons.png'):
+    with open(os.path.join(workdir, name), 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  recs = records(workdir)
+  train_recs = [r for r in recs if 'train_loss' in r]
+  assert [r['step'] for r in train_recs] == [5, 10, 15, 20]
+  evals = [r for r in recs if 'eval_accuracy' in r]
+  assert [r['step'] for r in evals] == [10, 20]
+  # Layer stats at the start, after each mask update (5, 10) and each eval
+  # (10, 20).
+  stat_steps = sorted({r['step'] for r in recs if 'global_sparsity' in r})
+  assert stat_steps == [0, 5, 10, 20]
+  for r in evals:
+    for layer in ('dense_0/kernel', 'dense_1/kernel'):
+      for field in ('density', 'active_neurons', 'neurons', 'fan_in'):
+        assert f'{layer}/{field}' in r
+    assert 0.7 < r['global_sparsity'] < 0.85
+    assert math.isfinite(r['eval_loss'])
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['final_step'] == 20
+  assert summary['eval_accuracy'] == evals[-1]['eval_accuracy']
+  assert summary['steps_per_sec'] > 0
+  if HAVE_FMNIST:
+    assert summary['eval_accuracy'] > 0.4  # 20 steps on 640 images.
+
+
+def test_masked_weights_are_zero_and_fan_in_is_constant(full_run):
+  _, state = full_run
+  masks = srigl_jax.get_masks(state)
+  flat_masks = jax.tree_util.tree_leaves_with_path(masks)
+  assert flat_masks
+  params = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  for kp, m in flat_masks:
+    m = np.asarray(m)
+    w = np.asarray(params[kp])
+    assert np.all(w[~m] == 0.0)
+    per_neuron = m.reshape(-1, m.shape[-1]).sum(0)
+    active = per_neuron[per_neuron > 0]
+    assert active.size and np.all(active == active[0])  # constant fan-in
+  for s in srigl_jax.layer_stats(state).values():
+    assert int(s['fan_in']) == int(s['min_fan_in'])
+
+
+def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
+  workdir_full, state_full = full_run
+  workdir = str(tmp_path / 'resumed')
+  first = train.train_and_evaluate(small_config(halt_after_step=12), workdir)
+  assert int(first.step) == 12
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  state = train.train_and_evaluate(small_config(), workdir)
+  assert int(state.step) == 20
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(state.params), jax.device_get(state_full.params))
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(srigl_jax.get_masks(state)),
+               jax.device_get(srigl_jax.get_masks(state_full)))
+
+  def comparable(recs):
+    # The halted run logs the train loss of steps 11-12 at 12, so the resumed
+    # record at 15 covers 13-15 only; evals and mask statistics must match.
+    return [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in recs
+            if 'global_sparsity' in r or r['step'] <= 10]
+
+  assert comparable(records(workdir)) == comparable(records(workdir_full))
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+  config = small_config(num_train_steps=6, log_every=3)
+  config.optim.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match=r'Non-finite training loss .* at step \d'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def _run_cli(workdir, n_devices, extra=()):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  cmd = [sys.executable, '-m', 'srigl_jax.main',
+         f'--config={os.path.join(CONFIGS, "fashion_mnist.py")}',
+         f'--workdir={workdir}', *cli_overrides(**dict(extra))]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
+  # Gradient accumulation over 2 micro-batches of 16 rows, 2 per device.
+  extra = {'optim.grad_accum_steps': 2, 'num_train_steps': 15,
+           'write_plots': False}
+  runs = {n: _run_cli(str(tmp_path / f'dev{n}'), n, extra.items())
+          for n in (1, 8)}
+  for n, proc in runs.items():
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert f'{n} devices' in out
+  one, eight = records(str(tmp_path / 'dev1')), records(str(tmp_path / 'dev8'))
+  assert len(one) == len(eight) > 0
+  for a, b in zip(one, eight):
+    assert a.keys() == b.keys() and a['step'] == b['step']
+    for key in a:
+      if key == 'steps_per_sec':
+        continue
+      if '/' in key or key in ('eval_accuracy', 'step', 'global_sparsity'):
+        assert a[key] == b[key], key  # masks and counts: exactly equal
+      else:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
