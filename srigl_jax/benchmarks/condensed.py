@@ -1,0 +1,261 @@
+"""Condensed vs dense vs sparse-format matmul latency, side by side.
+
+Reproduces the setup of the SRigL paper's inference benchmark: the ViT-B/16
+MLP layer 3072 -> 768 (weight 768 x 3072), fp32, constant fan-in sparsity
+0.8/0.9/0.95/0.99 with part of the neurons ablated, batch 1..2048, median
+wall time. All impls of one (sparsity, batch) point are timed round-robin in
+the same process so that background load hits them alike.
+
+    python -m srigl_jax.benchmarks.condensed --json out.json --plot out.png
+
+Impls: dense (XLA ``x @ W``), bcsr (jax.experimental.sparse), structured
+(ablated neurons removed, dense matmul), condensed_xla, condensed_native
+(CPU), condensed_pallas (GPU). ``--model`` adds whole-model latency of a
+ViT MLP block (dense masked vs converted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse
+
+from srigl_jax import condensed as C
+from srigl_jax.condensed.xla import scatter_to_outputs
+
+ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
+
+# Fraction of neurons ablated at each sparsity. An assumption standing in for
+# a trained SRigL model (ablation grows with sparsity); override --ablation.
+DEFAULT_ABLATION = {0.8: 0.05, 0.9: 0.1, 0.95: 0.2, 0.99: 0.4}
+
+
+def _floats(s: str) -> list[float]:
+  return [float(v) for v in s.split(",") if v]
+
+
+def _ints(s: str) -> list[int]:
+  return [int(v) for v in s.split(",") if v]
+
+
+def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
+  """A random constant fan-in layer: (kernel, mask, bias) as numpy arrays."""
+  n_active = max(1, round(out_features * (1 - ablation)))
+  budget = int(in_features * out_features * (1 - sparsity))
+  k = max(1, min(in_features, budget // n_active))
+  mask = np.zeros((in_features, out_features), bool)
+  active = np.sort(rng.choice(out_features, n_active, replace=False))
+  for j in active:
+    mask[rng.choice(in_features, k, replace=False), j] = True
+  kernel = (rng.standard_normal((in_features, out_features)) / np.sqrt(k)).astype(dtype)
+  bias = (0.1 * rng.standard_normal(out_features)).astype(dtype)
+  return kernel, mask, bias
+
+
+def build_impls(impls, kernel, mask, bias, dtype):
+  """Jitted ``f(x) -> y`` per impl, closing over device-resident weights."""
+  w = jnp.asarray(np.where(mask, kernel, 0), dtype)
+  b = jnp.asarray(bias, dtype)
+  layer = C.condense_dense(np.where(mask, kernel, 0).astype(dtype), mask, bias.astype(dtype))
+  fns: dict[str, Callable] = {}
+  for impl in impls:
+    if impl == "dense":
+      fns[impl] = jax.jit(lambda x, w=w, b=b: x @ w + b)
+    elif impl == "bcsr":
+      m = sparse.BCSR.fromdense(w.T)  # (out, in): rows are neurons
+      fns[impl] = jax.jit(lambda x, m=m, b=b: (m @ x.T).T + b)
+    elif impl == "structured":
+      s = C.structured_from_mask(np.asarray(w), mask, bias)
+      wa, ids = s.kernel, s.neuron_ids
+      sl = layer
+      fns[impl] = jax.jit(
+          lambda x, wa=wa, ids=ids, b=b, sl=sl: scatter_to_outputs(
+              x @ wa + b[ids], sl))
+    elif impl == "condensed_xla":
+      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_xla(x, l))
+    elif impl == "condensed_native":
+      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_native(x, l))
+    elif impl == "condensed_pallas":
+      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_pallas(x, l))
+  return fns, layer
+
+
+def time_round_robin(fns, x, repeats, budget_s):
+  """Median microseconds per impl, interleaving the impls each repeat."""
+  for f in fns.values():
+    jax.block_until_ready(f(x))
+    jax.block_until_ready(f(x))
+  times = {name: [] for name in fns}
+  start = time.perf_counter()
+  for r in range(repeats):
+    for name, f in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(x))
+      times[name].append(time.perf_counter() - t0)
+    if r >= 2 and time.perf_counter() - start > budget_s:
+      break
+  return {name: (float(np.median(t)) * 1e6, len(t)) for name, t in times.items()}
+
+
+def available_impls(requested):
+  backend = jax.default_backend()
+  out, skipped = [], []
+  for impl in requested:
+    if impl == "condensed_native" and (backend != "cpu" or not C.native_available()):
+      skipped.append((impl, C.native_error() or f"not on {backend}"))
+    elif impl == "condensed_pallas" and backend != "gpu":
+      skipped.append((impl, "needs a GPU (interpret mode is not a benchmark)"))
+    else:
+      out.append(impl)
+  return out, skipped
+
+
+def model_latency(args, rng, dtype, device):
+  """Whole-model latency: a ViT MLP block, masked dense vs converted."""
+  import flax.linen as nn
+
+  class MlpBlock(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = nn.gelu(nn.Dense(args.in_features)(x))
+      return nn.Dense(args.out_features)(x)
+
+  model = MlpBlock()
+  records = []
+  for s in args.sparsities:
+    abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
+    params = model.init(jax.random.key(0), jnp.ones((1, args.out_features), dtype))["params"]
+    masks = {}
+    for name, (fi, fo) in (("Dense_0", (args.out_features, args.in_features)),
+                           ("Dense_1", (args.in_features, args.out_features))):
+      kernel, mask, bias = make_layer(rng, fi, fo, s, abl if name == "Dense_0" else 0.0, dtype)
+      params[name] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
+      masks[name] = {"kernel": mask, "bias": None}
+    masked = {n: {"kernel": p["kernel"] * masks[n]["kernel"], "bias": p["bias"]} for n, p in params.items()}
+    inference = C.convert_model(params, masks, fold=C.sequential_fold_pairs(params, masks, nn.gelu))
+    fns = {
+        "model_dense": jax.jit(lambda x: model.apply({"params": masked}, x)),
+        "model_condensed": jax.jit(lambda x: C.condensed_apply(model, inference, x)),
+    }
+    for batch in (1, 256):
+      x = jnp.asarray(rng.standard_normal((batch, args.out_features)), dtype)
+      res = time_round_robin(fns, x, args.repeats, args.budget)
+      for impl, (us, n) in res.items():
+        records.append(dict(impl=impl, sparsity=s, batch=batch, median_us=us, repeats=n,
+                            device=device, dtype=args.dtype))
+      d, c = res["model_dense"][0], res["model_condensed"][0]
+      print(f"model MLP block {args.out_features}->{args.in_features}->{args.out_features} "
+            f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us ({d / c:.2f}x)")
+  return records
+
+
+def print_table(records, impls):
+  keys = sorted({(r["sparsity"], r["batch"]) for r in records if r["impl"] in impls})
+  cond = [i for i in impls if i.startswith("condensed")]
+  head = f"{'sparsity':>8} {'batch':>6} " + " ".join(f"{i:>16}" for i in impls)
+  head += f" {'best_condensed':>16} {'x_vs_dense':>10} {'x_vs_bcsr':>10} {'x_vs_struct':>11}"
+  print(head)
+  for s, b in keys:
+    t = {r["impl"]: r["median_us"] for r in records if r["sparsity"] == s and r["batch"] == b}
+    row = f"{s:>8} {b:>6} " + " ".join(f"{t.get(i, float('nan')):>16.1f}" for i in impls)
+    best = min((i for i in cond if i in t), key=t.get, default=None)
+    if best:
+      ratio = lambda ref: f"{t[ref] / t[best]:.2f}" if ref in t else "-"
+      row += f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
+    print(row)
+
+
+def plot(records, impls, path, title):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sparsities = sorted({r["sparsity"] for r in records if r["impl"] in impls})
+  batches = sorted({r["batch"] for r in records if r["impl"] in impls})
+  fig, axes = plt.subplots(1, len(sparsities), figsize=(4.5 * len(sparsities), 4), squeeze=False)
+  width = 0.8 / max(1, len(impls))
+  for ax, s in zip(axes[0], sparsities):
+    for i, impl in enumerate(impls):
+      ys = [next((r["median_us"] for r in records if r["impl"] == impl and r["sparsity"] == s
+                  and r["batch"] == b), np.nan) for b in batches]
+      ax.bar(np.arange(len(batches)) + (i - (len(impls) - 1) / 2) * width, ys, width, label=impl)
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(len(batches)), [str(b) for b in batches])
+    ax.set_xlabel("batch size")
+    ax.set_title(f"sparsity {s:g}")
+    ax.grid(axis="y", which="both", alpha=0.3)
+  axes[0][0].set_ylabel("median latency (us, log)")
+  axes[0][-1].legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--in-features", type=int, default=3072)
+  p.add_argument("--out-features", type=int, default=768)
+  p.add_argument("--sparsities", type=_floats, default=[0.8, 0.9, 0.95, 0.99])
+  p.add_argument("--batch-sizes", type=_ints, default=[1, 16, 256, 2048])
+  p.add_argument("--impls", type=lambda s: s.split(","), default=list(ALL_IMPLS))
+  p.add_argument("--repeats", type=int, default=50)
+  p.add_argument("--budget", type=float, default=3.0,
+                 help="seconds per (sparsity, batch) point after which repeats stop (min 3)")
+  p.add_argument("--ablation", type=float, default=None,
+                 help=f"fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION})")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  p.add_argument("--model", action="store_true", help="also time a whole ViT MLP block")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--json", help="write the records to this JSON file")
+  p.add_argument("--plot", help="write a PNG of grouped bars per batch size")
+  args = p.parse_args(argv)
+  unknown = set(args.impls) - set(ALL_IMPLS)
+  if unknown:
+    p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS}")
+
+  dtype = jnp.dtype(args.dtype)
+  dev = jax.devices()[0]
+  device = f"{dev.platform}:{dev.device_kind}"
+  impls, skipped = available_impls(args.impls)
+  for impl, why in skipped:
+    print(f"skipping {impl}: {why}", file=sys.stderr)
+  extra = f" native={C.native_isas().get('auto', '-')}" if "condensed_native" in impls else ""
+  print(f"device {device}{extra}, {args.in_features}->{args.out_features} {args.dtype}")
+  rng = np.random.default_rng(args.seed)
+  records = []
+  for s in args.sparsities:
+    abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
+    kernel, mask, bias = make_layer(rng, args.in_features, args.out_features, s, abl, dtype)
+    fns, layer = build_impls(impls, kernel, mask, bias, dtype)
+    for batch in args.batch_sizes:
+      x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
+      for name, (us, n) in time_round_robin(fns, x, args.repeats, args.budget).items():
+        records.append(dict(impl=name, sparsity=s, batch=batch, median_us=us, repeats=n,
+                            device=device, dtype=args.dtype, in_features=args.in_features,
+                            out_features=args.out_features, n_active=layer.n_active,
+                            fan_in=layer.fan_in, ablation=abl))
+      print(f"  done sparsity {s} batch {batch}", file=sys.stderr, flush=True)
+  print_table(records, impls)
+  if args.model:
+    records += model_latency(args, rng, dtype, device)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(records, f, indent=1)
+  if args.plot:
+    plot(records, impls, args.plot,
+         f"{args.in_features}->{args.out_features} {args.dtype} on {device}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
