@@ -80,8 +80,9 @@ class JsonlWriter(MetricWriter):
     self._file.write(json.dumps(record) + '\n')
 
   def flush(self):
-    self._file.flush()
-    os.fsync(self._file.fileno())
+    if not self._file.closed:
+      self._file.flush()
+      os.fsync(self._file.fileno())
 
   def close(self):
     self.flush()

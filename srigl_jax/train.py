@@ -393,11 +393,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ValueError("sparsity.init must be 'sparse_he' or 'masked', got "
                      f'{config.sparsity.init!r}.')
 
+  # Module paths in call order, to list layers input side first (pytrees
+  # sort dict keys, which puts 'head' before 'stem' and 'block10' before
+  # 'block2').
+  call_order: dict[str, int] = {}
+
+  def record_call(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      call_order.setdefault('/'.join(context.module.path), len(call_order))
+    return next_fun(*args, **kwargs)
+
   def init(key):
     params_key, dropout_init_key = jax.random.split(key)
     dummy = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
-    variables = model.init({'params': params_key, 'dropout': dropout_init_key},
-                           dummy, train=False)
+    with flax.linen.intercept_methods(record_call):
+      variables = model.init(
+          {'params': params_key, 'dropout': dropout_init_key}, dummy,
+          train=False)
     params = variables['params']
     opt_state = tx.init(params)
     if config.sparsity.init == 'sparse_he':
@@ -490,7 +502,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
       bad_step = pending[bad[0]][0]
-      writer.close()
       raise FloatingPointError(
           f'Non-finite training loss ({losses[bad[0]]}) at step {bad_step}; '
           f'stopping. The latest checkpoint (step {manager.latest_step()}) '
@@ -579,9 +590,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not last_eval:
       last_eval = evaluate(state)
     write_summary_and_plots(
-        workdir, config, state, last_eval,
+        workdir, config, _scalars(stats_fn(state)), last_eval,
         steps_per_sec=timed_steps / train_time if train_time > 0 else None,
-        n_devices=n_devices)
+        n_devices=n_devices, num_params=n_params, call_order=call_order)
   manager.close()
   return state
 
@@ -589,20 +600,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 # ---------------------------------------------------------- summary, plots
 
 
-def write_summary_and_plots(workdir, config, state, final_eval, *,
-                            steps_per_sec, n_devices):
-  """Writes summary.json and (unless config.write_plots is False) the plots."""
-  stats = srigl_jax.layer_stats(state.opt_state)
+def write_summary_and_plots(workdir, config, sparsity_scalars, final_eval, *,
+                            steps_per_sec, n_devices, num_params,
+                            call_order=None):
+  """Writes summary.json and (unless config.write_plots is False) the plots.
+
+  Args:
+    workdir: output directory.
+    config: the run's config.
+    sparsity_scalars: `sparsity_metrics` of the final state, as floats.
+    final_eval: {'eval_accuracy', 'eval_loss'} of the final state.
+    steps_per_sec: measured training throughput (None if unknown).
+    n_devices: devices of the mesh.
+    num_params: total number of parameters.
+    call_order: module path -> call index, to order the layers input first.
+  """
   layers = {}
-  for path, s in stats.items():
-    s = {k: np.asarray(v).item() for k, v in jax.device_get(s).items()}
+  for key, value in sparsity_scalars.items():
+    if '/' in key:
+      path, field = key.rsplit('/', 1)
+      layers.setdefault(path, {})[field] = value
+  order = call_order or {}
+  layers = dict(sorted(
+      layers.items(),
+      key=lambda kv: (order.get(kv[0].rsplit('/', 1)[0], len(order)), kv[0])))
+  for s in layers.values():
     s['active_neurons_pct'] = 100.0 * s['active_neurons'] / max(s['neurons'], 1)
-    layers[path] = s
-  masks = srigl_jax.get_masks(state.opt_state)
-  n_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
-  n_masked = sum(int(np.sum(~np.asarray(m))) for m in jax.tree.leaves(masks))
+  global_sparsity = sparsity_scalars['global_sparsity']
   summary = {
-      'final_step': int(jax.device_get(state.step)),
+      'final_step': int(config.num_train_steps),
       'eval_accuracy': final_eval.get('eval_accuracy'),
       'eval_loss': final_eval.get('eval_loss'),
       'steps_per_sec': steps_per_sec,
@@ -612,9 +638,9 @@ def write_summary_and_plots(workdir, config, state, final_eval, *,
       'dataset': config.input.name,
       'method': config.sparsity.method,
       'target_sparsity': float(config.sparsity.sparsity),
-      'global_sparsity': n_masked / max(n_params, 1),
-      'num_params': n_params,
-      'num_nonzero_params': n_params - n_masked,
+      'global_sparsity': global_sparsity,
+      'num_params': num_params,
+      'num_nonzero_params': int(round(num_params * (1.0 - global_sparsity))),
       'layers': layers,
   }
   with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:

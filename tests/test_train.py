@@ -29,10 +29,13 @@ HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.g
 CONFIG_NAMES = ('fashion_mnist', 'cifar10_resnet18', 'cifar10_wrn22',
                 'imagenet_resnet50', 'imagenet_vit_b16', 'imagenet_mobilenet_v3')
 
-# Small run: MLP 784-64-64-10 at 80% SRigL, 20 steps of batch 32, masks updated
-# every 5 steps until step 15.
+# Small run: MLP 784-64-64-10 at 80% SRigL, 20 steps of batch 32 (two
+# micro-batches of 16), masks updated every 5 steps until step 15, on one
+# device (the 8-device run overrides mesh.data).
 SMALL_OVERRIDES = {
     'batch_size': 32,
+    'optim.grad_accum_steps': 2,
+    'mesh.data': 1,
     'num_train_steps': 20,
     'log_every': 5,
     'eval_every': 10,
@@ -75,6 +78,20 @@ def cli_overrides(**extra):
       value = '(' + ','.join(str(v) for v in value) + ',)'
     out.append(f'--config.{key}={value}')
   return out
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache: reruns of one config compile nothing."""
+  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], cache_dir)
+  jax.config.update(names[1], 0.0)
+  yield cache_dir
+  for n, v in old.items():
+    jax.config.update(n, v)
 
 
 def records(workdir):
@@ -271,11 +288,53 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
   assert comparable(records(workdir)) == comparable(records(workdir_full))
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path):
-  config = small_config(num_train_steps=6, log_every=3)
-  config.optim.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match=r'Non-finite training loss .* at step \d'):
-    train.train_and_evaluate(config, str(tmp_path))
+def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
+  create = train.data_lib.create_dataset
+
+  def create_with_a_bad_batch(*args, **kwargs):
+    dataset = create(*args, **kwargs)
+    good = dataset.train_batch
+
+    def train_batch(step):
+      batch = good(step)
+      if step == 6:  # The batch of step 7.
+        batch['image'] = np.full_like(batch['image'], np.nan)
+      return batch
+
+    dataset.train_batch = train_batch
+    return dataset
+
+  monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_a_bad_batch)
+  with pytest.raises(FloatingPointError,
+                     match=r'Non-finite training loss \(nan\) at step 7;'):
+    train.train_and_evaluate(small_config(), str(tmp_path))
+  # The checkpoint of step 10 was never written.
+  assert not os.path.exists(tmp_path / 'checkpoints' / '10')
+
+
+def test_grad_accumulation_matches_one_batch():
+  config = small_config()
+  config.sparsity.method = 'dense'
+  config.sparsity.sparsity = 0.0
+  model = train.models.get_model('mlp', 10, hidden_sizes=(16,))
+  tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
+  params = model.init(jax.random.key(1), np.zeros((1, 28, 28, 1)))['params']
+  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
+           'label': rng.integers(0, 10, 32).astype(np.int32)}
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  outs = []
+  for accum in (1, 4):
+    config.optim.grad_accum_steps = accum
+    step = jax.jit(train.make_train_step(model, config, jax.random.key(2),
+                                         sharding))
+    outs.append(step(state, batch))
+  (s1, m1), (s4, m4) = outs
+  np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               s1.params, s4.params)
 
 
 def _run_cli(workdir, n_devices, extra=()):
@@ -289,20 +348,19 @@ def _run_cli(workdir, n_devices, extra=()):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def test_one_and_eight_devices_give_the_same_metrics(tmp_path):
-  # Gradient accumulation over 2 micro-batches of 16 rows, 2 per device.
-  extra = {'optim.grad_accum_steps': 2, 'num_train_steps': 15,
-           'write_plots': False}
-  runs = {n: _run_cli(str(tmp_path / f'dev{n}'), n, extra.items())
-          for n in (1, 8)}
-  for n, proc in runs.items():
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
-    assert f'{n} devices' in out
-  one, eight = records(str(tmp_path / 'dev1')), records(str(tmp_path / 'dev8'))
-  assert len(one) == len(eight) > 0
+def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
+  # The same run as full_run (one device, in this process) on 8 fake CPU
+  # devices through the command line: 2 rows per device per micro-batch.
+  workdir_one, _ = full_run
+  workdir = str(tmp_path / 'dev8')
+  proc = _run_cli(workdir, 8, {'mesh.data': -1, 'write_plots': False}.items())
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert '8 devices' in out
+  one, eight = records(workdir_one), records(workdir)
+  assert [r['step'] for r in one] == [r['step'] for r in eight]
   for a, b in zip(one, eight):
-    assert a.keys() == b.keys() and a['step'] == b['step']
+    assert a.keys() == b.keys()
     for key in a:
       if key == 'steps_per_sec':
         continue
