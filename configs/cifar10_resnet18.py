@@ -17,9 +17,14 @@ Expected top-1 (paper, dense 95.45):
   99         92.88  91.47                92.79
 
 Other runs: `configs/cifar10_resnet18.py:method=rigl,sparsity=0.95`, with
-method in dense, static, set, rigl, srigl_noablation, srigl. A quick look at
-the speed without the data: `--config.input.name=synthetic
---config.num_train_steps=50`.
+method in dense, static, set, rigl, srigl_noablation, srigl. The speed
+without the data, on generated CIFAR-shaped images:
+
+  python -m srigl_jax.main --config=configs/cifar10_resnet18.py \
+      --workdir=/tmp/r18_speed --config.input.name=synthetic \
+      --config.input.num_train_examples=4096 \
+      --config.input.num_eval_examples=256 --config.eval_batch_size=128 \
+      --config.num_train_steps=16 --config.log_every=5
 """
 
 from srigl_jax import config_lib

@@ -7,8 +7,11 @@ Command (SRigL, 90% sparsity, MLP 784-1024-1024-10):
 
   python -m srigl_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
 
-Expected: about 89% test accuracy after 10 epochs (4,680 steps of batch 128),
-global sparsity 0.90, in about 4 minutes on a 2-core CPU.
+Expected: 89.0% test accuracy after 10 epochs (4,680 steps of batch 128),
+global sparsity 0.90 (ERK keeps the 1024x10 head dense), 15-25 steps/s, about
+4-6 minutes on a 2-core CPU. The workdir then holds checkpoints/,
+metrics.jsonl, TensorBoard events, accuracy.png, active_neurons.png,
+summary.json and config.json.
 
 The arg picks method, sparsity and model, e.g.
   --config=configs/fashion_mnist.py:method=rigl,sparsity=0.95,model=cnn

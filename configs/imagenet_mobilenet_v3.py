@@ -10,7 +10,7 @@ exempt from ablation.
 Command (SRigL, 90%):
 
   python -m srigl_jax.main --config=configs/imagenet_mobilenet_v3.py \
-      --workdir=gs://BUCKET/mnv3_srigl90
+      --workdir=/gcs/BUCKET/mnv3_srigl90
 
 Expected: no paper number; dense MobileNet-V3 large reaches about 75% top-1
 with such recipes.

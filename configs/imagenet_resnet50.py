@@ -9,7 +9,7 @@ equivalent of 100 steps at batch 4096), ERK, gamma_sal 0.3.
 Command (SRigL, 90%; a TPU pod or GPU cluster, see launch/README.md):
 
   python -m srigl_jax.main --config=configs/imagenet_resnet50.py \
-      --workdir=gs://BUCKET/r50_srigl90
+      --workdir=/gcs/BUCKET/r50_srigl90
 
 On few accelerators, split each batch: --config.optim.grad_accum_steps=4.
 

@@ -11,7 +11,7 @@ derives this from the Flax param names.
 Command (SRigL, 90%):
 
   python -m srigl_jax.main --config=configs/imagenet_vit_b16.py \
-      --workdir=gs://BUCKET/vit_b16_srigl90
+      --workdir=/gcs/BUCKET/vit_b16_srigl90
 
 Batch 4096 rarely fits at once: --config.optim.grad_accum_steps=8 splits it.
 

@@ -359,6 +359,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     FloatingPointError: the training loss became NaN or infinite.
     ValueError: an invalid config (before anything is compiled).
   """
+  if '://' in workdir:
+    raise ValueError(
+        f'workdir={workdir!r}: use a local or mounted path (e.g. a GCS bucket '
+        'mounted with gcsfuse at /gcs/BUCKET); metrics and plots are written '
+        'with plain file I/O.')
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -493,10 +498,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   interval_start, interval_steps = None, 0
   last_eval: dict[str, float] = {}
 
-  def flush_train_metrics(step):
+  def flush_train_metrics(step) -> dict[str, float]:
+    """Fetches the pending step metrics: NaN check, progress line, means."""
     nonlocal interval_start, interval_steps, train_time, timed_steps
     if not pending:
-      return
+      return {}
     values = jax.device_get([m for _, m in pending])
     losses = np.array([v['loss'] for v in values], np.float64)
     bad = np.flatnonzero(~np.isfinite(losses))
@@ -519,7 +525,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                'learning_rate': float(lr_fn(step - 1))}
     if rate is not None:
       scalars['steps_per_sec'] = rate
-    writer.write_scalars(step, scalars)
     eta = (_format_eta((num_train_steps - step) / rate) if rate else '?')
     logging.info('step %d/%d  loss %.4f  train acc %.4f  %s steps/s  ETA %s',
                  step, num_train_steps, scalars['train_loss'],
@@ -527,6 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  f'{rate:.2f}' if rate else '?', eta)
     pending.clear()
     interval_start, interval_steps = time.perf_counter(), 0
+    return scalars
 
   def pause_timer():
     """Stops the throughput clock (before eval/checkpoint work)."""
@@ -541,8 +547,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.write_scalars(0, _scalars(stats_fn(state)))  # The initial masks.
   train_iter = dataset.train_batches(start_step=start_step)
   step = start_step
+  end_step = (num_train_steps if halt_after is None else
+              min(num_train_steps, int(halt_after)))
   try:
-    while step < num_train_steps:
+    while step < end_step:
       batch = _to_global(next(train_iter), batch_sharding)
       state, metrics = train_step(state, batch)
       step += 1
@@ -554,29 +562,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       else:
         interval_steps += 1
       is_last = step == num_train_steps
-      halting = halt_after is not None and step >= halt_after
+      halting = step == end_step and not is_last
       do_eval = is_last or (eval_every > 0 and step % eval_every == 0)
       do_ckpt = is_last or halting or (ckpt_every > 0 and step % ckpt_every == 0)
       mask_update = (dynamic and step % config.sparsity.update_every == 0 and
                      step < stop_step)
+      record = {}  # One metrics.jsonl line per step, all fields together.
       if step % log_every == 0 or do_eval or do_ckpt or mask_update:
-        flush_train_metrics(step)
+        record.update(flush_train_metrics(step))
       if mask_update or do_eval:
         pause_timer()
-        scalars = _scalars(stats_fn(state))
+        record.update(_scalars(stats_fn(state)))
         if do_eval:
           last_eval = evaluate(state)
-          scalars.update(last_eval)
+          record.update(last_eval)
           logging.info('step %d  eval accuracy %.4f  eval loss %.4f  '
                        'global sparsity %.4f', step,
                        last_eval['eval_accuracy'], last_eval['eval_loss'],
-                       scalars['global_sparsity'])
-        writer.write_scalars(step, scalars)
+                       record['global_sparsity'])
+      if record:
+        writer.write_scalars(step, record)
       if do_ckpt:
         pause_timer()
         manager.save(step, args=ocp.args.StandardSave(state))
         writer.flush()
-      if halting and not is_last:
+      if halting:
         logging.info('Halting after step %d (halt_after_step); run the same '
                      'command again to continue.', step)
         break
