@@ -23,4 +23,16 @@ from srigl_jax.sparsity import (
     static_sparse,
 )
 
+from srigl_jax.condensed import (
+    CondensedDense,
+    CondensedLayer,
+    StructuredLayer,
+    condense,
+    condensed_apply,
+    condensed_matmul,
+    convert_model,
+    native_available,
+    sequential_fold_pairs,
+)
+
 __version__ = "0.1.0"

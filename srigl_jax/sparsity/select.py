@@ -14,14 +14,11 @@ Keys are non-negative int32; key 0 marks an element that may never be selected.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-_KEY_BITS = 31
-_MAX_KEY = (1 << _KEY_BITS) - 2
+_MAX_KEY = (1 << 31) - 2
 
 
 def magnitude_keys(x: jax.Array) -> jax.Array:
@@ -41,14 +38,9 @@ def random_keys(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return lax.convert_element_type(bits >> 1, jnp.int32) | 1
 
 
-@functools.lru_cache(maxsize=None)
-def _digit_plan(bits_per_pass: int) -> tuple[tuple[int, int], ...]:
-  plan, left = [], _KEY_BITS
-  while left > 0:
-    b = min(bits_per_pass, left)
-    plan.append((left - b, b))
-    left -= b
-  return tuple(plan)
+def _radix_passes(bits: int) -> int:
+  # Keys are non-negative int32, so 32 bits cover them (the top bit is 0).
+  return -(-32 // bits)
 
 
 def top_n(keys: jax.Array, n: jax.Array) -> jax.Array:
@@ -63,11 +55,16 @@ def top_n(keys: jax.Array, n: jax.Array) -> jax.Array:
   """
   flat = keys.reshape(-1)
   n = jnp.minimum(jnp.asarray(n, jnp.int32), jnp.sum(flat > 0, dtype=jnp.int32))
-  prefix = jnp.int32(0)
-  remaining = n
-  for shift, bits in _digit_plan(11):
-    nb = 1 << bits
-    match = (flat >> (shift + bits)) == prefix
+  bits = 8
+  nb = 1 << bits
+
+  # One radix digit per iteration, most significant first. A loop rather than
+  # unrolled passes keeps the HLO (and the compile time) small.
+  def one_pass(i, carry):
+    prefix, remaining = carry
+    shift = 32 - bits * (i + 1)
+    # Two shifts: a single shift by 32 would be out of range on the first pass.
+    match = ((flat >> shift) >> bits) == prefix
     digit = (flat >> shift) & (nb - 1)
     hist = jnp.zeros(nb, jnp.int32).at[jnp.where(match, digit, nb)].add(
         1, mode="drop"
@@ -76,7 +73,11 @@ def top_n(keys: jax.Array, n: jax.Array) -> jax.Array:
     at_or_above = jnp.cumsum(hist[::-1])[::-1]
     b = jnp.maximum(jnp.sum(at_or_above >= remaining, dtype=jnp.int32) - 1, 0)
     remaining = remaining - (at_or_above[b] - hist[b])
-    prefix = (prefix << bits) | b
+    return (prefix << bits) | b, remaining
+
+  prefix, remaining = lax.fori_loop(
+      0, _radix_passes(bits), one_pass, (jnp.int32(0), n)
+  )
   # prefix is now the n-th largest key; take `remaining` of the keys equal to it.
   greater = flat > prefix
   equal = flat == prefix
@@ -106,15 +107,16 @@ def top_n_per_column(keys: jax.Array, n: jax.Array) -> jax.Array:
   """
   d, ncols = keys.shape
   n = jnp.minimum(n.astype(jnp.int32), jnp.sum(keys > 0, axis=0, dtype=jnp.int32))
-  # Histogram width tracks the column height so that the (N, bins) histogram
-  # stays about the size of the data.
-  bits_per_pass = int(min(11, max(3, (d - 1).bit_length())))
-  prefix = jnp.zeros((ncols,), jnp.int32)
-  remaining = n
+  # Narrow digits for short columns keep the (N, bins) histogram about the
+  # size of the data.
+  bits = 8 if d >= 128 else 4
+  nb = 1 << bits
   col_base = jnp.arange(ncols, dtype=jnp.int32)
-  for shift, bits in _digit_plan(bits_per_pass):
-    nb = 1 << bits
-    match = (keys >> (shift + bits)) == prefix[None, :]
+
+  def one_pass(i, carry):
+    prefix, remaining = carry
+    shift = 32 - bits * (i + 1)
+    match = ((keys >> shift) >> bits) == prefix[None, :]
     digit = (keys >> shift) & (nb - 1)
     idx = jnp.where(match, col_base[None, :] * nb + digit, ncols * nb)
     hist = (
@@ -129,7 +131,14 @@ def top_n_per_column(keys: jax.Array, n: jax.Array) -> jax.Array:
     )
     take = lambda a: jnp.take_along_axis(a, b[:, None], axis=1)[:, 0]
     remaining = remaining - (take(at_or_above) - take(hist))
-    prefix = (prefix << bits) | b
+    return (prefix << bits) | b, remaining
+
+  prefix, remaining = lax.fori_loop(
+      0,
+      _radix_passes(bits),
+      one_pass,
+      (jnp.zeros((ncols,), jnp.int32), n),
+  )
   greater = keys > prefix[None, :]
   equal = keys == prefix[None, :]
 
