@@ -187,6 +187,56 @@ def create_optimizer(
   )
 
 
+def make_init_fn(config, model, tx, image_shape, reinit_key,
+                 call_order: dict[str, int] | None = None):
+  """Builds `init(key) -> TrainState` (for `jax.eval_shape` and `jax.jit`).
+
+  Args:
+    config: the full config (`sparsity.init` picks the sparse re-init).
+    model: the Flax module.
+    tx: the sparse optimizer.
+    image_shape: (H, W, C) of the inputs.
+    reinit_key: PRNG key of the sparse He re-initialisation.
+    call_order: if given, filled with module path -> call index during the
+      first trace, to list layers input side first (pytrees sort dict keys,
+      which puts 'head' before 'stem' and 'block10' before 'block2').
+
+  Returns:
+    The init function.
+
+  Raises:
+    ValueError: an unknown `sparsity.init`.
+  """
+  if config.sparsity.init not in ('sparse_he', 'masked'):
+    raise ValueError("sparsity.init must be 'sparse_he' or 'masked', got "
+                     f'{config.sparsity.init!r}.')
+  order = {} if call_order is None else call_order
+
+  def record_call(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      order.setdefault('/'.join(context.module.path), len(order))
+    return next_fun(*args, **kwargs)
+
+  def init(key):
+    params_key, dropout_init_key = jax.random.split(key)
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+    with flax.linen.intercept_methods(record_call):
+      variables = model.init(
+          {'params': params_key, 'dropout': dropout_init_key}, dummy,
+          train=False)
+    params = variables['params']
+    opt_state = tx.init(params)
+    if config.sparsity.init == 'sparse_he':
+      params = srigl_jax.sparse_init(params, opt_state, reinit_key)
+    else:
+      params = srigl_jax.apply_masks(params, opt_state)
+    return TrainState(step=jnp.zeros([], jnp.int32), apply_fn=model.apply,
+                      params=params, tx=tx, opt_state=opt_state,
+                      batch_stats=variables.get('batch_stats', {}))
+
+  return init
+
+
 # ------------------------------------------------------------------- steps
 
 
@@ -394,36 +444,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   lr_fn = create_learning_rate_fn(config.optim, dataset.steps_per_epoch,
                                   num_train_steps)
   tx = create_optimizer(config, lr_fn, sparse_key)
-  if config.sparsity.init not in ('sparse_he', 'masked'):
-    raise ValueError("sparsity.init must be 'sparse_he' or 'masked', got "
-                     f'{config.sparsity.init!r}.')
 
-  # Module paths in call order, to list layers input side first (pytrees
-  # sort dict keys, which puts 'head' before 'stem' and 'block10' before
-  # 'block2').
   call_order: dict[str, int] = {}
-
-  def record_call(next_fun, args, kwargs, context):
-    if context.method_name == '__call__':
-      call_order.setdefault('/'.join(context.module.path), len(call_order))
-    return next_fun(*args, **kwargs)
-
-  def init(key):
-    params_key, dropout_init_key = jax.random.split(key)
-    dummy = jnp.zeros((1,) + tuple(dataset.image_shape), jnp.float32)
-    with flax.linen.intercept_methods(record_call):
-      variables = model.init(
-          {'params': params_key, 'dropout': dropout_init_key}, dummy,
-          train=False)
-    params = variables['params']
-    opt_state = tx.init(params)
-    if config.sparsity.init == 'sparse_he':
-      params = srigl_jax.sparse_init(params, opt_state, reinit_key)
-    else:
-      params = srigl_jax.apply_masks(params, opt_state)
-    return TrainState(step=jnp.zeros([], jnp.int32), apply_fn=model.apply,
-                      params=params, tx=tx, opt_state=opt_state,
-                      batch_stats=variables.get('batch_stats', {}))
+  init = make_init_fn(config, model, tx, tuple(dataset.image_shape), reinit_key,
+                      call_order)
 
   # Shapes first: a bad sparsity setting fails here, before any compile.
   abstract_state = jax.eval_shape(init, init_key)

@@ -13,6 +13,7 @@ import sys
 
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ml_collections import config_flags
@@ -110,6 +111,41 @@ def test_every_config_defaults_to_srigl_90(name):
   assert set(config.keys()) >= {'input', 'model', 'sparsity', 'optim'}
   assert config_lib.resolve_stop_step(config) == int(
       0.75 * config.num_train_steps)
+
+
+_SHAPES = {  # Input shape and classes of each config's dataset.
+    'fashion_mnist': ((28, 28, 1), 10), 'cifar10_resnet18': ((32, 32, 3), 10),
+    'cifar10_wrn22': ((32, 32, 3), 10), 'imagenet_resnet50': ((224, 224, 3), 1000),
+    'imagenet_vit_b16': ((224, 224, 3), 1000),
+    'imagenet_mobilenet_v3': ((224, 224, 3), 1000),
+}
+
+
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_config_builds_a_valid_sparse_model(name):
+  """Model, optimizer and masks of the full-size config, traced abstractly."""
+  config = load_config(name)
+  shape, classes = _SHAPES[name]
+  model = train.models.get_model(config.model.name, classes,
+                                 **config.model.kwargs.to_dict())
+  tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
+  order = {}
+  init = train.make_init_fn(config, model, tx, shape, jax.random.key(1), order)
+  state = jax.eval_shape(init, jax.random.key(2))
+  masks = srigl_jax.get_masks(state)
+  sparse = {'/'.join(str(k.key) for k in kp)
+            for kp, _ in jax.tree_util.tree_leaves_with_path(masks)}
+  assert len(sparse) >= 2
+  assert order and next(iter(order)) == ''  # the model itself is called first
+  specs = srigl_jax.sparsity.transform.find_sparse_state(
+      state.opt_state).layers.by_path()
+  if 'head/kernel' in specs:
+    assert not specs['head/kernel'].ablation
+  if name == 'imagenet_mobilenet_v3':
+    assert not any('depthwise' in p for p in sparse)
+  if name == 'imagenet_vit_b16':
+    assert any(p.endswith('attention/query/kernel') for p in sparse)
+    assert 'embedding/kernel' in sparse  # the first layer is sparse
 
 
 @pytest.mark.parametrize('method', config_lib.METHODS)
@@ -312,7 +348,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / 'checkpoints' / '10')
 
 
-def test_grad_accumulation_matches_one_batch():
+def test_grad_accumulation_matches_one_batch_and_steps_compile_once():
   config = small_config()
   config.sparsity.method = 'dense'
   config.sparsity.sparsity = 0.0
@@ -320,17 +356,25 @@ def test_grad_accumulation_matches_one_batch():
   tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
   params = model.init(jax.random.key(1), np.zeros((1, 28, 28, 1)))['params']
   state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = state.replace(step=jnp.zeros([], jnp.int32))  # as train.py's init
   rng = np.random.default_rng(0)
   batch = {'image': rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
            'label': rng.integers(0, 10, 32).astype(np.int32)}
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.device_put(state, replicated)  # as train.py's jitted init
+  batch = jax.device_put(batch, sharding)
   outs = []
   for accum in (1, 4):
     config.optim.grad_accum_steps = accum
     step = jax.jit(train.make_train_step(model, config, jax.random.key(2),
-                                         sharding))
+                                         sharding),
+                   in_shardings=(replicated, sharding),
+                   out_shardings=(replicated, replicated))
     outs.append(step(state, batch))
+    step(outs[-1][0], batch)
+    assert step._cache_size() == 1  # pylint: disable=protected-access
   (s1, m1), (s4, m4) = outs
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
