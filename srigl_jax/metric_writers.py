@@ -16,7 +16,6 @@ import math
 import os
 from typing import Any, Mapping, Sequence
 
-from absl import logging
 import numpy as np
 
 
@@ -87,20 +86,6 @@ class JsonlWriter(MetricWriter):
   def close(self):
     self.flush()
     self._file.close()
-
-
-class LoggingWriter(MetricWriter):
-  """Logs scalars through absl logging, a few per line."""
-
-  def __init__(self, keys: Sequence[str] | None = None):
-    self._keys = keys
-
-  def write_scalars(self, step, scalars):
-    items = [(k, v) for k, v in scalars.items()
-             if self._keys is None or k in self._keys]
-    if items:
-      text = ', '.join(f'{k}={_to_float(v):.5g}' for k, v in items)
-      logging.info('[%d] %s', step, text)
 
 
 class MultiWriter(MetricWriter):

@@ -11,18 +11,25 @@ data parallelism over all devices and leaves in `workdir`:
   config.json        the resolved config.
   accuracy.png, active_neurons.png, summary.json   written at the end.
 
-Records in metrics.jsonl: every `log_every` steps `train_loss`,
-`train_accuracy`, `learning_rate`, `steps_per_sec`; after every mask update
-and every eval `global_sparsity` and, per sparse layer `L` (a '/'-joined
-param path), `L/density`, `L/active_neurons`, `L/neurons`, `L/fan_in`,
-`L/min_fan_in`; every eval `eval_accuracy` and `eval_loss`.
+metrics.jsonl holds one record per logged step, with the fields due at that
+step: every `log_every` steps (and at every mask update, eval and checkpoint)
+`train_loss`, `train_accuracy` (means since the previous record),
+`learning_rate`, `steps_per_sec`; at step 0, after every mask update and at
+every eval `global_sparsity` and, per sparse layer `L` (a '/'-joined param
+path), `L/density`, `L/active_neurons`, `L/neurons`, `L/fan_in` (largest
+fan-in of a neuron), `L/min_fan_in` (smallest over active neurons); at every
+eval `eval_accuracy` and `eval_loss`.
+
+Sharding: a 1-D ('data',) mesh; batches are split over it, and the train
+state (params, batch stats, optimizer state with the masks) is replicated, so
+every mask has its param's sharding. BatchNorm statistics are computed over
+the global batch, which keeps runs on 1 and N devices equal up to float
+reduction order.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 import re
 import time
