@@ -114,23 +114,42 @@ class NoOpWriter(MetricWriter):
     del step, scalars
 
 
+def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], bool]:
+  """Records of a metrics.jsonl file and whether its last line was torn.
+
+  A process killed while its buffered writes reach the disk can leave half a
+  line at the end; that line is dropped (its step is trained again anyway).
+  """
+  if not os.path.exists(path):
+    return [], False
+  with open(path, encoding='utf-8') as f:
+    lines = f.read().split('\n')
+  tail = lines.pop()  # '' when the file ends with a newline.
+  records = [json.loads(line) for line in lines if line.strip()]
+  if not tail.strip():
+    return records, False
+  try:
+    records.append(json.loads(tail))
+    return records, True
+  except json.JSONDecodeError:
+    return records, True
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file into a list of records (missing file: [])."""
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_jsonl(path)[0]
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
   """Drops records with step > max_step (used when resuming a run).
 
   The steps after the last checkpoint of a stopped run are trained again on
-  resume; dropping their old records keeps one record per step.
+  resume; dropping their old records keeps one record per step. A torn last
+  line (the run was killed mid-write) is dropped too.
   """
-  records = read_jsonl(path)
+  records, torn = _read_jsonl(path)
   kept = [r for r in records if r.get('step', 0) <= max_step]
-  if len(kept) == len(records):
+  if len(kept) == len(records) and not torn:
     return
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:

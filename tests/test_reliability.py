@@ -552,3 +552,18 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert int(state.step) == 40
   for leaf in jax.tree.leaves(state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
+  # A SIGKILL while buffered writes reach the disk leaves half a line.
+  path = str(tmp_path / 'metrics.jsonl')
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('{"step": 1, "train_loss": 2.3}\n{"step": 2, "train_loss": 2.2}\n'
+            '{"step": 3, "train_lo')
+  metric_writers.truncate_jsonl(path, 2)
+  writer = metric_writers.JsonlWriter(path)
+  writer.write_scalars(3, {'train_loss': 2.1})
+  writer.close()
+  assert metric_writers.read_jsonl(path) == [
+      {'step': 1, 'train_loss': 2.3}, {'step': 2, 'train_loss': 2.2},
+      {'step': 3, 'train_loss': 2.1}]
