@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 
@@ -93,6 +94,25 @@ def compilation_cache(tmp_path_factory):
   yield cache_dir
   for n, v in old.items():
     jax.config.update(n, v)
+
+
+def tensorboard_scalars(workdir):
+  """(tag, step) -> value from the TFRecord event files of workdir."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in os.listdir(workdir):
+    if not name.startswith('events.out.tfevents'):
+      continue
+    with open(os.path.join(workdir, name), 'rb') as f:
+      data = f.read()
+    i = 0
+    while i < len(data):
+      (length,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4  # length, its crc, payload, payload crc
+      for v in event.summary.value:
+        out[(v.tag, event.step)] = v.simple_value
+  return out
 
 
 def records(workdir):
@@ -255,8 +275,7 @@ def test_run_leaves_checkpoints_metrics_events_plots(full_run):
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
                  if d.isdigit())
   assert steps == [10, 20]
-  assert any(f.startswith('events.out.tfevents')
-             for f in os.listdir(workdir))
+  tb = tensorboard_scalars(workdir)
   for name in ('accuracy.png', 'active_neurons.png'):
     with open(os.path.join(workdir, name), 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -275,6 +294,8 @@ def test_run_leaves_checkpoints_metrics_events_plots(full_run):
         assert f'{layer}/{field}' in r
     assert 0.7 < r['global_sparsity'] < 0.85
     assert math.isfinite(r['eval_loss'])
+  assert tb[('eval_accuracy', 20)] == pytest.approx(evals[-1]['eval_accuracy'])
+  assert ('dense_0/kernel/active_neurons', 5) in tb and ('train_loss', 15) in tb
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['final_step'] == 20
