@@ -436,9 +436,9 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
 @needs_preflight_hook
 def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   workdir = str(tmp_path)
-  train.train_and_evaluate(small_config(num_train_steps=2, eval_every=0),
-                           workdir)
-  compile_log.clear()
+  # What a run at sparsity 0.8 leaves: its fingerprint and a checkpoint.
+  checks.check_workdir(workdir, small_config())
+  os.makedirs(os.path.join(workdir, 'checkpoints', '25'))
   with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
     train.train_and_evaluate(
         small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
@@ -567,3 +567,50 @@ def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
   assert metric_writers.read_jsonl(path) == [
       {'step': 1, 'train_loss': 2.3}, {'step': 2, 'train_loss': 2.2},
       {'step': 3, 'train_loss': 2.1}]
+
+
+def _with_a_bad_batch(monkeypatch, bad_steps):
+  """Makes the dataset's batches of `bad_steps` (1-based) all NaN."""
+  create = train.data_lib.create_dataset
+
+  def create_with_bad_batches(*args, **kwargs):
+    dataset = create(*args, **kwargs)
+    good = dataset.train_batch
+
+    def train_batch(step):
+      batch = good(step)
+      if step + 1 in bad_steps:
+        batch['image'] = np.full_like(batch['image'], np.nan)
+      return batch
+
+    dataset.train_batch = train_batch
+    return dataset
+
+  monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_bad_batches)
+
+
+@needs_preflight_hook
+def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, monkeypatch):
+  _with_a_bad_batch(monkeypatch, {7})
+  config = small_config(num_train_steps=20, checkpoint_every=5, eval_every=0)
+  with pytest.raises(faults.NonFiniteError,
+                     match=r"at step 7; first non-finite gradient in layer "
+                     r"'dense_0/(kernel|bias)' and \d more; stopping: the latest "
+                     r'checkpoint \(step 5\)') as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  print(f'nan batch: {info.value}')
+  assert finished_steps(str(tmp_path)) == [5]
+
+
+@needs_preflight_hook
+def test_trainer_skip_bad_steps_finishes_the_run(tmp_path, monkeypatch):
+  _with_a_bad_batch(monkeypatch, {7, 12})
+  config = small_config(num_train_steps=20, checkpoint_every=10, eval_every=0,
+                        skip_bad_steps=True)
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 20
+  for leaf in jax.tree.leaves(state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  recs = metric_writers.read_jsonl(str(tmp_path / 'metrics.jsonl'))
+  assert [r['skipped_steps'] for r in recs if r['step'] in (6, 7, 12, 20)] == [
+      0, 1, 2, 2]
