@@ -420,13 +420,6 @@ def sparse_optimizer(
     inner_updates, inner_state = inner.update(
         masked_grads, state.inner_state, params, **extra_args
     )
-    # Weights after the inner step, computed exactly as optax.apply_updates
-    # does so that kept weights end at bit-identical values.
-    stepped = map_sparse(
-        lambda m, p, u: jnp.asarray(p + u).astype(p.dtype), masks, params,
-        inner_updates,
-    )
-
     grad_acc = state.grad_acc
     if cfg.grad_accumulation > 1 and dynamic:
       pos = (step - 1) % cfg.update_every
@@ -446,37 +439,59 @@ def sparse_optimizer(
       is_update = (step % cfg.update_every == 0) & (step < cfg.stop_step)
       frac = upd.drop_fraction(step, cfg.drop_fraction, cfg.stop_step)
 
-      def do_update(key, inner_state):
+      layer_index = {p: i for i, p in enumerate(specs)}
+
+      def do_update(key):
         key, grow_key = jax.random.split(key)
         paths = _paths_tree(params)
+        # Weights after the inner step, computed exactly as optax.apply_updates
+        # does, so the drop score sees the values the kept weights will have.
+        stepped = map_sparse(
+            lambda m, p, u: jnp.asarray(p + u).astype(p.dtype), masks, params,
+            inner_updates,
+        )
 
-        def layer(m, w, s, path):
-          spec = specs[path]
-          mm = upd.to_matrix(m, spec)
-          w_keys = select.magnitude_keys(upd.to_matrix(w, spec))
+        def layer_update(spec, m, w, s, index):
+          w_keys = select.magnitude_keys(w)
           if method == "set":
-            g_keys = select.random_keys(
-                jax.random.fold_in(grow_key, list(specs).index(path)), mm.shape
-            )
+            g_keys = select.random_keys(jax.random.fold_in(grow_key, index), m.shape)
           else:
-            g_keys = select.magnitude_keys(upd.to_matrix(s, spec))
+            g_keys = select.magnitude_keys(s)
           if method == "srigl":
-            res = upd.srigl_update(mm, w_keys, g_keys, frac, spec, cfg.gamma_sal)
+            return upd.srigl_update(m, w_keys, g_keys, frac, spec, cfg.gamma_sal).mask
+          return upd.unstructured_update(m, w_keys, g_keys, frac).mask
+
+        by_path = [
+            {layers_lib.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(t)}
+            for t in (masks, stepped, scores)
+        ]
+        new_by_path = {}
+        # Layers of the same geometry and budget (the blocks of a ResNet or a
+        # ViT) share one compiled body under lax.map: compile time then grows
+        # with the number of distinct layer shapes, not the number of layers.
+        for group in _same_geometry_groups(specs):
+          spec = specs[group[0]]
+          stacked = [
+              jnp.stack([upd.to_matrix(t[p], specs[p]) for p in group])
+              for t in by_path
+          ]
+          index = jnp.asarray([layer_index[p] for p in group], jnp.int32)
+          if len(group) == 1:
+            out = layer_update(spec, *(x[0] for x in stacked), index[0])[None]
           else:
-            res = upd.unstructured_update(mm, w_keys, g_keys, frac)
-          return upd.from_matrix(res.mask, spec)
+            out = lax.map(lambda a: layer_update(spec, *a), (*stacked, index))
+          for j, p in enumerate(group):
+            new_by_path[p] = upd.from_matrix(out[j], specs[p])
+        return map_sparse(lambda m, path: new_by_path[path], masks, paths), key
 
-        new_masks = map_sparse(layer, masks, stepped, scores, paths)
-        changed = _changed_tree(masks, new_masks, params)
-        inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
-        return new_masks, key, inner_state
-
-      def no_update(key, inner_state):
-        return masks, key, inner_state
-
-      new_masks, key, inner_state = lax.cond(
-          is_update, do_update, no_update, key, inner_state
+      # Only the masks pass through the cond: the moment reset below is a
+      # plain elementwise select that XLA fuses into the inner optimizer's own
+      # update, instead of copying the whole optimizer state through a branch.
+      new_masks, key = lax.cond(
+          is_update, do_update, lambda key: (masks, key), key
       )
+      changed = _changed_tree(masks, new_masks, params)
+      inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
     else:
       new_masks = masks
 
@@ -499,6 +514,15 @@ def sparse_optimizer(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _same_geometry_groups(specs: dict[str, LayerSpec]) -> list[list[str]]:
+  """Paths of sparse layers grouped by (D, N, budget, ablation), in tree order."""
+  groups: dict[tuple, list[str]] = {}
+  for path, spec in specs.items():
+    key = (spec.fan_in, spec.num_neurons, spec.budget, spec.ablation)
+    groups.setdefault(key, []).append(path)
+  return list(groups.values())
 
 
 def _reset_where(s, changed):
