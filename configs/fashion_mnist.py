@@ -16,8 +16,9 @@ summary.json and config.json.
 The arg picks method, sparsity and model, e.g.
   --config=configs/fashion_mnist.py:method=rigl,sparsity=0.95,model=cnn
 with method in dense, static, set, rigl, srigl_noablation, srigl and model in
-mlp (default) or cnn (two 3x3 conv stages, slower: about 91% in ~10 minutes
-with --config.num_train_steps=4680).
+mlp (default) or cnn (two 3x3 conv stages, about 4 steps/s on a busy 2-core
+CPU, so the 10 epochs take ~20 minutes; a 400-step run,
+--config.num_train_steps=400, reaches 87.1% in under 2 minutes).
 """
 
 from srigl_jax import config_lib

@@ -34,6 +34,7 @@ def get_config(arg=None):
   config.eval_batch_size = 1024
 
   config.model.name = 'resnet50'
+  config.model.kwargs.width = 64
 
   config.sparsity.distribution = 'erk'
   config.sparsity.update_every = 800

@@ -40,6 +40,7 @@ def get_config(arg=None):
   config.input.cutmix_alpha = 1.0
 
   config.model.name = 'vit_b16'
+  config.model.kwargs.dropout_rate = 0.0
 
   config.sparsity.distribution = 'uniform'
   config.sparsity.update_every = 100
