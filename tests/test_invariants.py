@@ -16,7 +16,8 @@ after every update and every layer:
 
 Compilation dominates on CPU, so a case compiles one step (its shapes and
 sparsity are fixed) and reuses it for all its updates. The CI run takes 3
-cases; SRIGL_LONG_TESTS=1 runs 24 with more updates each
+cases (conv + attention + head with ablation, dense + head with gradient
+accumulation, RigL); SRIGL_LONG_TESTS=1 runs 24 with more updates each
 (SRIGL_INVARIANT_SEED picks another draw).
 """
 
@@ -53,9 +54,15 @@ class Case:
   seed: int
 
 
-def _draw_shapes(rng: np.random.Generator) -> dict[str, tuple[int, ...]]:
+# CI: every kind of layer once, in as few layers as possible (each compiles).
+CI_KINDS = (('conv', 'attention'), ('dense',), ('dense',))
+
+
+def _draw_shapes(rng: np.random.Generator,
+                 kinds=None) -> dict[str, tuple[int, ...]]:
   shapes = {}
-  kinds = rng.choice(['dense', 'conv', 'attention'], size=rng.integers(1, 4))
+  if kinds is None:
+    kinds = rng.choice(['dense', 'conv', 'attention'], size=rng.integers(1, 4))
   for i, kind in enumerate(kinds):
     if kind == 'dense':
       shapes[f'dense_{i}/kernel'] = (int(rng.integers(8, 97)),
@@ -113,7 +120,8 @@ def draw_case(index: int) -> Case:
   accum = (int(rng.integers(2, update_every + 2)) if index % 2 else 1)
   update_every = max(update_every, accum)
   case = Case(
-      shapes=_draw_shapes(rng), method=method,
+      shapes=_draw_shapes(rng, None if LONG else CI_KINDS[index]),
+      method=method,
       # Half the draws near the top of the range, where fan-ins are 1-3.
       sparsity=float(rng.uniform(0.5, 0.995) if rng.random() < 0.5
                      else rng.uniform(0.97, 0.995)),

@@ -1,11 +1,11 @@
 """Reliability: kill and resume, multi-process runs, bad input, numerical faults.
 
 The end-to-end tests start the real entry point (`python -m srigl_jax.main`)
-as subprocesses on a tiny run: an MLP 784-32-32-10 at 80% SRigL trained for 200
-steps of batch 32 on 512 Fashion-MNIST images (generated data when Debian's
-dataset-fashion-mnist is not installed), 8 CPU devices, masks updated every 20
-steps until step 150, a checkpoint every 25 steps. One uninterrupted run is the
-reference of both the killed run and the 2-process run.
+as subprocesses on a tiny run: an MLP 784-32-32-10 at 80% SRigL trained for
+160 steps (400 with SRIGL_LONG_TESTS=1) of batch 32 on 512 Fashion-MNIST
+images, 8 CPU devices, masks updated every 15 steps until 75% of training, a
+checkpoint every 20 steps. One uninterrupted run is the reference of both the
+killed run and the 2-process run. They need Debian's dataset-fashion-mnist.
 
 The bad-input tests call `train.train_and_evaluate` in this process and check
 that the error comes before the trainer compiles any of its jitted functions.
@@ -13,6 +13,7 @@ that the error comes before the trainer compiles any of its jitted functions.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -51,17 +52,18 @@ needs_preflight_hook = pytest.mark.skipif(
     not HOOKED, reason='train.py does not call checks.preflight yet (see the '
     'reliability hooks diff in issue 6)')
 
+LONG = os.environ.get('SRIGL_LONG_TESTS') == '1'
 TINY = {
     'batch_size': 32,
-    'num_train_steps': 200,
+    'num_train_steps': 400 if LONG else 160,
     'log_every': 1,  # One step per metrics record: records match across kills.
-    'eval_every': 100,
-    'checkpoint_every': 25,
+    'eval_every': 80,
+    'checkpoint_every': 20,
     'keep_checkpoints': 3,
     'write_plots': False,
     'model.kwargs.hidden_sizes': (32, 32),
     'sparsity.sparsity': 0.8,
-    'sparsity.update_every': 20,
+    'sparsity.update_every': 15,  # 7 updates before T_end = 120 (CI).
     'input.num_train_examples': 512,
     'input.num_eval_examples': 128,
     'input.prefetch': 0,
@@ -153,9 +155,21 @@ def mask_leaves(tree):
   return {k: v for k, v in leaves(tree).items() if 'masks' in k}
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='module', autouse=True)
 def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('jax_cache'))
+  """A persistent compilation cache, here and in the subprocesses.
+
+  The in-process trainer runs of one config then compile once.
+  """
+  path = str(tmp_path_factory.mktemp('jax_cache'))
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], path)
+  jax.config.update(names[1], 0.0)
+  yield path
+  for n, v in old.items():
+    jax.config.update(n, v)
 
 
 @pytest.fixture(scope='module')
@@ -264,7 +278,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(
   one, two = comparable_records(reference), comparable_records(workdir)
   assert [r['step'] for r in one] == [r['step'] for r in two]
   updates = [r['step'] for r in one if 'global_sparsity' in r]
-  assert len(updates) >= 8  # Initial masks, 7 updates, evals.
+  assert len(updates) >= 8  # Initial masks, >= 7 updates, evals.
   for a, b in zip(one, two):
     assert a.keys() == b.keys()
     for key in a:
@@ -457,8 +471,13 @@ def test_trainer_refuses_an_unknown_key(tmp_path, compile_log):
 # --------------------------------------------------------- numerical faults
 
 
-def _tiny_problem(skip_bad_steps):
-  """An MLP on the sparse optimizer with the faults hooks in its step."""
+@functools.cache
+def _tiny_problem():
+  """An MLP on the sparse optimizer with the faults hooks in its step.
+
+  `step(state, x, y, skip)`: skip (a traced bool, so both tests share one
+  compile) turns on skip-bad-steps.
+  """
   model = train.models.get_model('mlp', 10, hidden_sizes=(16, 16))
   tx = srigl_jax.sparse_optimizer(
       optax.sgd(0.1, momentum=0.9), method='srigl', sparsity=0.5,
@@ -473,15 +492,15 @@ def _tiny_problem(skip_bad_steps):
   state = init()
 
   @jax.jit
-  def step(state, x, y):
+  def step(state, x, y, skip):
     def loss_fn(p):
       logits = model.apply({'params': p}, x, train=True)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     flags = faults.finite_flags(grads)
     new = state.apply_gradients(grads=grads)
-    if skip_bad_steps:
-      new = faults.keep_if_finite(faults.step_ok(loss, flags), new, state)
+    new = faults.keep_if_finite(faults.step_ok(loss, flags) | ~skip, new,
+                                state)
     return new, {'loss': loss, faults.GRAD_FINITE: flags}
 
   return state, step
@@ -496,7 +515,8 @@ def _batch(step, bad_steps):
 
 
 def test_non_finite_gradient_names_step_and_layer():
-  state, step = _tiny_problem(skip_bad_steps=False)
+  state, tiny_step = _tiny_problem()
+  step = lambda *a: tiny_step(*a, False)
   monitor = faults.FaultMonitor(faults.leaf_paths(state.params))
   with pytest.raises(faults.NonFiniteError,
                      match=r'at step 3.*first non-finite gradient in layer '
@@ -509,7 +529,8 @@ def test_non_finite_gradient_names_step_and_layer():
 
 
 def test_skip_bad_steps_keeps_the_state_and_the_schedule():
-  state, step = _tiny_problem(skip_bad_steps=True)
+  state, tiny_step = _tiny_problem()
+  step = lambda *a: tiny_step(*a, True)
   monitor = faults.FaultMonitor(faults.leaf_paths(state.params),
                                 skip_bad_steps=True, max_consecutive_skips=2)
   applied = []
@@ -539,19 +560,18 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # The learning rate jumps x1e30 at step 16 (epoch 1 of 16 steps): the loss
   # becomes non-finite a step or two later.
   workdir = str(tmp_path)
-  blowup = {'num_train_steps': 40, 'checkpoint_every': 10, 'eval_every': 0,
+  blowup = {'num_train_steps': 30, 'checkpoint_every': 10, 'eval_every': 0,
             'optim.schedule': 'multistep', 'optim.boundaries_epochs': (1.0,),
             'optim.decay_factor': 1e30}
   with pytest.raises(FloatingPointError, match=r'at step (1[7-9]|2\d)') as info:
     train.train_and_evaluate(small_config(**blowup), workdir)
   print(f'diverged: {info.value}')
   assert finished_steps(workdir) == [10]
-  # The fix (a sane schedule) resumes from the kept checkpoint.
-  state = train.train_and_evaluate(
-      small_config(**{**blowup, 'optim.decay_factor': 1.0}), workdir)
-  assert int(state.step) == 40
-  for leaf in jax.tree.leaves(state.params):
-    assert np.all(np.isfinite(np.asarray(leaf)))
+  # The kept checkpoint is whole and finite: rerunning with a sane schedule
+  # resumes from it (resuming itself is the kill test's subject).
+  kept = leaves(restore(workdir, 10))
+  assert all(np.all(np.isfinite(v)) for k, v in kept.items()
+             if np.issubdtype(v.dtype, np.floating))
 
 
 def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
