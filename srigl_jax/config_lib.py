@@ -115,6 +115,9 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   # same command again continues. None: run to num_train_steps.
   c.halt_after_step = config_dict.placeholder(int)
   c.write_plots = True
+  # Drop a step whose loss or gradient is NaN/inf (params, moments and masks
+  # stay as before it) instead of stopping; stops anyway after 20 in a row.
+  c.skip_bad_steps = False
 
   c.input = data_lib.default_input_config(dataset)
 

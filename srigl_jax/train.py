@@ -46,8 +46,10 @@ import optax
 import orbax.checkpoint as ocp
 
 import srigl_jax
+from srigl_jax import checks
 from srigl_jax import config_lib
 from srigl_jax import data as data_lib
+from srigl_jax import faults
 from srigl_jax import metric_writers
 from srigl_jax import models
 
@@ -272,6 +274,7 @@ def make_train_step(model, config, dropout_key, batch_sharding):
   """Builds `train_step(state, batch) -> (state, metrics)` (not yet jitted)."""
   accum = int(config.optim.grad_accum_steps)
   smoothing = float(config.optim.label_smoothing)
+  skip_bad_steps = bool(config.get('skip_bad_steps', False))
 
   def loss_fn(params, batch_stats, batch, rng):
     logits, new_vars = model.apply(
@@ -317,8 +320,13 @@ def make_train_step(model, config, dropout_key, batch_sharding):
           (micro, jnp.arange(accum)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, acc = loss / accum, acc / accum
+    finite = faults.finite_flags(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return new_state, {'loss': loss, 'accuracy': acc}
+    if skip_bad_steps:
+      new_state = faults.keep_if_finite(faults.step_ok(loss, finite),
+                                        new_state, state)
+    return new_state, {'loss': loss, 'accuracy': acc,
+                       faults.GRAD_FINITE: finite}
 
   return train_step
 
@@ -428,6 +436,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   mesh = create_mesh(config)
   n_devices = mesh.devices.size
+  # Keys, types, ranges, layer fan-ins and the workdir's checkpoints, before
+  # any data is read or anything compiled.
+  checks.preflight(config, workdir, n_devices)
   eval_batch_size = _check_batch_sizes(config, n_devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(
@@ -459,6 +470,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Shapes first: a bad sparsity setting fails here, before any compile.
   abstract_state = jax.eval_shape(init, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
+  monitor = faults.FaultMonitor(
+      faults.leaf_paths(abstract_state.params), call_order,
+      skip_bad_steps=bool(config.get('skip_bad_steps', False)))
 
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   manager = ocp.CheckpointManager(
@@ -535,15 +549,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not pending:
       return {}
     values = jax.device_get([m for _, m in pending])
+    # Raises faults.NonFiniteError (a FloatingPointError) naming the step
+    # and layer, unless skip_bad_steps dropped the step.
+    applied = monitor.check([s for s, _ in pending], values,
+                            manager.latest_step())
+    values = [v for v, ok in zip(values, applied) if ok]
     losses = np.array([v['loss'] for v in values], np.float64)
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-      bad_step = pending[bad[0]][0]
-      raise FloatingPointError(
-          f'Non-finite training loss ({losses[bad[0]]}) at step {bad_step}; '
-          f'stopping. The latest checkpoint (step {manager.latest_step()}) '
-          'predates it: lower optim.learning_rate or set '
-          'optim.grad_clip_norm, then rerun.')
     now = time.perf_counter()
     rate = None
     if interval_start is not None and interval_steps:
@@ -551,9 +562,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       rate = interval_steps / max(elapsed, 1e-9)
       train_time += elapsed
       timed_steps += interval_steps
-    scalars = {'train_loss': float(np.mean(losses)),
-               'train_accuracy': float(np.mean([v['accuracy'] for v in values])),
-               'learning_rate': float(lr_fn(step - 1))}
+    scalars = {
+        'train_loss': float(np.mean(losses)) if values else float('nan'),
+        'train_accuracy': (float(np.mean([v['accuracy'] for v in values]))
+                           if values else float('nan')),
+        'learning_rate': float(lr_fn(step - 1))}
+    if monitor.skip_bad_steps:
+      scalars['skipped_steps'] = monitor.skipped_steps
     if rate is not None:
       scalars['steps_per_sec'] = rate
     eta = (_format_eta((num_train_steps - step) / rate) if rate else '?')
