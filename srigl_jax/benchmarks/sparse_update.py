@@ -155,7 +155,7 @@ def bench_cnn_overhead(repeats: int, sparsity: float, delta: int) -> dict:
       "dense_train_step": lambda: dense_step(params, d_state),
       "srigl_train_step": lambda: sp_step(s_params, s_state),
       "srigl_update_train_step": lambda: sp_step(s_params, u_state),
-  }, repeats * 3)
+  }, repeats * 5)
   amortised = ((delta - 1) * t["srigl_train_step"] + t["srigl_update_train_step"]) / delta
   return {
       "delta": delta,

@@ -404,6 +404,43 @@ def sparse_optimizer(
         layers=layers,
     )
 
+  def new_masks_for(masks, stepped, scores, specs, frac, grow_key):
+    """The mask update of every sparse layer (notes section 4)."""
+    layer_index = {p: i for i, p in enumerate(specs)}
+
+    def layer_update(spec, m, w, s, index):
+      w_keys = select.magnitude_keys(w)
+      if method == "set":
+        g_keys = select.random_keys(jax.random.fold_in(grow_key, index), m.shape)
+      else:
+        g_keys = select.magnitude_keys(s)
+      if method == "srigl":
+        return upd.srigl_update(m, w_keys, g_keys, frac, spec, cfg.gamma_sal).mask
+      return upd.unstructured_update(m, w_keys, g_keys, frac).mask
+
+    by_path = [
+        {layers_lib.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(t)}
+        for t in (masks, stepped, scores)
+    ]
+    new_by_path = {}
+    # Layers of the same geometry and budget (the blocks of a ResNet or a ViT)
+    # share one compiled body under lax.map: compile time then grows with the
+    # number of distinct layer shapes, not the number of layers.
+    for group in _same_geometry_groups(specs):
+      spec = specs[group[0]]
+      stacked = [
+          jnp.stack([upd.to_matrix(t[p], specs[p]) for p in group])
+          for t in by_path
+      ]
+      index = jnp.asarray([layer_index[p] for p in group], jnp.int32)
+      if len(group) == 1:
+        out = layer_update(spec, *(x[0] for x in stacked), index[0])[None]
+      else:
+        out = lax.map(lambda a: layer_update(spec, *a), (*stacked, index))
+      for j, p in enumerate(group):
+        new_by_path[p] = upd.from_matrix(out[j], specs[p])
+    return map_sparse(lambda m, path: new_by_path[path], masks, _paths_tree(masks))
+
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
@@ -413,13 +450,7 @@ def sparse_optimizer(
     specs = state.layers.by_path()
     masks = state.masks
     step = state.count + 1
-    masked_grads = map_sparse(
-        lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), masks, grads,
-        dense_fn=lambda g: g,
-    )
-    inner_updates, inner_state = inner.update(
-        masked_grads, state.inner_state, params, **extra_args
-    )
+
     grad_acc = state.grad_acc
     if cfg.grad_accumulation > 1 and dynamic:
       pos = (step - 1) % cfg.update_every
@@ -434,76 +465,52 @@ def sparse_optimizer(
     else:
       scores = map_sparse(lambda m, g: g, masks, grads)
 
+    def inner_step():
+      masked_grads = map_sparse(
+          lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), masks, grads,
+          dense_fn=lambda g: g,
+      )
+      return inner.update(masked_grads, state.inner_state, params, **extra_args)
+
+    def final_updates(new_masks, inner_updates):
+      # Kept weights take the inner step; pruned and newly grown weights end
+      # at exactly 0 (p + (-p) == 0 in IEEE arithmetic).
+      return map_sparse(
+          lambda new_m, old_m, p, u: jnp.where(new_m & old_m, u, -p).astype(u.dtype),
+          new_masks, masks, params, inner_updates,
+          dense_fn=lambda m, p, u: u,
+      )
+
+    inner_updates, inner_state = inner_step()
     key = state.key
     if dynamic and specs:
       is_update = (step % cfg.update_every == 0) & (step < cfg.stop_step)
-      frac = upd.drop_fraction(step, cfg.drop_fraction, cfg.stop_step)
 
-      layer_index = {p: i for i, p in enumerate(specs)}
-
-      def do_update(key):
+      def compute_masks(key):
+        # Recomputes the inner step from the (already materialised) inputs
+        # rather than taking inner_updates as an operand: an operand would
+        # force the common no-update step to materialise it and break the
+        # fusion of the inner update, the masking and apply_updates.
+        stepped_updates, _ = inner_step()
         key, grow_key = jax.random.split(key)
-        paths = _paths_tree(params)
         # Weights after the inner step, computed exactly as optax.apply_updates
         # does, so the drop score sees the values the kept weights will have.
         stepped = map_sparse(
             lambda m, p, u: jnp.asarray(p + u).astype(p.dtype), masks, params,
-            inner_updates,
+            stepped_updates,
         )
+        frac = upd.drop_fraction(step, cfg.drop_fraction, cfg.stop_step)
+        return new_masks_for(masks, stepped, scores, specs, frac, grow_key), key
 
-        def layer_update(spec, m, w, s, index):
-          w_keys = select.magnitude_keys(w)
-          if method == "set":
-            g_keys = select.random_keys(jax.random.fold_in(grow_key, index), m.shape)
-          else:
-            g_keys = select.magnitude_keys(s)
-          if method == "srigl":
-            return upd.srigl_update(m, w_keys, g_keys, frac, spec, cfg.gamma_sal).mask
-          return upd.unstructured_update(m, w_keys, g_keys, frac).mask
-
-        by_path = [
-            {layers_lib.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(t)}
-            for t in (masks, stepped, scores)
-        ]
-        new_by_path = {}
-        # Layers of the same geometry and budget (the blocks of a ResNet or a
-        # ViT) share one compiled body under lax.map: compile time then grows
-        # with the number of distinct layer shapes, not the number of layers.
-        for group in _same_geometry_groups(specs):
-          spec = specs[group[0]]
-          stacked = [
-              jnp.stack([upd.to_matrix(t[p], specs[p]) for p in group])
-              for t in by_path
-          ]
-          index = jnp.asarray([layer_index[p] for p in group], jnp.int32)
-          if len(group) == 1:
-            out = layer_update(spec, *(x[0] for x in stacked), index[0])[None]
-          else:
-            out = lax.map(lambda a: layer_update(spec, *a), (*stacked, index))
-          for j, p in enumerate(group):
-            new_by_path[p] = upd.from_matrix(out[j], specs[p])
-        return map_sparse(lambda m, path: new_by_path[path], masks, paths), key
-
-      # Only the masks pass through the cond: the moment reset below is a
-      # plain elementwise select that XLA fuses into the inner optimizer's own
-      # update, instead of copying the whole optimizer state through a branch.
       new_masks, key = lax.cond(
-          is_update, do_update, lambda key: (masks, key), key
+          is_update, compute_masks, lambda key: (masks, key), key
       )
+      # Elementwise, so XLA fuses the reset into the inner optimizer's update.
       changed = _changed_tree(masks, new_masks, params)
       inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
     else:
       new_masks = masks
-
-    def final_update(new_m, old_m, p, u):
-      # Kept weights take the inner step; pruned and newly grown weights end
-      # at exactly 0 (p + (-p) == 0 in IEEE arithmetic).
-      return jnp.where(new_m & old_m, u, -p).astype(u.dtype)
-
-    updates = map_sparse(
-        final_update, new_masks, masks, params, inner_updates,
-        dense_fn=lambda m, p, u: u,
-    )
+    updates = final_updates(new_masks, inner_updates)
     return updates, SparseState(
         count=state.count + 1,
         masks=new_masks,
