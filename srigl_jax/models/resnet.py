@@ -28,6 +28,16 @@ def _pad(kernel_size: int):
   return ((p, p), (p, p))
 
 
+def _conv_and_norm(dtype: Any, train: bool):
+  """The bias-free conv and the BatchNorm shared by both block types."""
+  conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
+  norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+      dtype=dtype)
+  return conv, norm
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs with a residual connection (ResNet-18/34).
 
@@ -45,11 +55,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     residual = x
     y = conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3),
              name='conv1')(x)
@@ -80,11 +86,7 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
-    norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype)
+    conv, norm = _conv_and_norm(self.dtype, train)
     residual = x
     y = conv(self.features, (1, 1), padding='VALID', name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
