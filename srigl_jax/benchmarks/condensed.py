@@ -60,30 +60,38 @@ def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
 
 
 def build_impls(impls, kernel, mask, bias, dtype):
-  """Jitted ``f(x) -> y`` per impl, closing over device-resident weights."""
+  """``f(x) -> y`` per impl.
+
+  Weights are passed to the jitted function as arguments, as a served model's
+  params are, rather than baked into the program as constants (which changes
+  how XLA and the FFI call treat them).
+  """
   w = jnp.asarray(np.where(mask, kernel, 0), dtype)
   b = jnp.asarray(bias, dtype)
   layer = C.condense_dense(np.where(mask, kernel, 0).astype(dtype), mask, bias.astype(dtype))
   fns: dict[str, Callable] = {}
+
+  def bind(fn, *weights):
+    jitted = jax.jit(fn)
+    return lambda x: jitted(x, *weights)
+
   for impl in impls:
     if impl == "dense":
-      fns[impl] = jax.jit(lambda x, w=w, b=b: x @ w + b)
+      fns[impl] = bind(lambda x, w, b: x @ w + b, w, b)
     elif impl == "bcsr":
       m = sparse.BCSR.fromdense(w.T)  # (out, in): rows are neurons
-      fns[impl] = jax.jit(lambda x, m=m, b=b: (m @ x.T).T + b)
+      fns[impl] = bind(lambda x, m, b: (m @ x.T).T + b, m, b)
     elif impl == "structured":
       s = C.structured_from_mask(np.asarray(w), mask, bias)
-      wa, ids = s.kernel, s.neuron_ids
-      sl = layer
-      fns[impl] = jax.jit(
-          lambda x, wa=wa, ids=ids, b=b, sl=sl: scatter_to_outputs(
-              x @ wa + b[ids], sl))
+      fns[impl] = bind(
+          lambda x, wa, ids, b, sl: scatter_to_outputs(x @ wa + b[ids], sl),
+          s.kernel, s.neuron_ids, b, layer)
     elif impl == "condensed_xla":
-      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_xla(x, l))
+      fns[impl] = bind(C.condensed_matmul_xla, layer)
     elif impl == "condensed_native":
-      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_native(x, l))
+      fns[impl] = bind(C.condensed_matmul_native, layer)
     elif impl == "condensed_pallas":
-      fns[impl] = jax.jit(lambda x, l=layer: C.condensed_matmul_pallas(x, l))
+      fns[impl] = bind(C.condensed_matmul_pallas, layer)
   return fns, layer
 
 
@@ -141,9 +149,11 @@ def model_latency(args, rng, dtype, device):
       masks[name] = {"kernel": mask, "bias": None}
     masked = {n: {"kernel": p["kernel"] * masks[n]["kernel"], "bias": p["bias"]} for n, p in params.items()}
     inference = C.convert_model(params, masks, fold=C.sequential_fold_pairs(params, masks, nn.gelu))
+    dense_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    cond_fn = jax.jit(lambda p, x: C.condensed_apply(model, p, x))
     fns = {
-        "model_dense": jax.jit(lambda x: model.apply({"params": masked}, x)),
-        "model_condensed": jax.jit(lambda x: C.condensed_apply(model, inference, x)),
+        "model_dense": lambda x: dense_fn(masked, x),
+        "model_condensed": lambda x: cond_fn(inference, x),
     }
     for batch in (1, 256):
       x = jnp.asarray(rng.standard_normal((batch, args.out_features)), dtype)
