@@ -267,7 +267,10 @@ def input_geometry(input_config) -> tuple[tuple[int, int, int], int]:
   """(H, W, C) and number of classes of a dataset, without reading it."""
   spec = data_pipeline._spec(input_config.name)  # pylint: disable=protected-access
   if spec.kind == 'synthetic':
-    return tuple(input_config.image_shape), int(input_config.num_classes)
+    # A config switched to synthetic data on the command line (e.g. a CIFAR
+    # config) may lack these fields; the data pipeline fills its defaults.
+    resolved = data_lib.resolve_input_config(input_config)
+    return tuple(resolved.image_shape), int(resolved.num_classes)
   if spec.image_shape is None:
     side = int(input_config.image_size)
     return (side, side, 3), spec.num_classes

@@ -423,6 +423,22 @@ def test_preflight_names_the_field_and_the_fix(name, tmp_path):
     checks.preflight(small_config(**overrides), str(tmp_path), n_devices=1)
 
 
+def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
+  # The speed command in configs/cifar10_resnet18.py: the CIFAR input group has
+  # no image_shape/num_classes, which the synthetic dataset fills by default.
+  path = os.path.join(os.path.dirname(CONFIG_FILE), 'cifar10_resnet18.py')
+  spec = importlib.util.spec_from_file_location('r18', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.input.name = 'synthetic'
+  config.input.num_train_examples = 512
+  config.input.num_eval_examples = 128
+  config.eval_batch_size = 128
+  assert checks.input_geometry(config.input) == ((32, 32, 3), 10)
+  checks.preflight(config, str(tmp_path), 1)
+
+
 def test_max_global_sparsity_is_the_limit():
   config = small_config()
   params = checks.abstract_params(config)
