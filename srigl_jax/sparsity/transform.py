@@ -39,7 +39,6 @@ class SparseLayers:
   """Static (non-array) description of the sparse layers, kept in the state."""
 
   specs: tuple[LayerSpec, ...]
-  method: str
 
   def by_path(self) -> dict[str, LayerSpec]:
     return {s.path: s for s in self.specs}
@@ -369,7 +368,7 @@ def sparse_optimizer(
         fan_in_axes=cfg.fan_in_axes,
         constant_fan_in=method == "srigl",
     )
-    return SparseLayers(tuple(specs.values()), method)
+    return SparseLayers(tuple(specs.values()))
 
   def init_fn(params):
     layers = specs_for(params)
@@ -415,8 +414,8 @@ def sparse_optimizer(
       else:
         g_keys = select.magnitude_keys(s)
       if method == "srigl":
-        return upd.srigl_update(m, w_keys, g_keys, frac, spec, cfg.gamma_sal).mask
-      return upd.unstructured_update(m, w_keys, g_keys, frac).mask
+        return upd.srigl_update(m, w_keys, g_keys, frac, spec, cfg.gamma_sal)
+      return upd.unstructured_update(m, w_keys, g_keys, frac)
 
     by_path = [
         {layers_lib.path_str(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(t)}

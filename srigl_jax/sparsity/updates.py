@@ -10,8 +10,6 @@ selection in `select`.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,14 +34,6 @@ def from_matrix(m: jax.Array, spec: LayerSpec) -> jax.Array:
   return x
 
 
-class LayerUpdate(NamedTuple):
-  """Result of a mask update on one layer (matrix form)."""
-
-  mask: jax.Array  # bool (D, N)
-  fan_in: jax.Array  # int32, the constant fan-in k' (max fan-in for RigL/SET)
-  active_neurons: jax.Array  # int32
-
-
 def drop_fraction(step: jax.Array, alpha: float, stop_step: int) -> jax.Array:
   """Cosine-annealed drop fraction f_t = alpha / 2 * (1 + cos(pi t / T_end))."""
   t = jnp.asarray(step, jnp.float32)
@@ -58,7 +48,7 @@ def _prune_counts(mask: jax.Array, frac: jax.Array):
 
 def unstructured_update(
     mask: jax.Array, w_keys: jax.Array, g_keys: jax.Array, frac: jax.Array
-) -> LayerUpdate:
+) -> jax.Array:
   """RigL (gradient g_keys) or SET (random g_keys) on one layer.
 
   Drops the layer-wise n_prune smallest active weights by |W| and grows the
@@ -67,9 +57,7 @@ def unstructured_update(
   _, n_prune, n_keep = _prune_counts(mask, frac)
   keep = select.top_n(jnp.where(mask, w_keys, 0), n_keep)
   grow = select.top_n(jnp.where(keep, 0, g_keys), n_prune)
-  new = keep | grow
-  per_neuron = jnp.sum(new, axis=0, dtype=jnp.int32)
-  return LayerUpdate(new, jnp.max(per_neuron), jnp.sum(per_neuron > 0, dtype=jnp.int32))
+  return keep | grow
 
 
 def ablation_threshold(spec: LayerSpec, gamma_sal: float) -> int:
@@ -108,7 +96,7 @@ def srigl_update(
     frac: jax.Array,
     spec: LayerSpec,
     gamma_sal: float,
-) -> LayerUpdate:
+) -> jax.Array:
   """One SRigL mask update of one layer (notes section 4, steps 1-7).
 
   Args:
@@ -120,7 +108,7 @@ def srigl_update(
     gamma_sal: ablation threshold fraction; 0 disables ablation.
 
   Returns:
-    The new mask with constant fan-in k' over the active neurons.
+    The new bool (D, N) mask, with constant fan-in k' over the active neurons.
   """
   n_neurons = spec.num_neurons
   _, n_prune, n_keep = _prune_counts(mask, frac)
@@ -156,7 +144,7 @@ def srigl_update(
   # Step 7: top up every active neuron to exactly k' by the grow score.
   need = jnp.where(alive, k_new - jnp.sum(keep, axis=0, dtype=jnp.int32), 0)
   grow = select.top_n_per_column(jnp.where(keep, 0, g_keys), need)
-  return LayerUpdate(keep | grow, k_new, jnp.sum(alive, dtype=jnp.int32))
+  return keep | grow
 
 
 def random_constant_fan_in_mask(key: jax.Array, spec: LayerSpec) -> jax.Array:
