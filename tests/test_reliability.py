@@ -46,11 +46,6 @@ CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist.py')
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
 SEED = int(os.environ.get('SRIGL_RELIABILITY_SEED', str(random.randrange(10**6))))
-HOOKED = 'checks.preflight' in open(os.path.join(REPO, 'srigl_jax', 'train.py'),
-                                    encoding='utf-8').read()
-needs_preflight_hook = pytest.mark.skipif(
-    not HOOKED, reason='train.py does not call checks.preflight yet (see the '
-    'reliability hooks diff in issue 6)')
 
 LONG = os.environ.get('SRIGL_LONG_TESTS') == '1'
 TINY = {
@@ -463,7 +458,6 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
         **{'model.kwargs.hidden_sizes': (64, 64)}))
 
 
-@needs_preflight_hook
 def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   workdir = str(tmp_path)
   # What a run at sparsity 0.8 leaves: its fingerprint and a checkpoint.
@@ -475,7 +469,6 @@ def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   assert not _trainer_compiled(compile_log)
 
 
-@needs_preflight_hook
 def test_trainer_refuses_an_unknown_key(tmp_path, compile_log):
   config = small_config()
   config.sparsity.gama_sal = 0.5
@@ -605,29 +598,8 @@ def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
       {'step': 3, 'train_loss': 2.1}]
 
 
-def _with_a_bad_batch(monkeypatch, bad_steps):
-  """Makes the dataset's batches of `bad_steps` (1-based) all NaN."""
-  create = train.data_lib.create_dataset
-
-  def create_with_bad_batches(*args, **kwargs):
-    dataset = create(*args, **kwargs)
-    good = dataset.train_batch
-
-    def train_batch(step):
-      batch = good(step)
-      if step + 1 in bad_steps:
-        batch['image'] = np.full_like(batch['image'], np.nan)
-      return batch
-
-    dataset.train_batch = train_batch
-    return dataset
-
-  monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_bad_batches)
-
-
-@needs_preflight_hook
-def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, monkeypatch):
-  _with_a_bad_batch(monkeypatch, {7})
+def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, nan_batches):
+  nan_batches({7})
   config = small_config(num_train_steps=20, checkpoint_every=5, eval_every=0)
   with pytest.raises(faults.NonFiniteError,
                      match=r"at step 7; first non-finite gradient in layer "
@@ -638,9 +610,8 @@ def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, monkeypatch):
   assert finished_steps(str(tmp_path)) == [5]
 
 
-@needs_preflight_hook
-def test_trainer_skip_bad_steps_finishes_the_run(tmp_path, monkeypatch):
-  _with_a_bad_batch(monkeypatch, {7, 12})
+def test_trainer_skip_bad_steps_finishes_the_run(tmp_path, nan_batches):
+  nan_batches({7, 12})
   config = small_config(num_train_steps=20, checkpoint_every=10, eval_every=0,
                         skip_bad_steps=True)
   state = train.train_and_evaluate(config, str(tmp_path))

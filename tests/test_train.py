@@ -345,23 +345,8 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
   assert comparable(records(workdir)) == comparable(records(workdir_full))
 
 
-def test_non_finite_loss_stops_with_the_step(tmp_path, monkeypatch):
-  create = train.data_lib.create_dataset
-
-  def create_with_a_bad_batch(*args, **kwargs):
-    dataset = create(*args, **kwargs)
-    good = dataset.train_batch
-
-    def train_batch(step):
-      batch = good(step)
-      if step == 6:  # The batch of step 7.
-        batch['image'] = np.full_like(batch['image'], np.nan)
-      return batch
-
-    dataset.train_batch = train_batch
-    return dataset
-
-  monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_a_bad_batch)
+def test_non_finite_loss_stops_with_the_step(tmp_path, nan_batches):
+  nan_batches({7})
   with pytest.raises(FloatingPointError,
                      match=r'Non-finite training loss \(nan\) at step 7;'):
     train.train_and_evaluate(small_config(), str(tmp_path))
