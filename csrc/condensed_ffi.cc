@@ -81,7 +81,7 @@ float* TileScratch(int64_t floats) {
 
 // Below this many multiply-adds per item, waking a helper costs more than it
 // saves.
-constexpr int64_t kMinItemWork = 24 * 1024;
+constexpr int64_t kMinItemWork = 16 * 1024;
 
 struct Job {
   Problem p;
@@ -138,9 +138,12 @@ void Plan(Job& job, int64_t threads) {
   if (p.batch == 1) {
     job.tile = 0;
     const int64_t by_work = std::max<int64_t>(1, work / kMinItemWork);
-    // A few items per thread even out chunks that land on a busy core.
-    job.chunks = std::max<int64_t>(
-        1, std::min({by_work, threads * 4, std::max<int64_t>(1, p.n_active)}));
+    // A few items per thread even out chunks that land on a busy core; a
+    // multiple of the thread count keeps an idle core from waiting on a
+    // straggler (3 chunks on 2 threads would leave one thread 2/3 of the work).
+    int64_t chunks = std::min(by_work, threads * 4);
+    if (chunks > 1) chunks = (chunks + threads - 1) / threads * threads;
+    job.chunks = std::max<int64_t>(1, std::min(chunks, p.n_active));
     job.tiles = 1;
   } else {
     job.tile = p.batch <= 16 ? 16 : (p.batch <= 32 ? 32 : 64);

@@ -31,7 +31,8 @@ def masked_dense(x, kernel, mask, bias):
 
 
 # (in, out, k, n_active, batch): fan-in 1, one active neuron, everything
-# ablated, int32 indices (in > 32767), odd batches crossing tile edges.
+# ablated, int32 indices (in > 32767), odd batches crossing tile edges, and a
+# batch-1 layer big enough that the native kernel splits it over threads.
 SHAPES = [
     (37, 11, 5, 7, 1),
     (37, 11, 1, 11, 3),
@@ -39,6 +40,7 @@ SHAPES = [
     (50, 6, 3, 0, 2),
     (40_000, 5, 3, 4, 33),
     (300, 70, 29, 61, 65),
+    (2000, 300, 300, 277, 1),
 ]
 
 
@@ -126,8 +128,11 @@ def test_condense_structure_and_compiles_once():
   f = jax.jit(C.condensed_matmul_xla)
   x = jnp.ones((2, 20))
   f(x, layer)
+  # Counted as a difference: wrappers of one function share a cache, which
+  # other tests (the benchmark's) may already have filled.
+  compiled = f._cache_size()
   f(x + 1, layer)
-  assert f._cache_size() == 1
+  assert f._cache_size() == compiled
 
 
 def test_condense_tree_conv_and_errors():

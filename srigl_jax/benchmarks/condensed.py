@@ -4,7 +4,12 @@ Reproduces the setup of the SRigL paper's inference benchmark: the ViT-B/16
 MLP layer 3072 -> 768 (weight 768 x 3072), fp32, constant fan-in sparsity
 0.8/0.9/0.95/0.99 with part of the neurons ablated, batch 1..2048, median
 wall time. All impls of one (sparsity, batch) point are timed round-robin in
-the same process so that background load hits them alike.
+the same process so that background load hits them alike; besides the ratio
+of medians, the table gives the "paired" ratio (the median over repeats of the
+two calls' ratio within one repeat), which drifting load disturbs least.
+JAX's asynchronous CPU dispatch is turned off (``--async-dispatch`` keeps
+it): the benchmark waits for every call anyway, and the hand-off to a worker
+thread adds the same constant to every impl.
 
     python -m srigl_jax.benchmarks.condensed --json out.json --plot out.png
 
@@ -96,7 +101,11 @@ def build_impls(impls, kernel, mask, bias, dtype):
 
 
 def time_round_robin(fns, x, repeats, budget_s):
-  """Median microseconds per impl, interleaving the impls each repeat."""
+  """Per impl: (median microseconds, repeats, all times in seconds).
+
+  The impls are interleaved in every repeat, so load that comes and goes hits
+  them alike, and `paired_ratio` can compare the calls of one repeat.
+  """
   for f in fns.values():
     jax.block_until_ready(f(x))
     jax.block_until_ready(f(x))
@@ -109,7 +118,13 @@ def time_round_robin(fns, x, repeats, budget_s):
       times[name].append(time.perf_counter() - t0)
     if r >= 2 and time.perf_counter() - start > budget_s:
       break
-  return {name: (float(np.median(t)) * 1e6, len(t)) for name, t in times.items()}
+  return {name: (float(np.median(t)) * 1e6, len(t), t) for name, t in times.items()}
+
+
+def paired_ratio(res, ref, impl):
+  """Median over repeats of ref's time / impl's time within the same repeat."""
+  a, b = np.asarray(res[ref][2]), np.asarray(res[impl][2])
+  return float(np.median(a / b))
 
 
 def available_impls(requested):
@@ -158,12 +173,15 @@ def model_latency(args, rng, dtype, device):
     for batch in (1, 256):
       x = jnp.asarray(rng.standard_normal((batch, args.out_features)), dtype)
       res = time_round_robin(fns, x, args.repeats, args.budget)
-      for impl, (us, n) in res.items():
+      paired = paired_ratio(res, "model_dense", "model_condensed")
+      for impl, (us, n, _) in res.items():
         records.append(dict(impl=impl, sparsity=s, batch=batch, median_us=us, repeats=n,
-                            device=device, dtype=args.dtype))
+                            device=device, dtype=args.dtype,
+                            x_vs_dense_paired=paired if impl == "model_condensed" else 1.0))
       d, c = res["model_dense"][0], res["model_condensed"][0]
       print(f"model MLP block {args.out_features}->{args.in_features}->{args.out_features} "
-            f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us ({d / c:.2f}x)")
+            f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us "
+            f"({d / c:.2f}x, paired {paired:.2f}x)")
   return records
 
 
@@ -171,7 +189,8 @@ def print_table(records, impls):
   keys = sorted({(r["sparsity"], r["batch"]) for r in records if r["impl"] in impls})
   cond = [i for i in impls if i.startswith("condensed")]
   head = f"{'sparsity':>8} {'batch':>6} " + " ".join(f"{i:>16}" for i in impls)
-  head += f" {'best_condensed':>16} {'x_vs_dense':>10} {'x_vs_bcsr':>10} {'x_vs_struct':>11}"
+  head += (f" {'best_condensed':>16} {'x_vs_dense':>10} {'x_vs_bcsr':>10} {'x_vs_struct':>11}"
+           f" {'paired_dense':>12} {'paired_bcsr':>11}")
   print(head)
   for s, b in keys:
     t = {r["impl"]: r["median_us"] for r in records if r["sparsity"] == s and r["batch"] == b}
@@ -179,7 +198,10 @@ def print_table(records, impls):
     best = min((i for i in cond if i in t), key=t.get, default=None)
     if best:
       ratio = lambda ref: f"{t[ref] / t[best]:.2f}" if ref in t else "-"
-      row += f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
+      rec = next(r for r in records if r["impl"] == best and r["sparsity"] == s and r["batch"] == b)
+      pr = lambda ref: f"{rec[f'x_vs_{ref}_paired']:.2f}" if f"x_vs_{ref}_paired" in rec else "-"
+      row += (f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
+              f" {pr('dense'):>12} {pr('bcsr'):>11}")
     print(row)
 
 
@@ -225,6 +247,10 @@ def main(argv=None) -> int:
                  help=f"fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION})")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--model", action="store_true", help="also time a whole ViT MLP block")
+  p.add_argument("--async-dispatch", action="store_true",
+                 help="keep JAX's asynchronous CPU dispatch (off by default: a latency "
+                      "benchmark waits for every call, and the hand-off to a worker "
+                      "thread only adds to every impl's time)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write the records to this JSON file")
   p.add_argument("--plot", help="write a PNG of grouped bars per batch size")
@@ -233,6 +259,16 @@ def main(argv=None) -> int:
   if unknown:
     p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS}")
 
+  # Restored afterwards: main() may be called from a program with its own setting.
+  saved = jax.config.values["jax_cpu_enable_async_dispatch"]
+  jax.config.update("jax_cpu_enable_async_dispatch", args.async_dispatch)
+  try:
+    return _run(args)
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", saved)
+
+
+def _run(args) -> int:
   dtype = jnp.dtype(args.dtype)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
@@ -240,7 +276,8 @@ def main(argv=None) -> int:
   for impl, why in skipped:
     print(f"skipping {impl}: {why}", file=sys.stderr)
   extra = f" native={C.native_isas().get('auto', '-')}" if "condensed_native" in impls else ""
-  print(f"device {device}{extra}, {args.in_features}->{args.out_features} {args.dtype}")
+  print(f"device {device}{extra}, {args.in_features}->{args.out_features} {args.dtype}, "
+        f"{'async' if args.async_dispatch else 'sync'} dispatch")
   rng = np.random.default_rng(args.seed)
   records = []
   for s in args.sparsities:
@@ -249,11 +286,15 @@ def main(argv=None) -> int:
     fns, layer = build_impls(impls, kernel, mask, bias, dtype)
     for batch in args.batch_sizes:
       x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
-      for name, (us, n) in time_round_robin(fns, x, args.repeats, args.budget).items():
-        records.append(dict(impl=name, sparsity=s, batch=batch, median_us=us, repeats=n,
+      res = time_round_robin(fns, x, args.repeats, args.budget)
+      for name, (us, n, _) in res.items():
+        paired = {f"x_vs_{ref}_paired": paired_ratio(res, ref, name)
+                  for ref in ("dense", "bcsr") if ref in res}
+        records.append(dict(impl=name, sparsity=s, batch=batch, median_us=us, repeats=n, **paired,
                             device=device, dtype=args.dtype, in_features=args.in_features,
                             out_features=args.out_features, n_active=layer.n_active,
-                            fan_in=layer.fan_in, ablation=abl))
+                            fan_in=layer.fan_in, ablation=abl,
+                            dispatch="async" if args.async_dispatch else "sync"))
       print(f"  done sparsity {s} batch {batch}", file=sys.stderr, flush=True)
   print_table(records, impls)
   if args.model:
