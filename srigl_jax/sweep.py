@@ -543,7 +543,8 @@ def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
 
 
 def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
-  """One row per run directory, finished or not."""
+  """One row per run directory (relative to the CSV's folder), finished or not."""
+  base = os.path.dirname(os.path.abspath(path))
   with open(path, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(['config', 'method', 'sparsity', 'seed', 'finished',
@@ -552,7 +553,7 @@ def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
       w.writerow([r['config'], r['method'], _num(r['sparsity']), r['seed'],
                   int(r['finished']), _num(r.get('accuracy')),
                   _num(r.get('global_sparsity')), _num(r.get('steps_per_sec')),
-                  r['workdir']])
+                  os.path.relpath(r['workdir'], base)])
 
 
 def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:

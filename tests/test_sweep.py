@@ -198,7 +198,12 @@ def test_markdown_csv_and_plots(tmp_path):
   one = next(r for r in rows if r['method'].startswith('srigl'))
   assert one['accuracy_std'] == ''
   with open(os.path.join(out, 'runs.csv'), newline='') as f:
-    assert len(list(csv.DictReader(f))) == 7
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 7
+  # Relative to the sweep folder, so a committed sweep reads the same anywhere.
+  for r in runs:
+    assert not os.path.isabs(r['workdir'])
+    assert os.path.isdir(os.path.join(out, r['workdir']))
   for name in ('accuracy_cfg.png', 'active_neurons_cfg.png'):
     path = os.path.join(out, name)
     with open(path, 'rb') as f:
