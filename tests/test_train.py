@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import struct
 import subprocess
 import sys
@@ -418,3 +419,12 @@ def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
         assert a[key] == b[key], key  # masks and counts: exactly equal
       else:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+
+
+def test_keep_freed_memory_on_glibc(monkeypatch):
+  from srigl_jax import main as main_lib
+  monkeypatch.setenv('SRIGL_JAX_SYSTEM_MALLOC', '1')
+  assert not main_lib.keep_freed_memory()  # Opted out: glibc defaults stay.
+  monkeypatch.delenv('SRIGL_JAX_SYSTEM_MALLOC')
+  glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
+  assert main_lib.keep_freed_memory() == glibc
