@@ -306,6 +306,19 @@ def _layer_name(path: str) -> str:
   return path.removesuffix('/kernel')
 
 
+def _layer_names(per_run: Any) -> list[str]:
+  """Layer names of several runs' active-neuron dicts, in model order.
+
+  A layer that ERK keeps dense at low sparsity is missing from those runs, so
+  the names come from the runs with the most layers first (their dicts are in
+  model order) rather than from the first run seen.
+  """
+  names: list[str] = []
+  for pct in sorted(per_run, key=len, reverse=True):
+    names += [l for l in pct if l not in names]
+  return names
+
+
 def read_run(workdir: str) -> dict[str, Any] | None:
   """The results of one finished run, or None if it has no summary.json.
 
@@ -423,9 +436,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rs = sorted(rs, key=lambda r: r['seed'])
     accs = [r['accuracy'] for r in rs]
     mean, std = mean_std(accs)
-    layers: list[str] = []
-    for r in rs:
-      layers += [l for l in r['active_pct'] if l not in layers]
+    layers = _layer_names(r['active_pct'] for r in rs)
     active, active_std = {}, {}
     for layer in layers:
       vals = [r['active_pct'][layer] for r in rs if layer in r['active_pct']]
@@ -496,9 +507,7 @@ def results_markdown(groups: Sequence[dict[str, Any]],
       lines.append('')
     ng = [g for g in cg if g['method'] != 'dense' and g['active_pct']]
     if ng:
-      layers: list[str] = []
-      for g in ng:
-        layers += [l for l in g['active_pct'] if l not in layers]
+      layers = _layer_names(g['active_pct'] for g in ng)
       lines += ['Active neurons at the end (% of each layer, mean over seeds; '
                 'a neuron without weights is inactive):', '']
       lines.append('| method | sparsity | ' + ' | '.join(layers) + ' |')
@@ -525,9 +534,7 @@ def _num(x: Any) -> str:
 
 def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
   """One row per config x method x sparsity; one column per layer's active %."""
-  layers: list[str] = []
-  for g in groups:
-    layers += [l for l in g['active_pct'] if l not in layers]
+  layers = _layer_names(g['active_pct'] for g in groups)
   header = (['config', 'method', 'sparsity', 'n_seeds', 'seeds',
              'accuracy_mean', 'accuracy_std', 'accuracies', 'global_sparsity',
              'steps_per_sec'] + [f'active_pct/{l}' for l in layers])
@@ -614,9 +621,7 @@ def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
     for ax, m in zip(axes[0], nmethods):
       mg = sorted((g for g in cg if g['method'] == m),
                   key=lambda g: g['sparsity'])
-      layers: list[str] = []
-      for g in mg:
-        layers += [l for l in g['active_pct'] if l not in layers]
+      layers = _layer_names(g['active_pct'] for g in mg)
       for layer in layers:
         pts = [g for g in mg if layer in g['active_pct']]
         ax.errorbar([xpos[g['sparsity']] for g in pts],

@@ -248,3 +248,10 @@ def test_real_sweep_of_two_runs(tmp_path):
   runs = sweep.expand_grid(['configs/fashion_mnist.py:model=mlp'],
                            ['dense', 'srigl'], [0.9], [0], out, [tiny])
   assert len(runs) == 2 and all(r.finished for r in runs)
+
+
+def test_layer_columns_follow_the_model_when_low_sparsity_keeps_a_layer_dense():
+  # At 80% ERK keeps conv_0 dense, so those runs list only conv_1 and dense_0.
+  low = {'conv_1': 100.0, 'dense_0': 100.0}
+  high = {'conv_0': 75.0, 'conv_1': 80.0, 'dense_0': 100.0, 'head': 100.0}
+  assert sweep._layer_names([low, high]) == ['conv_0', 'conv_1', 'dense_0', 'head']
