@@ -29,6 +29,8 @@ reduction order.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import re
@@ -409,6 +411,43 @@ def _write_config(config, workdir):
 # -------------------------------------------------------------------- main
 
 
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+  """Makes glibc keep freed memory for reuse instead of handing it back.
+
+  XLA:CPU allocates the temporaries of a compiled step afresh on every call.
+  Above glibc's mmap threshold (at most 32 MiB) each such allocation is a new
+  mapping whose pages fault in again on every step. The SRigL step of the
+  Fashion-MNIST MLP (44 MiB of temporaries, most of them for the mask update
+  that runs once per `update_every` steps) took 10.3 ms against RigL's 6.1 ms
+  (30 MiB) for that reason alone, and 6.6 ms with this setting. Serving every
+  allocation from the heap and not trimming it keeps the pages mapped; the
+  process then holds on to its peak memory, which a training job does anyway.
+
+  `train_and_evaluate` calls it on CPU backends; a trainer of your own on a
+  CPU host can call it once at start. Set SRIGL_JAX_SYSTEM_MALLOC=1 to keep
+  glibc's defaults.
+
+  Returns:
+    Whether the setting took (False off glibc, or when opted out).
+  """
+  if os.environ.get('SRIGL_JAX_SYSTEM_MALLOC') == '1':
+    return False
+  name = ctypes.util.find_library('c')
+  try:
+    libc = ctypes.CDLL(name) if name else None
+  except OSError:
+    libc = None
+  if libc is None or not hasattr(libc, 'mallopt'):
+    return False
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+      libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> TrainState:
   """Trains and evaluates a (sparse) model, resuming from `workdir` if possible.
@@ -433,6 +472,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_main = jax.process_index() == 0
   if is_main:
     os.makedirs(workdir, exist_ok=True)
+  if jax.default_backend() == 'cpu' and keep_freed_memory():
+    logging.info('glibc malloc: freed memory kept for reuse '
+                 '(SRIGL_JAX_SYSTEM_MALLOC=1 turns this off).')
 
   mesh = create_mesh(config)
   n_devices = mesh.devices.size

@@ -422,9 +422,8 @@ def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
 
 
 def test_keep_freed_memory_on_glibc(monkeypatch):
-  from srigl_jax import main as main_lib
   monkeypatch.setenv('SRIGL_JAX_SYSTEM_MALLOC', '1')
-  assert not main_lib.keep_freed_memory()  # Opted out: glibc defaults stay.
+  assert not train.keep_freed_memory()  # Opted out: glibc defaults stay.
   monkeypatch.delenv('SRIGL_JAX_SYSTEM_MALLOC')
   glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
-  assert main_lib.keep_freed_memory() == glibc
+  assert train.keep_freed_memory() == glibc
