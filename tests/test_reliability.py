@@ -151,20 +151,9 @@ def mask_leaves(tree):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def cache_dir(tmp_path_factory):
-  """A persistent compilation cache, here and in the subprocesses.
-
-  The in-process trainer runs of one config then compile once.
-  """
-  path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], path)
-  jax.config.update(names[1], 0.0)
-  yield path
-  for n, v in old.items():
-    jax.config.update(n, v)
+def cache_dir(compilation_cache):
+  """The compilation cache, here and (given to `launch`) in the subprocesses."""
+  return compilation_cache
 
 
 @pytest.fixture(scope='module')

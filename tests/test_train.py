@@ -84,17 +84,9 @@ def cli_overrides(**extra):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache: reruns of one config compile nothing."""
-  cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], cache_dir)
-  jax.config.update(names[1], 0.0)
-  yield cache_dir
-  for n, v in old.items():
-    jax.config.update(n, v)
+def _compile_once(compilation_cache):
+  """Reruns of one config in this module compile nothing."""
+  return compilation_cache
 
 
 def tensorboard_scalars(workdir):
