@@ -61,8 +61,21 @@ def _kernel(xt_ref, idx_ref, val_ref, out_ref, *, k, block_batch, unroll):
     rows = xt_ref[cols[:, None], batch_ids[None, :]].astype(jnp.float32)
     return acc + rows * vals[:, None]
 
+  # The Triton lowering rejects fori_loop(unroll > 1), so the unrolling is
+  # written out: each loop iteration does `unroll` fan-in steps, and the
+  # k % unroll leftover steps (k is static) follow as straight-line code.
+  unroll = max(1, min(unroll, k))
+  groups = k // unroll
+
+  def unrolled(g, acc):
+    for u in range(unroll):
+      acc = step(g * unroll + u, acc)
+    return acc
+
   acc = jnp.zeros(out_ref.shape, jnp.float32)
-  acc = jax.lax.fori_loop(0, k, step, acc, unroll=min(unroll, max(1, k)))
+  acc = jax.lax.fori_loop(0, groups, unrolled, acc)
+  for kk in range(groups * unroll, k):
+    acc = step(kk, acc)
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
