@@ -28,9 +28,46 @@ def test_condensed_benchmark_writes_json_and_plot(tmp_path, capsys):
     assert r["median_us"] > 0 and r["repeats"] == 3 and r["device"].startswith("cpu")
     assert r["x_vs_dense_paired"] > 0 and r["x_vs_bcsr_paired"] > 0
     assert r["n_active"] * r["fan_in"] <= 0.1 * 96 * 40 + 1e-9
+    # Cold by default: every impl cycles through copies that exceed the cache.
+    assert r["cache"] == "cold" and r["copies"] >= 2 and r["cpu"]
+    nnz = r["n_active"] * r["fan_in"]
+    np.testing.assert_allclose(r["useful_gflop_s"], 2 * nnz * r["batch"] / r["median_us"] * 1e-3)
+    np.testing.assert_allclose(r["bandwidth_gb_s"], r["bytes_moved"] / r["median_us"] * 1e-3)
+    assert (r["native_isa"] is not None) == (r["impl"] == "condensed_native")
   dense = [r for r in records if r["impl"] == "dense"]
   assert all(r["x_vs_dense_paired"] == 1.0 for r in dense)
+  # Dense reads the whole fp32 weight, input and output once at least.
+  assert all(r["bytes_moved"] >= (96 * 40 + 40 + r["batch"] * (96 + 40)) * 4 for r in dense)
   assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
+  out_json = tmp_path / "r.json"
+  isas = [i for i in ("generic", "avx2", "avx512") if i in C.native_isas()]
+  impls = ["dense"] + [f"condensed_native_{i}" for i in isas]
+  rc = bench.main([
+      "--in-features", "64", "--out-features", "24", "--sparsities", "0.9",
+      "--batch-sizes", "2", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
+      "--cache", "warm", "--json", str(out_json)])
+  assert rc == 0
+  records = json.loads(out_json.read_text())
+  assert {r["impl"] for r in records} == set(impls)
+  for r in records:
+    assert r["cache"] == "warm" and r["copies"] == 1
+    if r["impl"] != "dense":
+      assert r["native_isa"] == r["impl"].rsplit("_", 1)[1]
+
+
+def test_cold_cache_copies_exceed_the_cache():
+  rng = np.random.default_rng(0)
+  kernel, mask, bias = bench.make_layer(rng, 64, 32, 0.9, 0.1, np.float32)
+  fns, nbytes, copies, _ = bench.build_impls(
+      ["dense", "condensed_xla"], kernel, mask, bias, np.float32, cache="cold",
+      cache_bytes=100_000)
+  for impl in fns:
+    assert copies[impl] * nbytes[impl] >= 2 * 100_000
+  assert nbytes["dense"] == (64 * 32 + 32) * 4
+  assert bench.llc_bytes() > 0
 
 
 def test_paired_ratio_compares_calls_of_one_repeat():

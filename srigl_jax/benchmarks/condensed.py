@@ -15,8 +15,19 @@ thread adds the same constant to every impl.
 
 Impls: dense (XLA ``x @ W``), bcsr (jax.experimental.sparse), structured
 (ablated neurons removed, dense matmul), condensed_xla, condensed_native
-(CPU), condensed_pallas (GPU). ``--model`` adds whole-model latency of a
-ViT MLP block (dense masked vs converted).
+(CPU; ``condensed_native_avx2`` / ``_avx512`` / ``_generic`` force one
+kernel variant), condensed_pallas (GPU). ``--model`` adds whole-model
+latency of a ViT MLP block (dense masked vs converted).
+
+Cache state (``--cache``): ``cold`` (default) gives every impl enough
+distinct copies of its weights that together they exceed the last-level
+cache, and each call uses the next copy, as inside a real model whose weights
+do not fit in cache; ``warm`` is the paper's setup, one layer timed
+repeatedly, whose weights stay cached when they fit. The input stays the
+same in both (a layer's input was just written by the previous layer). Each
+record carries the effective bandwidth (bytes of weights, indices, input and
+output, each counted once, per second) and the useful FLOP rate
+(2 * nnz * batch per second, the same work for every impl).
 """
 
 from __future__ import annotations
@@ -36,6 +47,11 @@ from srigl_jax import condensed as C
 from srigl_jax.condensed.xla import scatter_to_outputs
 
 ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
+# Native kernel variants forced through the FFI call's isa attribute; opt-in.
+NATIVE_VARIANTS = tuple(f"condensed_native_{isa}" for isa in ("generic", "avx2", "avx512"))
+KNOWN_IMPLS = ALL_IMPLS + NATIVE_VARIANTS
+# Used when the last-level cache size cannot be read.
+DEFAULT_LLC_BYTES = 64 * 2**20
 
 # Fraction of neurons ablated at each sparsity. An assumption standing in for
 # a trained SRigL model (ablation grows with sparsity); override --ablation.
@@ -64,40 +80,112 @@ def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
   return kernel, mask, bias
 
 
-def build_impls(impls, kernel, mask, bias, dtype):
-  """``f(x) -> y`` per impl.
+def llc_bytes() -> int:
+  """Size of the largest CPU cache (sysfs, then lscpu; 64 MiB if neither)."""
+  import glob
+  import re
+  import subprocess
+
+  units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+  def parse(text):
+    m = re.match(r"\s*([\d.]+)\s*([KMG]?)", text.upper())
+    return int(float(m.group(1)) * units[m.group(2)]) if m else 0
+
+  best = 0
+  for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+    try:
+      with open(f"{d}/size") as f:
+        best = max(best, parse(f.read()))
+    except OSError:
+      pass
+  if best:
+    return best
+  try:
+    out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+    for line in out.splitlines():
+      if line.startswith(("L3 cache:", "L2 cache:")):
+        best = max(best, parse(line.split(":", 1)[1]))
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return best or DEFAULT_LLC_BYTES
+
+
+def cpu_model() -> str:
+  """The CPU's model name and its widest vector extension."""
+  name, flags = "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and name == "unknown":
+          name = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "-"
+  return f"{name} ({isa})"
+
+
+def tree_nbytes(tree) -> int:
+  return int(sum(a.nbytes for a in jax.tree.leaves(tree) if hasattr(a, "nbytes")))
+
+
+def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None):
+  """``f(x) -> y`` per impl, and the bytes of weights each impl reads.
 
   Weights are passed to the jitted function as arguments, as a served model's
   params are, rather than baked into the program as constants (which changes
-  how XLA and the FFI call treat them).
+  how XLA and the FFI call treat them). With ``cache='cold'`` each impl holds
+  enough copies of its weights to fill twice ``cache_bytes`` (the LLC), and
+  every call takes the next copy, so no call finds its weights in cache.
+
+  Returns:
+    (fns, weight_bytes, copies, layer).
   """
   w = jnp.asarray(np.where(mask, kernel, 0), dtype)
   b = jnp.asarray(bias, dtype)
   layer = C.condense_dense(np.where(mask, kernel, 0).astype(dtype), mask, bias.astype(dtype))
   fns: dict[str, Callable] = {}
+  weight_bytes: dict[str, int] = {}
+  copies: dict[str, int] = {}
+  budget = 2 * (cache_bytes or llc_bytes())
 
-  def bind(fn, *weights):
+  def bind(name, fn, *weights):
     jitted = jax.jit(fn)
-    return lambda x: jitted(x, *weights)
+    nbytes = tree_nbytes(weights)
+    weight_bytes[name] = nbytes
+    n = 1 if cache == "warm" else int(min(4096, max(2, -(-budget // max(1, nbytes)))))
+    copies[name] = n
+    # Fresh buffers, so that no two copies share memory.
+    sets = [weights] + [jax.tree.map(lambda a: jnp.array(a, copy=True), weights)
+                        for _ in range(n - 1)]
+    if n == 1:
+      return lambda x: jitted(x, *weights)
+    counter = iter(range(2**62))
+    return lambda x: jitted(x, *sets[next(counter) % n])
 
   for impl in impls:
     if impl == "dense":
-      fns[impl] = bind(lambda x, w, b: x @ w + b, w, b)
+      fns[impl] = bind(impl, lambda x, w, b: x @ w + b, w, b)
     elif impl == "bcsr":
       m = sparse.BCSR.fromdense(w.T)  # (out, in): rows are neurons
-      fns[impl] = bind(lambda x, m, b: (m @ x.T).T + b, m, b)
+      fns[impl] = bind(impl, lambda x, m, b: (m @ x.T).T + b, m, b)
     elif impl == "structured":
       s = C.structured_from_mask(np.asarray(w), mask, bias)
-      fns[impl] = bind(
+      fns[impl] = bind(impl,
           lambda x, wa, ids, b, sl: scatter_to_outputs(x @ wa + b[ids], sl),
           s.kernel, s.neuron_ids, b, layer)
     elif impl == "condensed_xla":
-      fns[impl] = bind(C.condensed_matmul_xla, layer)
+      fns[impl] = bind(impl, C.condensed_matmul_xla, layer)
     elif impl == "condensed_native":
-      fns[impl] = bind(C.condensed_matmul_native, layer)
+      fns[impl] = bind(impl, C.condensed_matmul_native, layer)
+    elif impl in NATIVE_VARIANTS:
+      isa = impl.rsplit("_", 1)[1]
+      fns[impl] = bind(impl, lambda x, l, isa=isa: C.condensed_matmul_native(x, l, isa=isa), layer)
     elif impl == "condensed_pallas":
-      fns[impl] = bind(C.condensed_matmul_pallas, layer)
-  return fns, layer
+      fns[impl] = bind(impl, C.condensed_matmul_pallas, layer)
+  return fns, weight_bytes, copies, layer
 
 
 def time_round_robin(fns, x, repeats, budget_s):
@@ -133,6 +221,9 @@ def available_impls(requested):
   for impl in requested:
     if impl == "condensed_native" and (backend != "cpu" or not C.native_available()):
       skipped.append((impl, C.native_error() or f"not on {backend}"))
+    elif impl in NATIVE_VARIANTS and (
+        backend != "cpu" or impl.rsplit("_", 1)[1] not in C.native_isas()):
+      skipped.append((impl, C.native_error() or f"that kernel variant is not available here"))
     elif impl == "condensed_pallas" and backend != "gpu":
       skipped.append((impl, "needs a GPU (interpret mode is not a benchmark)"))
     else:
@@ -251,13 +342,18 @@ def main(argv=None) -> int:
                  help="keep JAX's asynchronous CPU dispatch (off by default: a latency "
                       "benchmark waits for every call, and the hand-off to a worker "
                       "thread only adds to every impl's time)")
+  p.add_argument("--cache", default="cold", choices=["cold", "warm"],
+                 help="cold: cycle through copies of the weights that together exceed the "
+                      "last-level cache; warm: one layer timed repeatedly (the paper's setup)")
+  p.add_argument("--cache-bytes", type=int, default=None,
+                 help="last-level cache size for --cache=cold (default: read from the CPU)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write the records to this JSON file")
   p.add_argument("--plot", help="write a PNG of grouped bars per batch size")
   args = p.parse_args(argv)
-  unknown = set(args.impls) - set(ALL_IMPLS)
+  unknown = set(args.impls) - set(KNOWN_IMPLS)
   if unknown:
-    p.error(f"unknown impls {sorted(unknown)}; choose from {ALL_IMPLS}")
+    p.error(f"unknown impls {sorted(unknown)}; choose from {KNOWN_IMPLS}")
 
   # Restored afterwards: main() may be called from a program with its own setting.
   saved = jax.config.values["jax_cpu_enable_async_dispatch"]
@@ -268,30 +364,50 @@ def main(argv=None) -> int:
     jax.config.update("jax_cpu_enable_async_dispatch", saved)
 
 
+def _native_isa(impl: str) -> str | None:
+  """The native kernel variant an impl runs ('avx512', ...), else None."""
+  if impl == "condensed_native":
+    return C.native_isas().get("auto")
+  if impl in NATIVE_VARIANTS:
+    return C.native_isas().get(impl.rsplit("_", 1)[1])
+  return None
+
+
 def _run(args) -> int:
   dtype = jnp.dtype(args.dtype)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
+  cpu = cpu_model()
+  cache_bytes = args.cache_bytes or llc_bytes()
   impls, skipped = available_impls(args.impls)
   for impl, why in skipped:
     print(f"skipping {impl}: {why}", file=sys.stderr)
   extra = f" native={C.native_isas().get('auto', '-')}" if "condensed_native" in impls else ""
-  print(f"device {device}{extra}, {args.in_features}->{args.out_features} {args.dtype}, "
-        f"{'async' if args.async_dispatch else 'sync'} dispatch")
+  print(f"device {device} ({cpu}){extra}, {args.in_features}->{args.out_features} {args.dtype}, "
+        f"{'async' if args.async_dispatch else 'sync'} dispatch, {args.cache} cache "
+        f"(LLC {cache_bytes / 2**20:.0f} MiB)")
   rng = np.random.default_rng(args.seed)
   records = []
   for s in args.sparsities:
     abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
     kernel, mask, bias = make_layer(rng, args.in_features, args.out_features, s, abl, dtype)
-    fns, layer = build_impls(impls, kernel, mask, bias, dtype)
+    fns, weight_bytes, copies, layer = build_impls(
+        impls, kernel, mask, bias, dtype, cache=args.cache, cache_bytes=cache_bytes)
+    nnz = layer.n_active * layer.fan_in
     for batch in args.batch_sizes:
       x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
+      io_bytes = x.nbytes + batch * args.out_features * dtype.itemsize
       res = time_round_robin(fns, x, args.repeats, args.budget)
       for name, (us, n, _) in res.items():
         paired = {f"x_vs_{ref}_paired": paired_ratio(res, ref, name)
                   for ref in ("dense", "bcsr") if ref in res}
+        moved = weight_bytes[name] + io_bytes
         records.append(dict(impl=name, sparsity=s, batch=batch, median_us=us, repeats=n, **paired,
-                            device=device, dtype=args.dtype, in_features=args.in_features,
+                            device=device, cpu=cpu, native_isa=_native_isa(name),
+                            cache=args.cache, cache_bytes=cache_bytes, copies=copies[name],
+                            bytes_moved=moved, bandwidth_gb_s=moved / us * 1e-3,
+                            useful_gflop_s=2 * nnz * batch / us * 1e-3,
+                            dtype=args.dtype, in_features=args.in_features,
                             out_features=args.out_features, n_active=layer.n_active,
                             fan_in=layer.fan_in, ablation=abl,
                             dispatch="async" if args.async_dispatch else "sync"))
@@ -304,7 +420,8 @@ def _run(args) -> int:
       json.dump(records, f, indent=1)
   if args.plot:
     plot(records, impls, args.plot,
-         f"{args.in_features}->{args.out_features} {args.dtype} on {device}")
+         f"{args.in_features}->{args.out_features} {args.dtype}, {args.cache} cache, "
+         f"on {device} ({cpu})")
   return 0
 
 
