@@ -11,12 +11,16 @@ To add a kernel, append one `pytest.param` to `KERNELS`: a function
 kernel with its default block sizes.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import srigl_jax.condensed as C
+from srigl_jax.condensed.conv_layer import condense_conv
+from srigl_jax.condensed.conv_pallas import condensed_conv_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -37,8 +41,30 @@ def _dense_case(dtype, index_dtype, batch):
   return (lambda x, layer: C.condensed_matmul(x, layer, impl="pallas")), (x, layer)
 
 
+def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
+  """`condensed_conv_pallas` on a 15x15 SAME conv with 21 of 24 channels active."""
+  rng = np.random.default_rng(0)
+  kh, kw = kernel_size
+  cin, cout, n_active = (3 if kh == 7 else 16), 24, 21
+  fan = kh * kw * cin
+  mask = np.zeros((fan, cout), bool)
+  for j in rng.choice(cout, n_active, replace=False):
+    mask[rng.choice(fan, max(1, fan // 10), replace=False), j] = True
+  kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
+  layer = condense_conv(kernel, mask.reshape(kernel.shape),
+                        rng.standard_normal(cout).astype(np.float32),
+                        strides=strides, padding="SAME", index_dtype=index_dtype)
+  layer = layer.replace(values=layer.values.astype(dtype), bias=layer.bias.astype(dtype))
+  x = jnp.asarray(rng.standard_normal((batch, 15, 15, cin)), dtype)
+  return (lambda x, layer: condensed_conv_pallas(x, layer)), (x, layer)
+
+
 KERNELS = [
     pytest.param(_dense_case, id="dense"),
+    pytest.param(functools.partial(_conv_case, (1, 1), (1, 1)), id="conv1x1"),
+    pytest.param(functools.partial(_conv_case, (3, 3), (1, 1)), id="conv3x3s1"),
+    pytest.param(functools.partial(_conv_case, (3, 3), (2, 2)), id="conv3x3s2"),
+    pytest.param(functools.partial(_conv_case, (7, 7), (2, 2)), id="conv7x7s2"),
 ]
 
 
