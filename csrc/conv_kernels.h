@@ -1,0 +1,76 @@
+// Inner kernels of the condensed convolution, compiled once per instruction
+// set (the same scheme as condensed_kernels.h).
+//
+// The convolution works in the plane layout of srigl_jax/condensed/
+// conv_layer.py: the zero-padded NHWC input is split by stride phase into
+// rows of `ld` floats,
+//
+//   planes[((ph * sw + pw) * cin + c) * ld + q]
+//       = x_padded[b, i * sh + ph, j * sw + pw, c],  q = b * hq * wq + i * wq + j
+//
+// and output channel j's grid is y[j, q] = sum_t val[j, t] * planes[src(t) + q]
+// with src(t) = table[taps[j, t]]: every tap is one contiguous run over q.
+// The kernels build those planes themselves from the NHWC input (no im2col
+// and no XLA transpose), one block of grid columns at a time, and write the
+// NHWC output directly.
+#ifndef SRIGL_CONV_KERNELS_H_
+#define SRIGL_CONV_KERNELS_H_
+
+#include <cstdint>
+
+namespace srigl {
+
+struct ConvProblem {
+  const float* x;  // (batch, h, w, cin) NHWC, unpadded
+  int64_t batch, h, w, cin;
+  int64_t kh, kw, sh, sw;
+  int64_t pad_top, pad_left;
+  int64_t oh, ow;  // output size
+  int64_t hq, wq;  // size of one stride-phase sub-image (the output grid)
+  int64_t grid;    // batch * hq * wq
+  int64_t tail;    // furthest tap offset: ((kh - 1) / sh) * wq + (kw - 1) / sw
+  const void* taps;  // (n_active, k) int16 or int32 flat (dy, dx, c) index
+  bool taps16;
+  const float* val;  // (n_active, k)
+  int64_t n_active, k;
+  const int32_t* ids;   // (n_active,) output channel of each row
+  const float* bias;    // (cout,)
+  const int32_t* ablated;  // output channels that only carry their bias
+  int64_t n_ablated;
+  int64_t cout;
+  float* y;  // (batch, oh, ow, cout) NHWC
+};
+
+// One instruction-set variant of the kernels.
+struct ConvKernels {
+  const char* name;
+  // Grid columns computed per register block (vector width x accumulators);
+  // the FFI handler sizes work items in multiples of it.
+  int64_t block;
+  // Writes the planes of grid columns [q0, q1) into dst (rows x ld), column
+  // q at dst[row * ld + q - base]; columns past the grid get zeros, so
+  // vector tails and runs that start near the end read zeros.
+  void (*build_planes)(const ConvProblem& p, int64_t q0, int64_t q1,
+                       int64_t base, float* dst, int64_t ld);
+  // Output channels [j0, j1) at grid columns [q0, q1), reading planes whose
+  // column 0 is grid column `base`; table maps a flat tap to its run's start.
+  // fill_ablated also writes the bias of the ablated channels there.
+  void (*compute)(const ConvProblem& p, const float* planes,
+                  const int32_t* table, int64_t base, int64_t q0, int64_t q1,
+                  int64_t j0, int64_t j1, bool fill_ablated, float* scratch);
+};
+
+// Floats of `scratch` that compute needs.
+constexpr int64_t kConvComputeScratch = 4096;
+
+const ConvKernels& ConvKernelsGeneric();
+#if defined(SRIGL_HAVE_AVX2)
+const ConvKernels& ConvKernelsAvx2();
+#endif
+#if defined(SRIGL_HAVE_AVX512)
+const ConvKernels& ConvKernelsAvx512();
+#endif
+
+}  // namespace srigl
+
+#endif  // SRIGL_CONV_KERNELS_H_

@@ -1,0 +1,111 @@
+"""Tests of the native CPU condensed convolution against the jnp reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srigl_jax.condensed import conv_native
+from srigl_jax.condensed.conv_layer import condense_conv, plane_layout
+from srigl_jax.condensed.conv_xla import condensed_conv_reference
+
+pytestmark = pytest.mark.skipif(
+    not conv_native.conv_native_available(),
+    reason=f"native conv kernel unavailable: {conv_native.conv_native_error()}",
+)
+
+
+def make_conv(rng, kh, kw, cin, cout, k, n_active, bias=True):
+  """Random constant fan-in conv: n_active channels with k taps each."""
+  fan = kh * kw * cin
+  mask = np.zeros((fan, cout), bool)
+  for j in rng.choice(cout, n_active, replace=False):
+    mask[rng.choice(fan, k, replace=False), j] = True
+  kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32) / np.sqrt(k)
+  b = rng.standard_normal(cout).astype(np.float32) if bias else None
+  return kernel, mask.reshape(kh, kw, cin, cout), b
+
+
+def isas():
+  return [isa for isa in ("generic", "avx2", "avx512") if isa in conv_native.conv_native_isas()]
+
+
+# (x shape, (kh, kw), cout, k, n_active, strides, padding, bias, taps dtype)
+CASES = [
+    ((1, 9, 11, 5), (1, 1), 7, 3, 6, (1, 1), "VALID", True, None),  # pointwise
+    ((3, 9, 7, 6), (1, 1), 8, 2, 8, (2, 2), "SAME", False, None),  # strided 1x1
+    ((1, 6, 5, 4), (1, 1), 5, 2, 5, (1, 1), ((1, 0), (0, 2)), True, None),  # padded 1x1
+    ((1, 15, 13, 8), (3, 3), 12, 20, 10, (2, 2), "SAME", True, None),
+    ((3, 17, 19, 3), (7, 7), 16, 15, 14, (2, 2), ((3, 3), (3, 3)), True, None),  # stem
+    ((5, 8, 9, 4), (3, 3), 6, 1, 6, (1, 1), "SAME", True, None),  # k = 1
+    ((1, 7, 7, 16), (3, 3), 9, 30, 1, (1, 1), "SAME", True, None),  # one channel
+    ((2, 6, 7, 5), (3, 2), 4, 7, 3, (1, 2), "VALID", False, jnp.int32),
+    ((1, 10, 9, 3), (3, 3), 5, 6, 5, (2, 1), ((0, 2), (1, 0)), True, jnp.int32),
+    ((3, 5, 5, 2), (5, 5), 3, 11, 2, (1, 1), ((2, 1), (0, 3)), False, None),
+    ((1, 4, 4, 2), (3, 3), 3, 4, 0, (1, 1), "SAME", True, None),  # all ablated
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_native_conv_matches_reference(case):
+  x_shape, ks, cout, k, n_active, strides, padding, bias, dtype = case
+  rng = np.random.default_rng(abs(hash(str(case))) % 2**32)
+  kernel, mask, b = make_conv(rng, *ks, x_shape[-1], cout, k, n_active, bias)
+  layer = condense_conv(kernel, mask, b, strides=strides, padding=padding, index_dtype=dtype)
+  assert layer.taps.dtype == (dtype or jnp.int16)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  want = np.asarray(condensed_conv_reference(x, layer))
+  for isa in ["auto"] + isas():
+    got = conv_native.condensed_conv_native(x, layer, isa=isa)
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=isa)
+
+
+def test_bias_map_and_dtype():
+  rng = np.random.default_rng(1)
+  kernel, mask, b = make_conv(rng, 3, 3, 4, 6, 9, 5)
+  layer = condense_conv(kernel, mask, b, strides=(2, 2), padding="SAME")
+  x = jnp.asarray(rng.standard_normal((3, 9, 8, 4)), jnp.bfloat16)
+  lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
+  bias_map = jnp.asarray(rng.standard_normal((lo.oh, lo.ow, 6)), jnp.float32)
+  layer = layer.replace(bias_map=bias_map, input_hw=(9, 8))
+  got = conv_native.condensed_conv_native(x, layer)
+  assert got.dtype == jnp.float32  # promoted with the float32 values
+  np.testing.assert_allclose(
+      got, condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="per-position bias"):
+    conv_native.condensed_conv_native(x[:, :7], layer)
+
+
+@pytest.mark.parametrize("batch,hw,cin,threads", [(1, 56, 32, 0), (4, 20, 64, 2), (1, 7, 256, 0)])
+def test_large_layers_split_over_threads(batch, hw, cin, threads):
+  # Large grids split into column blocks, the 7x7 one into channel ranges of
+  # shared planes; max_threads=1 runs the same plan on one thread.
+  rng = np.random.default_rng(batch * hw)
+  cout = 96
+  kernel, mask, b = make_conv(rng, 3, 3, cin, cout, 9 * cin // 10, cout - 7)
+  layer = condense_conv(kernel, mask, b, padding="SAME")
+  x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin)), jnp.float32)
+  want = condensed_conv_reference(x, layer)
+  for t in (threads, 1):
+    got = conv_native.condensed_conv_native(x, layer, max_threads=t)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiles_once():
+  rng = np.random.default_rng(2)
+  kernel, mask, b = make_conv(rng, 3, 3, 4, 5, 6, 4)
+  layer = condense_conv(kernel, mask, b, padding="SAME")
+  x = jnp.ones((1, 6, 6, 4), jnp.float32)
+  conv_native.condensed_conv_native(x, layer).block_until_ready()
+  before = conv_native.condensed_conv_native._cache_size()
+  layer2 = layer.replace(values=layer.values * 2)
+  conv_native.condensed_conv_native(x + 1, layer2).block_until_ready()
+  assert conv_native.condensed_conv_native._cache_size() == before
+
+
+def test_bad_isa():
+  rng = np.random.default_rng(3)
+  layer = condense_conv(*make_conv(rng, 3, 3, 2, 2, 3, 2))
+  with pytest.raises(ValueError, match="isa"):
+    conv_native.condensed_conv_native(jnp.ones((1, 4, 4, 2)), layer, isa="sse")
