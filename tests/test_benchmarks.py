@@ -1,6 +1,10 @@
 """The benchmark CLIs run end to end on tiny sizes and write what they promise."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 
@@ -14,7 +18,7 @@ def test_condensed_benchmark_writes_json_and_plot(tmp_path, capsys):
   rc = bench.main([
       "--in-features", "96", "--out-features", "40", "--sparsities", "0.9,0.99",
       "--batch-sizes", "1,3", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
-      "--json", str(out_json), "--plot", str(out_png)])
+      "--cache-bytes", "65536", "--json", str(out_json), "--plot", str(out_png)])
   assert rc == 0
   records = json.loads(out_json.read_text())
   ran = {"dense", "bcsr", "structured", "condensed_xla"}
@@ -78,3 +82,30 @@ def test_paired_ratio_compares_calls_of_one_repeat():
   res = {"a": (0, 3, a), "b": (0, 3, b)}
   assert bench.paired_ratio(res, "a", "b") == 2.0
   assert np.median(a) / np.median(b) == 0.5
+
+
+def test_gpu_check_script_runs_on_cpu(tmp_path):
+  """scripts/gpu_check.sh without a GPU: tiny benchmark and train.json.
+
+  The training stage is the project's own main (tested elsewhere) and takes
+  a minute here, so a finished run's summary.json is faked instead.
+  """
+  script = pathlib.Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+  subprocess.run(["bash", "-n", str(script)], check=True)
+  run = tmp_path / "train_srigl"
+  run.mkdir()
+  (run / "summary.json").write_text(json.dumps(
+      {"steps_per_sec": 12.5, "final_step": 20, "model": "mlp", "method": "srigl"}))
+  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STAGES="bench collect",
+             GPU_CHECK_DTYPES="float32", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "tiny=1" in proc.stdout
+  records = json.loads((tmp_path / "condensed_fp32.json").read_text())
+  assert {"dense", "bcsr", "structured", "condensed_xla"} <= {r["impl"] for r in records}
+  assert all(r["in_features"] == 96 and r["cache"] == "cold" for r in records)
+  train = json.loads((tmp_path / "train.json").read_text())
+  assert train["backend"] == "cpu" and train["runs"]["srigl"]["steps_per_sec"] == 12.5
+  status = json.loads((tmp_path / "status.json").read_text())
+  assert status == {"bench_fp32": 0, "collect": 0}
