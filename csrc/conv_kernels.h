@@ -61,7 +61,7 @@ struct ConvKernels {
 };
 
 // Floats of `scratch` that compute needs.
-constexpr int64_t kConvComputeScratch = 4096;
+constexpr int64_t kConvComputeScratch = 16 * 256;
 
 const ConvKernels& ConvKernelsGeneric();
 #if defined(SRIGL_HAVE_AVX2)
