@@ -35,4 +35,7 @@ from srigl_jax.condensed import (
     sequential_fold_pairs,
 )
 
+# Deployment: a training workdir -> a saved condensed model -> serving.
+from srigl_jax.export import export_inference_model, load_inference_model
+
 __version__ = "0.1.0"

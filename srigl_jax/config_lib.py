@@ -118,6 +118,10 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   # Drop a step whose loss or gradient is NaN/inf (params, moments and masks
   # stay as before it) instead of stopping; stops anyway after 20 in a row.
   c.skip_bad_steps = False
+  # At the end of training, convert the model to its condensed form, check it
+  # against the masked model on the eval split, time both and save it to
+  # WORKDIR/inference (see srigl_jax.export).
+  c.export = True
 
   c.input = data_lib.default_input_config(dataset)
 

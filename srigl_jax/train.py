@@ -51,6 +51,7 @@ import srigl_jax
 from srigl_jax import checks
 from srigl_jax import config_lib
 from srigl_jax import data as data_lib
+from srigl_jax import export as export_lib
 from srigl_jax import faults
 from srigl_jax import metric_writers
 from srigl_jax import models
@@ -687,10 +688,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if step >= num_train_steps and is_main:
     if not last_eval:
       last_eval = evaluate(state)
+    inference = None
+    if config.get('export', True):
+      # The payoff of sparse training: a verified, faster inference model.
+      inference = export_lib.export_model(
+          model, state.params, state.batch_stats,
+          srigl_jax.get_masks(state.opt_state), config,
+          os.path.join(workdir, 'inference'), step=step, workdir=workdir)
     write_summary_and_plots(
         workdir, config, _scalars(stats_fn(state)), last_eval,
         steps_per_sec=timed_steps / train_time if train_time > 0 else None,
-        n_devices=n_devices, num_params=n_params, call_order=call_order)
+        n_devices=n_devices, num_params=n_params, call_order=call_order,
+        inference=inference)
   manager.close()
   return state
 
@@ -700,7 +709,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def write_summary_and_plots(workdir, config, sparsity_scalars, final_eval, *,
                             steps_per_sec, n_devices, num_params,
-                            call_order=None):
+                            call_order=None, inference=None):
   """Writes summary.json and (unless config.write_plots is False) the plots.
 
   Args:
@@ -712,6 +721,8 @@ def write_summary_and_plots(workdir, config, sparsity_scalars, final_eval, *,
     n_devices: devices of the mesh.
     num_params: total number of parameters.
     call_order: module path -> call index, to order the layers input first.
+    inference: the export report (`srigl_jax.export.export_model`), or None
+      when the run was not exported.
   """
   layers = {}
   for key, value in sparsity_scalars.items():
@@ -741,6 +752,14 @@ def write_summary_and_plots(workdir, config, sparsity_scalars, final_eval, *,
       'num_nonzero_params': int(round(num_params * (1.0 - global_sparsity))),
       'layers': layers,
   }
+  if inference is not None:
+    summary['inference'] = {
+        key: inference.get(key) for key in (
+            'path', 'kind', 'masked_accuracy', 'condensed_accuracy',
+            'max_abs_logit_diff')}
+    summary['inference']['latency'] = [
+        {key: r[key] for key in ('batch', 'dense_us', 'condensed_us')}
+        for r in inference.get('latency', [])]
   with open(os.path.join(workdir, 'summary.json'), 'w', encoding='utf-8') as f:
     json.dump(summary, f, indent=2)
   if config.write_plots:
@@ -751,6 +770,8 @@ def write_summary_and_plots(workdir, config, sparsity_scalars, final_eval, *,
                summary['global_sparsity'],
                f'{steps_per_sec:.2f}' if steps_per_sec else '?',
                os.path.join(workdir, 'summary.json'))
+  if inference is not None:
+    logging.info('%s', export_lib.summary_line(inference))
 
 
 def plot_metrics(records: list[dict[str, Any]], layer_paths: list[str],

@@ -31,3 +31,52 @@ def test_readme_training_loop_example_runs():
 def test_readme_condensed_example_matches_masked_model():
   stdout = _run(_blocks()[1])
   assert float(stdout.strip().splitlines()[-1]) < 1e-4
+
+
+def _deploy_block():
+  blocks = [b for b in _blocks() if "load_inference_model" in b]
+  assert len(blocks) == 1, "README lost its Deploy example"
+  return blocks[0]
+
+
+def _write_idx_images(path, images):
+  """uint8 (N, 28, 28) images as a gzipped IDX file, as Debian ships them."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  with gzip.open(path, "wb") as f:
+    f.write(struct.pack(">HBBIII", 0, 8, 3, *images.shape))
+    f.write(images.tobytes())
+
+
+def test_readme_deploy_example_serves_an_exported_model(tmp_path):
+  """The Deploy snippet loads a freshly exported artefact and predicts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import srigl_jax  # pylint: disable=g-import-not-at-top
+  from srigl_jax import export, train  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(pathlib.Path(__file__).parent))
+  from test_train import small_config  # pylint: disable=g-import-not-at-top
+
+  # A freshly initialised sparse model stands in for a trained one: the
+  # snippet only needs an artefact, and training would cost the suite time.
+  config = small_config(**{"sparsity.gamma_sal": 0.95})
+  model, image_shape, _ = export._build_model(config)  # pylint: disable=protected-access
+  tx = train.create_optimizer(config, lambda _: 0.1, jax.random.key(0))
+  state = train.make_init_fn(config, model, tx, image_shape,
+                             jax.random.key(1))(jax.random.key(2))
+  workdir = tmp_path / "workdir" / "fashion_mnist"
+  export.export_model(model, state.params, state.batch_stats,
+                      srigl_jax.get_masks(state.opt_state), config,
+                      str(workdir / "inference"), step=0, verify=False)
+
+  code = _deploy_block().replace("workdir/fashion_mnist", str(workdir))
+  images = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+  if not pathlib.Path(images).exists():
+    fake = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _write_idx_images(fake, np.random.default_rng(0).integers(
+        0, 256, (8, 28, 28), dtype=np.uint8))
+    code = code.replace(images, str(fake))
+  stdout = _run(code)
+  classes = re.search(r"^classes \[(.*)\]$", stdout, re.M).group(1)
+  assert len(classes.split(",")) == 8
+  assert re.search(r"^dense_0 condensed \d+/64 neurons, fan-in \d+$", stdout, re.M)

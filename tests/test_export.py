@@ -1,0 +1,349 @@
+"""Tests of srigl_jax.export: workdir -> inference folder -> served model.
+
+One tiny SRigL run (MLP 784-64-64-10, 80%, gamma_sal 0.95 so that neurons are
+ablated, 20 steps) is trained once for the module, on 8 fake CPU devices in a
+subprocess; its trainer exports it. Everything else runs on one device.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import srigl_jax
+from srigl_jax import export
+from srigl_jax import train
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import HAVE_FMNIST, REPO, cli_overrides, small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+EXPORT_OVERRIDES = {
+    'mesh.data': -1,
+    'optim.grad_accum_steps': 1,
+    'sparsity.gamma_sal': 0.95,
+    'write_plots': False,
+}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _compile_once(compilation_cache):
+  return compilation_cache
+
+
+def _env(cache, **extra):
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+              JAX_PLATFORMS='cpu', **extra)
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, compilation_cache):
+  """A workdir trained on 8 fake CPU devices and exported by the trainer.
+
+  Returns:
+    (workdir, the run's log lines).
+  """
+  workdir = str(tmp_path_factory.mktemp('run'))
+  cmd = [sys.executable, '-m', 'srigl_jax.main',
+         '--config=configs/fashion_mnist.py', f'--workdir={workdir}',
+         *cli_overrides(**EXPORT_OVERRIDES)]
+  out = subprocess.run(
+      cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=_env(compilation_cache,
+               XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert '8 devices' in out.stderr
+  return workdir, out.stderr.strip().splitlines()
+
+
+def raw_test_images(n):
+  """Raw uint8 (n, 28, 28) eval images and labels, as a server receives them."""
+  if HAVE_FMNIST:
+    from srigl_jax.data import idx  # pylint: disable=g-import-not-at-top
+    images, labels = idx.load_idx_split(
+        'fashion_mnist', '/usr/share/datasets/fashion-mnist', 'test')
+    return images[:n, :, :, 0], labels[:n]
+  from srigl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  images, labels = synthetic.make_synthetic('test', n, (28, 28, 1), 10, 0)
+  return images[..., 0], labels
+
+
+def masked_logits(workdir, x):
+  """Logits of the masked model restored from the workdir's checkpoint."""
+  _, model, state, _ = export.restore_run(workdir)
+  params = srigl_jax.apply_masks(state.params,
+                                 srigl_jax.get_masks(state.opt_state))
+  return np.asarray(model.apply({'params': params}, x, train=False))
+
+
+def snapshot(folder, skip=('inference',)):
+  """path -> md5 of every file (and every folder) under `folder`."""
+  out = {}
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(root, d),
+                                                  folder) not in skip]
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if os.path.isfile(path):
+        with open(path, 'rb') as f:
+          out[rel] = hashlib.md5(f.read()).hexdigest()
+      else:
+        out[rel] = 'dir'
+  return out
+
+
+# ------------------------------------------------------------ the trainer
+
+
+def test_trainer_exports_verifies_and_reports(run):
+  workdir, log = run
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  inf = summary['inference']
+  assert inf['path'] == os.path.join(workdir, 'inference')
+  assert inf['kind'] == 'condensed'
+  assert inf['condensed_accuracy'] == inf['masked_accuracy']
+  assert inf['masked_accuracy'] == pytest.approx(summary['eval_accuracy'])
+  assert inf['max_abs_logit_diff'] < 1e-4
+  assert [r['batch'] for r in inf['latency']] == [1, 32]
+  assert all(r['dense_us'] > 0 and r['condensed_us'] > 0
+             for r in inf['latency'])
+  # The payoff line is the last thing the run says.
+  last = log[-1].split('] ', 1)[-1]
+  assert last.startswith('condensed model: '), log[-3:]
+  assert '(same as masked)' in last and 'faster than dense at batch 1' in last
+
+  path = inf['path']
+  with open(os.path.join(path, 'manifest.json')) as f:
+    manifest = json.load(f)
+  with open(os.path.join(path, 'report.json')) as f:
+    report = json.load(f)
+  assert report['condensed_accuracy'] == inf['condensed_accuracy']
+  assert manifest['model'] == {'name': 'mlp', 'num_classes': 10,
+                               'dtype': 'float32',
+                               'kwargs': {'hidden_sizes': [64, 64]}}
+  assert manifest['input'] == {'shape': [28, 28, 1], 'dtype': 'float32'}
+  assert manifest['preprocessing']['mean'] == [0.286]
+  assert manifest['source']['checkpoint_step'] == 20
+  with open(os.path.join(workdir, 'fingerprint.json')) as f:
+    assert manifest['source']['fingerprint']['fields'] == json.load(f)
+  layers = manifest['layers']
+  assert set(layers) >= {'dense_0', 'dense_1', 'head'}
+  for rec in layers.values():
+    assert set(rec) == {'format', 'kind', 'density', 'neurons',
+                        'active_neurons', 'fan_in'}
+  assert layers['dense_0']['format'] == 'condensed'
+  # gamma_sal 0.95 ablates neurons, and the artefact knows it.
+  assert layers['dense_0']['active_neurons'] < layers['dense_0']['neurons']
+  assert summary['layers']['dense_0/kernel']['active_neurons'] == (
+      layers['dense_0']['active_neurons'])
+
+
+# ------------------------------------------------------------ load, serve
+
+
+def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
+  workdir, _ = run
+  # The artefact survives a move: it holds everything it needs.
+  path = str(tmp_path / 'moved')
+  shutil.copytree(os.path.join(workdir, 'inference'), path)
+  model = export.load_inference_model(path)
+  raw, labels = raw_test_images(50)
+  x = model.preprocess(raw)
+  assert x.shape == (50, 28, 28, 1) and x.dtype == np.float32
+  logits = model(x)
+  assert logits.shape == (50, 10) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), masked_logits(workdir, x),
+                             atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(model.predict(raw),
+                                np.asarray(logits).argmax(-1))
+  model(x)
+  assert model._fn._cache_size() == 1  # Jitted once for this shape.
+  assert model.layers['dense_0']['format'] == 'condensed'
+  del labels
+
+
+def test_bad_input_to_the_loaded_model_names_the_fix(run):
+  model = export.load_inference_model(os.path.join(run[0], 'inference'))
+  raw, _ = raw_test_images(4)
+  with pytest.raises(ValueError, match=r'uint8.*call model\.preprocess'):
+    model(raw[..., None])
+  with pytest.raises(ValueError, match=r'shape \(4, 28, 28\).*\(N, 28, 28, 1\)'):
+    model(model.preprocess(raw)[..., 0])
+  with pytest.raises(ValueError, match='dtype float64'):
+    model(model.preprocess(raw).astype(np.float64))
+  with pytest.raises(ValueError, match='preprocess expects raw uint8'):
+    model.preprocess(model.preprocess(raw))
+  with pytest.raises(ValueError, match=r'\(N, 28, 28, 1\) or \(N, 28, 28\)'):
+    model.preprocess(raw[:, :20])
+
+
+# ------------------------------------------------------------ export
+
+
+def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(
+    run, tmp_path):
+  workdir, _ = run
+  before = snapshot(workdir)
+  out = str(tmp_path / 'again')
+  report = export.export_inference_model(workdir, out, timing_s=0.02)
+  assert snapshot(workdir) == before
+  assert report['source_step'] == 20 and report['path'] == out
+  assert report['condensed_accuracy'] == report['masked_accuracy']
+  # Exporting over its own artefact replaces it; over anything else, refuses.
+  export.export_inference_model(workdir, out, verify=False)
+  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json',
+                                     'variables']
+  assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]
+  with pytest.raises(export.ExportError, match='is not an inference folder'):
+    export.export_inference_model(workdir, os.path.join(workdir, 'checkpoints'))
+  with pytest.raises(export.ExportError, match='is the training workdir'):
+    export.export_inference_model(workdir, workdir)
+  assert snapshot(workdir) == before
+
+
+def test_workdir_without_a_complete_checkpoint_is_a_clear_error(run, tmp_path):
+  with pytest.raises(export.ExportError, match='not a training workdir'):
+    export.export_inference_model(str(tmp_path))
+  workdir = tmp_path / 'wd'
+  os.makedirs(workdir / 'checkpoints')
+  shutil.copy(os.path.join(run[0], 'config.json'), workdir)
+  # What a kill during the first checkpoint write leaves behind.
+  os.makedirs(workdir / 'checkpoints' / '10.orbax-checkpoint-tmp-123')
+  with pytest.raises(export.ExportError,
+                     match=r'no complete checkpoint.*Train first'):
+    export.export_inference_model(str(workdir))
+
+
+def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
+  src = os.path.join(run[0], 'inference')
+
+  def broken(name, damage):
+    path = str(tmp_path / name)
+    shutil.copytree(src, path)
+    damage(path)
+    return path
+
+  cases = {
+      'manifest.json is missing': lambda p: os.remove(
+          os.path.join(p, 'manifest.json')),
+      'manifest.json is corrupted': lambda p: open(
+          os.path.join(p, 'manifest.json'), 'w').write('{"kind": "cond'),
+      'variables/ is missing': lambda p: shutil.rmtree(
+          os.path.join(p, 'variables')),
+      'variables/ cannot be read': lambda p: [
+          os.remove(os.path.join(r, f))
+          for r, _, fs in os.walk(os.path.join(p, 'variables')) for f in fs],
+  }
+  for i, (message, damage) in enumerate(cases.items()):
+    with pytest.raises(export.ArtefactError,
+                       match=f'not a complete inference artefact: {message}'
+                       r'.*python -m srigl_jax\.export'):
+      export.load_inference_model(broken(f'c{i}', damage))
+
+  def wrong_shape(p):
+    with open(os.path.join(p, 'manifest.json')) as f:
+      manifest = json.load(f)
+    manifest['variables']['params/head/bias']['shape'] = [11]
+    with open(os.path.join(p, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+
+  with pytest.raises(export.ArtefactError, match='do not match the manifest'):
+    export.load_inference_model(broken('shape', wrong_shape))
+  with pytest.raises(export.ArtefactError, match='does not exist'):
+    export.load_inference_model(str(tmp_path / 'nowhere'))
+
+
+def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
+  workdir, _ = run
+  config, model, state, _ = export.restore_run(workdir)
+  masks = jax.tree.map(lambda _: None, state.params)
+  out = str(tmp_path / 'dense')
+  with caplog.at_level(logging.INFO):
+    report = export.export_model(model, state.params, {}, masks, config, out,
+                                 step=20, timing_s=0.02)
+  assert 'nothing to condense' in caplog.text
+  assert report['kind'] == 'dense'
+  assert report['condensed_accuracy'] == report['masked_accuracy']
+  assert export.summary_line(report).startswith(
+      'dense model (nothing to condense)')
+  served = export.load_inference_model(out)
+  assert served.kind == 'dense'
+  assert {r['format'] for r in served.layers.values()} == {'dense'}
+  x = served.preprocess(raw_test_images(3)[0])
+  np.testing.assert_allclose(
+      np.asarray(served(x)),
+      np.asarray(model.apply({'params': state.params}, x)), atol=1e-5)
+
+
+def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
+  workdir, _ = run
+  real = export.condensed.convert_model
+
+  def wrong_head(*args, **kwargs):
+    converted = real(*args, **kwargs)
+    head = converted.variables['params']['head']
+    for key, value in head.items():
+      if np.issubdtype(np.asarray(value).dtype, np.floating):
+        head[key] = -np.asarray(value)
+    return converted
+
+  monkeypatch.setattr(export.condensed, 'convert_model', wrong_head)
+  out = str(tmp_path / 'wrong')
+  with pytest.raises(export.VerificationError,
+                     match=r'predictions differ.*No artefact was written'):
+    export.export_inference_model(workdir, out)
+  assert not os.path.exists(out)
+
+
+# ------------------------------------------------------------ 8 devices
+
+
+_SERVE = """
+import json, sys
+import jax, numpy as np
+import srigl_jax
+model = srigl_jax.load_inference_model(sys.argv[1])
+raw = np.load(sys.argv[2])
+print(json.dumps({'devices': jax.device_count(),
+                  'logits': np.asarray(model(model.preprocess(raw))).tolist()}))
+"""
+
+
+def test_eight_device_workdir_exports_and_serves_on_one_device(
+    run, tmp_path, compilation_cache):
+  # `run` trained on 8 devices; export from the command line and serve, each
+  # in a one-device process of its own.
+  workdir, _ = run
+  out = str(tmp_path / 'cli')
+  done = subprocess.run(
+      [sys.executable, '-m', 'srigl_jax.export', f'--workdir={workdir}',
+       f'--out={out}', '--timing_s=0.05'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=_env(compilation_cache))
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'batch   dense (us)' in done.stdout
+  assert done.stdout.strip().splitlines()[-1].startswith('condensed model: ')
+
+  raw, _ = raw_test_images(16)
+  np.save(tmp_path / 'raw.npy', raw)
+  served = subprocess.run(
+      [sys.executable, '-c', _SERVE, out, str(tmp_path / 'raw.npy')],
+      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+      env=_env(compilation_cache))
+  assert served.returncode == 0, served.stderr[-3000:]
+  result = json.loads(served.stdout.strip().splitlines()[-1])
+  assert result['devices'] == 1
+  x = export.apply_preprocessing(
+      json.load(open(os.path.join(out, 'manifest.json')))['preprocessing'], raw)
+  np.testing.assert_allclose(np.array(result['logits']),
+                             masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
