@@ -24,15 +24,17 @@ from srigl_jax.sparsity import (
 )
 
 from srigl_jax.condensed import (
-    CondensedDense,
+    CondensedConv,
     CondensedLayer,
+    ConvertedModel,
     StructuredLayer,
     condense,
+    condense_conv,
     condensed_apply,
+    condensed_conv,
     condensed_matmul,
     convert_model,
     native_available,
-    sequential_fold_pairs,
 )
 
 # Deployment: a training workdir -> a saved condensed model -> serving.

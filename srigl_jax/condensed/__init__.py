@@ -2,18 +2,16 @@
 
 `condense` turns trained (params, masks) into condensed layers,
 `condensed_matmul` runs them with the fastest kernel for the device, and
-`convert_model` / `condensed_apply` serve a whole Flax model with its sparse
-Dense layers condensed and ablated neurons folded away.
+`condense_conv` / `condensed_conv` do the same for convolutions, and
+`convert_model` turns a whole trained Flax model into a `ConvertedModel` with
+its sparse Dense, attention and Conv layers condensed, BatchNorm folded and
+ablated neurons folded away.
 """
 
-from srigl_jax.condensed.convert import (
-    CondensedDense,
-    condensed_apply,
-    condensed_interceptor,
-    convert_model,
-    sequential_fold_pairs,
-)
-from srigl_jax.condensed.dispatch import IMPLS, condensed_matmul, resolve_impl
+from srigl_jax.condensed.conv_layer import CondensedConv, condense_conv
+from srigl_jax.condensed.conv_xla import condensed_conv_reference, condensed_conv_xla
+from srigl_jax.condensed.convert import ConvertedModel, condensed_apply, convert_model
+from srigl_jax.condensed.dispatch import IMPLS, condensed_conv, condensed_matmul, resolve_impl
 from srigl_jax.condensed.layer import (
     CondensedLayer,
     StructuredLayer,
@@ -33,14 +31,18 @@ from srigl_jax.condensed.xla import condensed_matmul_reference, condensed_matmul
 
 __all__ = [
     "BlockSizes",
-    "CondensedDense",
+    "CondensedConv",
+    "ConvertedModel",
     "CondensedLayer",
     "IMPLS",
     "StructuredLayer",
     "condense",
     "condense_dense",
     "condensed_apply",
-    "condensed_interceptor",
+    "condense_conv",
+    "condensed_conv",
+    "condensed_conv_reference",
+    "condensed_conv_xla",
     "condensed_matmul",
     "condensed_matmul_native",
     "condensed_matmul_pallas",
@@ -52,6 +54,5 @@ __all__ = [
     "native_error",
     "native_isas",
     "resolve_impl",
-    "sequential_fold_pairs",
     "structured_from_mask",
 ]

@@ -12,7 +12,7 @@ from srigl_jax.condensed.layer import CondensedLayer
 from srigl_jax.condensed.pallas_gpu import condensed_matmul_pallas
 from srigl_jax.condensed.xla import condensed_matmul_reference, condensed_matmul_xla
 
-__all__ = ["IMPLS", "condensed_matmul", "resolve_impl"]
+__all__ = ["IMPLS", "condensed_conv", "condensed_matmul", "resolve_impl"]
 
 IMPLS = ("auto", "native", "pallas", "xla", "reference")
 
@@ -84,3 +84,43 @@ def condensed_matmul(x: jax.Array, layer: CondensedLayer, impl: str = "auto") ->
   if which == "xla":
     return condensed_matmul_xla(x, layer)
   return condensed_matmul_reference(x, layer)
+
+
+def _conv_native_available() -> bool:
+  from srigl_jax.condensed import conv_native
+
+  return conv_native.conv_native_available()
+
+
+def condensed_conv(x: jax.Array, layer, impl: str = "auto") -> jax.Array:
+  """A condensed convolution (`CondensedConv`) with the fastest available kernel.
+
+  ``impl='auto'`` uses the native C++ kernel on CPU (XLA when it was not
+  built), the Pallas kernel on GPU and the XLA kernel elsewhere. Only 'xla'
+  and 'reference' are differentiable.
+
+  Args:
+    x: ``(b, h, w, cin)`` NHWC input.
+    layer: the `CondensedConv`.
+    impl: 'auto', 'native', 'pallas', 'xla' or 'reference'.
+
+  Returns:
+    ``(b, oh, ow, cout)``; ablated channels output their bias.
+  """
+  from srigl_jax.condensed.conv_xla import condensed_conv_reference, condensed_conv_xla
+
+  layer.check_input(x.shape)
+  which = resolve_impl(impl)
+  if which == "native":
+    if impl == "native" or _conv_native_available():
+      from srigl_jax.condensed.conv_native import condensed_conv_native
+
+      return condensed_conv_native(x, layer)
+    which = "xla"
+  if which == "pallas":
+    from srigl_jax.condensed.conv_pallas import condensed_conv_pallas
+
+    return condensed_conv_pallas(x, layer)
+  if which == "xla":
+    return condensed_conv_xla(x, layer)
+  return condensed_conv_reference(x, layer)
