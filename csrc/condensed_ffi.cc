@@ -161,7 +161,7 @@ void Plan(Job& job, int64_t threads) {
 
 ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer indices,
-                               ffi::Buffer<ffi::F32> values,
+                               ffi::AnyBuffer values,
                                ffi::Buffer<ffi::S32> neuron_ids,
                                ffi::Buffer<ffi::F32> bias,
                                ffi::ResultBuffer<ffi::F32> y,
@@ -178,6 +178,11 @@ ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "srigl condensed matmul: indices must be int16 or int32");
   }
+  const ffi::DataType vt = values.element_type();
+  if (vt != ffi::DataType::F32 && vt != ffi::DataType::BF16) {
+    return ffi::Error::InvalidArgument(
+        "srigl condensed matmul: values must be float32 or bfloat16");
+  }
   auto job = std::make_shared<Job>();
   Problem& p = job->p;
   p.x = x.typed_data();
@@ -185,7 +190,8 @@ ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p.in = xd[1];
   p.idx = indices.untyped_data();
   p.idx16 = it == ffi::DataType::S16;
-  p.val = values.typed_data();
+  p.val = values.untyped_data();
+  p.val_bf16 = vt == ffi::DataType::BF16;
   p.n_active = vd[0];
   p.k = vd[1];
   p.ids = neuron_ids.typed_data();
@@ -194,7 +200,8 @@ ffi::Error CondensedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p.y = y->typed_data();
   if (yd[0] != p.batch || static_cast<int64_t>(bias.element_count()) != p.out ||
       static_cast<int64_t>(neuron_ids.element_count()) != p.n_active ||
-      static_cast<int64_t>(indices.element_count()) != p.n_active * p.k) {
+      static_cast<int64_t>(indices.element_count()) != p.n_active * p.k ||
+      static_cast<int64_t>(values.element_count()) != p.n_active * p.k) {
     return ffi::Error::InvalidArgument(
         "srigl condensed matmul: inconsistent operand shapes");
   }
@@ -246,7 +253,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SriglCondensedMatmulF32,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -13,13 +13,19 @@
 
 namespace srigl {
 
+// A bfloat16 value: the upper half of a float32.
+struct Bf16 {
+  uint16_t bits;
+};
+
 struct Problem {
   const float* x;  // (batch, in), row major
   int64_t batch;
   int64_t in;
   const void* idx;  // (n_active, k), int16 or int32
   bool idx16;
-  const float* val;  // (n_active, k)
+  const void* val;  // (n_active, k), float32 or bfloat16
+  bool val_bf16;    // bf16 values are widened to fp32 before the FMA
   int64_t n_active;
   int64_t k;
   const int32_t* ids;  // (n_active,) output column of each active neuron

@@ -49,6 +49,8 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
   out_json = tmp_path / "r.json"
   isas = [i for i in ("generic", "avx2", "avx512") if i in C.native_isas()]
   impls = ["dense"] + [f"condensed_native_{i}" for i in isas]
+  if C.native_available():
+    impls.append("condensed_native_bf16w")
   rc = bench.main([
       "--in-features", "64", "--out-features", "24", "--sparsities", "0.9",
       "--batch-sizes", "2", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
@@ -58,7 +60,11 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
   assert {r["impl"] for r in records} == set(impls)
   for r in records:
     assert r["cache"] == "warm" and r["copies"] == 1
-    if r["impl"] != "dense":
+    if r["impl"] == "condensed_native_bf16w":
+      assert r["native_isa"] == C.native_isas()["auto"]
+      assert r["bytes_moved"] < next(q["bytes_moved"] for q in records
+                                     if q["impl"] == "condensed_native_avx2")
+    elif r["impl"] != "dense":
       assert r["native_isa"] == r["impl"].rsplit("_", 1)[1]
 
 

@@ -91,6 +91,25 @@ def test_native_large_batches_and_no_bias():
         rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built, or not on CPU")
+@pytest.mark.parametrize("batch", [1, 5, 40])
+def test_native_bf16_weights_accumulate_in_fp32(batch):
+  """bf16-stored weights: every variant equals fp32 math on those weights."""
+  rng = np.random.default_rng(9)
+  kernel, mask, bias = make_layer(rng, 300, 70, 29, 61)
+  layer = C.condense_dense(kernel, mask, bias)
+  lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
+  x = jnp.asarray(rng.standard_normal((batch, 300)), jnp.float32)
+  # Same weights widened to fp32: the only difference left is summation order.
+  want = C.condensed_matmul_reference(x, lb.replace(values=lb.values.astype(jnp.float32)))
+  for isa in native_isas():
+    got = C.condensed_matmul_native(x, lb, isa=isa)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=isa)
+  got = C.condensed_matmul_native(x.astype(jnp.bfloat16), lb)
+  assert got.dtype == jnp.bfloat16
+
+
 def test_dispatch_auto_and_leading_dims():
   rng = np.random.default_rng(2)
   kernel, mask, bias = make_layer(rng, 48, 24, 6, 20)

@@ -16,7 +16,8 @@ thread adds the same constant to every impl.
 Impls: dense (XLA ``x @ W``), bcsr (jax.experimental.sparse), structured
 (ablated neurons removed, dense matmul), condensed_xla, condensed_native
 (CPU; ``condensed_native_avx2`` / ``_avx512`` / ``_generic`` force one
-kernel variant), condensed_pallas (GPU). ``--model`` adds whole-model
+kernel variant; ``condensed_native_bf16w`` reads bf16-stored weights),
+condensed_pallas (GPU). ``--model`` adds whole-model
 latency of a ViT MLP block (dense masked vs converted).
 
 Cache state (``--cache``): ``cold`` (default) gives every impl enough
@@ -49,7 +50,10 @@ from srigl_jax.condensed.xla import scatter_to_outputs
 ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
 # Native kernel variants forced through the FFI call's isa attribute; opt-in.
 NATIVE_VARIANTS = tuple(f"condensed_native_{isa}" for isa in ("generic", "avx2", "avx512"))
-KNOWN_IMPLS = ALL_IMPLS + NATIVE_VARIANTS
+# The native kernel reading bf16-stored weights (fp32 input, accumulation
+# and output); opt-in.
+NATIVE_BF16 = "condensed_native_bf16w"
+KNOWN_IMPLS = ALL_IMPLS + NATIVE_VARIANTS + (NATIVE_BF16,)
 # Used when the last-level cache size cannot be read.
 DEFAULT_LLC_BYTES = 64 * 2**20
 
@@ -183,6 +187,9 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
     elif impl in NATIVE_VARIANTS:
       isa = impl.rsplit("_", 1)[1]
       fns[impl] = bind(impl, lambda x, l, isa=isa: C.condensed_matmul_native(x, l, isa=isa), layer)
+    elif impl == NATIVE_BF16:
+      lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
+      fns[impl] = bind(impl, C.condensed_matmul_native, lb)
     elif impl == "condensed_pallas":
       fns[impl] = bind(impl, C.condensed_matmul_pallas, layer)
   return fns, weight_bytes, copies, layer
@@ -219,7 +226,8 @@ def available_impls(requested):
   backend = jax.default_backend()
   out, skipped = [], []
   for impl in requested:
-    if impl == "condensed_native" and (backend != "cpu" or not C.native_available()):
+    if impl in ("condensed_native", NATIVE_BF16) and (
+        backend != "cpu" or not C.native_available()):
       skipped.append((impl, C.native_error() or f"not on {backend}"))
     elif impl in NATIVE_VARIANTS and (
         backend != "cpu" or impl.rsplit("_", 1)[1] not in C.native_isas()):
@@ -366,7 +374,7 @@ def main(argv=None) -> int:
 
 def _native_isa(impl: str) -> str | None:
   """The native kernel variant an impl runs ('avx512', ...), else None."""
-  if impl == "condensed_native":
+  if impl in ("condensed_native", NATIVE_BF16):
     return C.native_isas().get("auto")
   if impl in NATIVE_VARIANTS:
     return C.native_isas().get(impl.rsplit("_", 1)[1])
