@@ -120,7 +120,7 @@ int64_t RowLength(int64_t columns) {
 struct ConvJob {
   ConvProblem p;
   const ConvKernels* kernels;
-  std::vector<int32_t> ablated;
+  std::vector<int32_t> window_start;
   std::vector<int32_t> table;  // flat tap -> start of its run in the planes
   int64_t rows = 0;
   int64_t ld = 0;
@@ -129,7 +129,7 @@ struct ConvJob {
   int64_t build_items = 0;  // shared mode: first items build the planes
   int64_t q_chunk = 0;      // grid columns per item
   int64_t q_chunks = 1;
-  int64_t j_chunks = 1;
+  int64_t w_chunks = 1;  // output-channel window ranges per column block
   int64_t items = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> built{0};
@@ -148,11 +148,11 @@ struct ConvJob {
         continue;
       }
       const int64_t item = i - build_items;
-      const int64_t qi = item / j_chunks, ji = item % j_chunks;
+      const int64_t qi = item / w_chunks, wi = item % w_chunks;
       const int64_t q0 = qi * q_chunk;
       const int64_t q1 = std::min(p.grid, q0 + q_chunk);
-      const int64_t j0 = p.n_active * ji / j_chunks;
-      const int64_t j1 = p.n_active * (ji + 1) / j_chunks;
+      const int64_t w0 = p.n_windows * wi / w_chunks;
+      const int64_t w1 = p.n_windows * (wi + 1) / w_chunks;
       if (scratch == nullptr) scratch = ComputeScratch();
       const float* src;
       int64_t base;
@@ -172,8 +172,7 @@ struct ConvJob {
         src = local;
         base = q0;
       }
-      kernels->compute(p, src, table.data(), base, q0, q1, j0, j1, ji == 0,
-                       scratch);
+      kernels->compute(p, src, table.data(), base, q0, q1, w0, w1, scratch);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -206,23 +205,23 @@ void Plan(ConvJob& job, int64_t threads) {
   const int64_t shared_ld = RowLength(RoundUp(p.grid, 16) + p.tail);
   const bool few_columns = q_chunks < std::min<int64_t>(want, 2 * threads);
   if (few_columns && want > q_chunks &&
-      job.rows * shared_ld * 4 <= kMaxSharedPlaneBytes && p.n_active > 1) {
+      job.rows * shared_ld * 4 <= kMaxSharedPlaneBytes && p.n_windows > 1) {
     // Shared planes: channel ranges x column blocks.
     job.shared = true;
     job.ld = shared_ld;
     job.build_items = std::min<int64_t>(threads, std::max<int64_t>(1, job.rows * shared_ld / (64 * 1024)));
     job.q_chunk = std::min(p.grid, chunk_blocks * block);
     job.q_chunks = q_chunks;
-    job.j_chunks = std::max<int64_t>(
-        1, std::min(p.n_active, (want + q_chunks - 1) / q_chunks));
+    job.w_chunks = std::max<int64_t>(
+        1, std::min(p.n_windows, (want + q_chunks - 1) / q_chunks));
   } else {
     job.shared = false;
     job.q_chunk = chunk_blocks * block;
     job.ld = RowLength(std::min(job.q_chunk, RoundUp(p.grid, 16)) + p.tail);
     job.q_chunks = q_chunks;
-    job.j_chunks = 1;
+    job.w_chunks = 1;
   }
-  job.items = job.build_items + job.q_chunks * job.j_chunks;
+  job.items = job.build_items + job.q_chunks * job.w_chunks;
 }
 
 ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -298,15 +297,24 @@ ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "srigl condensed conv: the requested instruction set is not "
         "available in this build or on this CPU");
   }
-  if (p.n_active < p.cout) {
-    std::vector<char> active(p.cout, 0);
-    for (int64_t j = 0; j < p.n_active; ++j) active[p.ids[j]] = 1;
-    for (int64_t c = 0; c < p.cout; ++c) {
-      if (!active[c]) job->ablated.push_back(static_cast<int32_t>(c));
+  // Active rows per window of output channels; needs sorted, distinct ids.
+  p.n_windows = (p.cout + kConvWindow - 1) / kConvWindow;
+  job->window_start.assign(p.n_windows + 1, static_cast<int32_t>(p.n_active));
+  for (int64_t j = p.n_active - 1; j >= 0; --j) {
+    const int32_t c = p.ids[j];
+    if (c < 0 || c >= p.cout || (j > 0 && p.ids[j - 1] >= c)) {
+      return ffi::Error::InvalidArgument(
+          "srigl condensed conv: neuron_ids must be sorted, distinct and "
+          "below the number of output channels");
     }
+    job->window_start[c / kConvWindow] = static_cast<int32_t>(j);
   }
-  p.ablated = job->ablated.data();
-  p.n_ablated = static_cast<int64_t>(job->ablated.size());
+  // Windows without an active channel start where the next window does.
+  for (int64_t a = p.n_windows - 1; a >= 0; --a) {
+    job->window_start[a] =
+        std::min(job->window_start[a], job->window_start[a + 1]);
+  }
+  p.window_start = job->window_start.data();
   job->rows = sh * sw * p.cin;
 
   int64_t threads = std::max<int64_t>(1, pool.num_threads());

@@ -33,11 +33,15 @@ struct ConvProblem {
   bool taps16;
   const float* val;  // (n_active, k)
   int64_t n_active, k;
-  const int32_t* ids;   // (n_active,) output channel of each row
+  const int32_t* ids;   // (n_active,) sorted output channel of each row
   const float* bias;    // (cout,)
-  const int32_t* ablated;  // output channels that only carry their bias
-  int64_t n_ablated;
   int64_t cout;
+  // Output channels are written in windows of kConvWindow neighbouring
+  // channels (one cache line of a pixel): rows [window_start[a],
+  // window_start[a + 1]) are the active channels of window a, the others in
+  // it are ablated and get only their bias.
+  const int32_t* window_start;  // (n_windows + 1,)
+  int64_t n_windows;
   float* y;  // (batch, oh, ow, cout) NHWC
 };
 
@@ -52,16 +56,18 @@ struct ConvKernels {
   // vector tails and runs that start near the end read zeros.
   void (*build_planes)(const ConvProblem& p, int64_t q0, int64_t q1,
                        int64_t base, float* dst, int64_t ld);
-  // Output channels [j0, j1) at grid columns [q0, q1), reading planes whose
-  // column 0 is grid column `base`; table maps a flat tap to its run's start.
-  // fill_ablated also writes the bias of the ablated channels there.
+  // Output channel windows [w0, w1) at grid columns [q0, q1), reading planes
+  // whose column 0 is grid column `base`; table maps a flat tap to its run's
+  // start.
   void (*compute)(const ConvProblem& p, const float* planes,
                   const int32_t* table, int64_t base, int64_t q0, int64_t q1,
-                  int64_t j0, int64_t j1, bool fill_ablated, float* scratch);
+                  int64_t w0, int64_t w1, float* scratch);
 };
 
+constexpr int64_t kConvWindow = 16;
+
 // Floats of `scratch` that compute needs.
-constexpr int64_t kConvComputeScratch = 16 * 256;
+constexpr int64_t kConvComputeScratch = (kConvWindow + 1) * 256;
 
 const ConvKernels& ConvKernelsGeneric();
 #if defined(SRIGL_HAVE_AVX2)

@@ -42,6 +42,7 @@ __all__ = [
 _TARGET = "srigl_condensed_conv_f32"
 
 condensed_conv_native_reference = condensed_conv_reference
+_POINTWISE_VIA_DENSE = True
 
 
 @functools.cache
@@ -129,7 +130,7 @@ def condensed_conv_native(
   layer.check_input(x.shape)
   out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
   lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
-  if layer.is_pointwise and lo.pads == ((0, 0), (0, 0)):
+  if _POINTWISE_VIA_DENSE and layer.is_pointwise and lo.pads == ((0, 0), (0, 0)):
     y = _pointwise(x, layer, max_threads, isa)
   else:
     taps = layer.taps
