@@ -90,6 +90,10 @@ def test_large_layers_split_over_threads(batch, hw, cin, threads):
   for t in (threads, 1):
     got = conv_native.condensed_conv_native(x, layer, max_threads=t)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # The AVX2 build transposes 8x8 tiles instead of 16x16.
+  if "avx2" in isas():
+    got = conv_native.condensed_conv_native(x, layer, isa="avx2")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_compiles_once():
