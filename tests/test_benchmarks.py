@@ -54,9 +54,14 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
   rc = bench.main([
       "--in-features", "64", "--out-features", "24", "--sparsities", "0.9",
       "--batch-sizes", "2", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
-      "--cache", "warm", "--json", str(out_json)])
+      "--cache", "warm", "--model", "--json", str(out_json)])
   assert rc == 0
   records = json.loads(out_json.read_text())
+  # --model adds a converted ViT MLP block against the masked dense one.
+  model = [r for r in records if r["impl"].startswith("model_")]
+  assert {(r["impl"], r["batch"]) for r in model} == {
+      (i, b) for i in ("model_dense", "model_condensed") for b in (1, 256)}
+  records = [r for r in records if not r["impl"].startswith("model_")]
   assert {r["impl"] for r in records} == set(impls)
   for r in records:
     assert r["cache"] == "warm" and r["copies"] == 1

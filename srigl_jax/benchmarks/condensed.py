@@ -262,12 +262,13 @@ def model_latency(args, rng, dtype, device):
       params[name] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
       masks[name] = {"kernel": mask, "bias": None}
     masked = {n: {"kernel": p["kernel"] * masks[n]["kernel"], "bias": p["bias"]} for n, p in params.items()}
-    inference = C.convert_model(params, masks, fold=C.sequential_fold_pairs(params, masks, nn.gelu))
+    converted = C.convert_model(model, {"params": params}, masks,
+                                jnp.ones((1, args.out_features), dtype))
     dense_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    cond_fn = jax.jit(lambda p, x: C.condensed_apply(model, p, x))
+    cond_fn = jax.jit(lambda v, x: C.condensed_apply(model, v, converted.plan, x))
     fns = {
         "model_dense": lambda x: dense_fn(masked, x),
-        "model_condensed": lambda x: cond_fn(inference, x),
+        "model_condensed": lambda x: cond_fn(converted.variables, x),
     }
     for batch in (1, 256):
       x = jnp.asarray(rng.standard_normal((batch, args.out_features)), dtype)
