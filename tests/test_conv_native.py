@@ -113,3 +113,14 @@ def test_bad_isa():
   layer = condense_conv(*make_conv(rng, 3, 3, 2, 2, 3, 2))
   with pytest.raises(ValueError, match="isa"):
     conv_native.condensed_conv_native(jnp.ones((1, 4, 4, 2)), layer, isa="sse")
+
+
+def test_layer_benchmark_smoke():
+  from srigl_jax.benchmarks import conv as bench
+
+  records = bench.run(["c18_32_3x3"], [0.9], [1], ["dense", "condensed_native"],
+                      repeats=2, budget_s=0.0, log=lambda s: None)
+  (rec,) = records
+  assert set(rec["us"]) == {"dense", "condensed_native"}
+  assert rec["speedup_vs_dense"]["dense"] == 1.0
+  assert "condensed_native" in bench.format_table(records)
