@@ -3,15 +3,22 @@ r"""SRigL on Fashion-MNIST: the offline default, a few minutes on a laptop CPU.
 The data comes from local IDX files (/usr/share/datasets/fashion-mnist, from
 Debian's `dataset-fashion-mnist`; elsewhere set --config.input.data_dir).
 
-Command (SRigL, 90% sparsity, MLP 784-1024-1024-10):
+Command (SRigL, 90% sparsity, gamma_sal 0.95, MLP 784-1024-1024-10):
 
   python -m srigl_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
 
-Expected: 89.0% test accuracy after 10 epochs (4,680 steps of batch 128),
-global sparsity 0.90 (ERK keeps the 1024x10 head dense), about 80 steps/s, a
-minute and a half on a quiet 2-core CPU. The workdir then holds checkpoints/,
-metrics.jsonl, TensorBoard events, accuracy.png, active_neurons.png,
-summary.json and config.json.
+Expected: 89.6% test accuracy after 10 epochs (4,680 steps of batch 128;
+89.60 +- 0.09 over three seeds in docs/results.md), global sparsity 0.90 (ERK
+keeps the 1024x10 head dense). Neuron ablation leaves about a fifth of the
+first hidden layer and a third of the second active (seed 0: 198 and 307 of
+1024; active_neurons.png). The run ends by exporting the condensed model to
+/tmp/fmnist/inference, checked on the 10,000 test images (89.60%, the same
+predictions as the masked model) and timed against the masked dense model:
+'condensed model: 89.60% (same as masked), 1.4x faster than dense at batch 1'
+(2.1x at batch 128), measured on a shared, busy 2-core CPU, where the run
+took 4 minutes (21 steps/s; with gamma_sal 0.3 a quiet machine ran 80
+steps/s). The workdir also holds checkpoints/, metrics.jsonl, TensorBoard events,
+accuracy.png, summary.json and config.json.
 
 The arg picks method, sparsity and model, e.g.
   --config=configs/fashion_mnist.py:method=rigl,sparsity=0.95,model=cnn
@@ -19,6 +26,9 @@ with method in dense, static, set, rigl, srigl_noablation, srigl and model in
 mlp (default) or cnn (two 3x3 conv stages, about 4 steps/s on a busy 2-core
 CPU, so the 10 epochs take ~20 minutes; a 400-step run,
 --config.num_train_steps=400, reaches 87.1% in under 2 minutes).
+`--config.sparsity.gamma_sal=0.3` gives the CIFAR/ImageNet threshold, which
+ablates no neuron of this MLP below 99% sparsity; `--config.export=False`
+skips the export.
 """
 
 from srigl_jax import config_lib
@@ -43,6 +53,10 @@ def get_config(arg=None):
 
   config.sparsity.update_every = 100
   config.sparsity.distribution = 'erk'
+  # The ViT recipe's ablation threshold. With the CIFAR/ImageNet value 0.3
+  # this wide MLP ablates no neuron at 80-98% (docs/results.md); with 0.95 it
+  # ablates most of them and is more accurate (89.60% vs 89.01% at 90%).
+  config.sparsity.gamma_sal = 0.95
 
   config.optim.name = 'sgd'
   config.optim.learning_rate = 0.05
