@@ -78,11 +78,18 @@ const ConvKernels* ConvKernelsFor(int64_t isa) {
 }
 
 // Grow-only per-thread buffers, reused across calls so that a call does not
-// page-fault fresh memory.
+// page-fault fresh memory. Plane rows start on cache lines (64-byte aligned
+// buffers, rows of a multiple of 16 floats), with slack at the end.
+float* AlignedPlanes(std::vector<float>& buffer, int64_t floats) {
+  const int64_t need = floats + 64;
+  if (static_cast<int64_t>(buffer.size()) < need) buffer.resize(need);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
+}
+
 float* LocalPlanes(int64_t floats) {
   thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
+  return AlignedPlanes(buffer, floats);
 }
 
 float* ComputeScratch() {
@@ -94,8 +101,7 @@ float* ComputeScratch() {
 // because the caller waits for all of them.
 float* SharedPlanes(int64_t floats) {
   thread_local std::vector<float> buffer;
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
-  return buffer.data();
+  return AlignedPlanes(buffer, floats);
 }
 
 // Plane bytes one local item may use: a quarter of a 1 MiB L2, leaving room
