@@ -264,52 +264,52 @@ def _use_counts(jaxpr) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Constant analysis: NaN marks what depends on the input.
+# Constant analysis: which values do not depend on the input, and their value.
+#
+# Every variable is a pair (value, unknown): a concrete array for batch 1 and
+# a bool array marking the entries that depend on the input. Rules by kind of
+# primitive keep the marks exact: elementwise ops OR their operands' marks,
+# structural ops move the marks as they move the data, reductions and pooling
+# mark an output that reads any marked input, and linear ops mark an output
+# iff a non-zero weight meets a marked input. Anything else is wholly marked
+# once any operand is.
+
+_STRUCTURAL = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
+    "concatenate", "pad", "rev", "copy", "copy_p",
+})
+_REDUCTIONS = frozenset({
+    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
+    "reduce_or", "argmax", "argmin",
+})
+_WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 
 
-class _Unknown:
-  """A non-float value that depends on the input."""
-
-
-_UNKNOWN = _Unknown()
-
-
-def _is_float(a) -> bool:
-  return jnp.issubdtype(np.asarray(a).dtype, jnp.inexact) if not isinstance(a, _Unknown) else False
-
-
-def _unknown_like(aval):
-  if jnp.issubdtype(aval.dtype, jnp.inexact):
-    return np.full(aval.shape, np.nan, aval.dtype)
-  return _UNKNOWN
-
-
-def _has_unknown(a) -> bool:
-  if isinstance(a, _Unknown):
-    return True
-  a = np.asarray(a)
-  return bool(jnp.issubdtype(a.dtype, jnp.inexact) and np.isnan(a).any())
+def _fill(val, unk):
+  return np.where(unk, np.zeros((), val.dtype), val)
 
 
 def _linear_eval(eqn, a, b):
-  """An exact partial evaluation of a bilinear op on NaN-marked operands."""
+  """Partial evaluation of a bilinear op (conv or dot) on marked operands."""
   prim = eqn.primitive
+  out_dtype = eqn.outvars[0].aval.dtype
 
   def run(u, v):
     return np.asarray(prim.bind(jnp.asarray(u), jnp.asarray(v), **eqn.params))
 
-  a = np.asarray(a, np.float32) if not isinstance(a, _Unknown) else None
-  b = np.asarray(b, np.float32) if not isinstance(b, _Unknown) else None
-  if a is None or b is None:
-    return _unknown_like(eqn.outvars[0].aval)
-  na, nb = np.isnan(a), np.isnan(b)
-  if not na.any() and not nb.any():
-    return run(a, b).astype(eqn.outvars[0].aval.dtype)
-  touch_a = (na | (a != 0)).astype(np.float32)
-  touch_b = (nb | (b != 0)).astype(np.float32)
-  unknown = (run(na.astype(np.float32), touch_b) + run(touch_a, nb.astype(np.float32))) > 0
-  val = run(np.nan_to_num(a, nan=0.0), np.nan_to_num(b, nan=0.0))
-  return np.where(unknown, np.nan, val).astype(eqn.outvars[0].aval.dtype)
+  (av, au), (bv, bu) = a, b
+  av, bv = _fill(av, au), _fill(bv, bu)
+  val = run(av, bv).astype(out_dtype)
+  if not au.any() and not bu.any():
+    return val, np.zeros(val.shape, bool)
+  f = lambda m: m.astype(np.float32)
+  params = dict(eqn.params)
+  params.pop("preferred_element_type", None)
+  touch_a, touch_b = f(au | (av != 0)), f(bu | (bv != 0))
+  ind = lambda u, v: np.asarray(prim.bind(jnp.asarray(u), jnp.asarray(v), **{
+      **params, "preferred_element_type": jnp.float32}))
+  unk = (ind(f(au), touch_b) + ind(touch_a, f(bu))) > 0
+  return val, unk
 
 
 def _sub_jaxpr(eqn):
@@ -320,16 +320,54 @@ def _sub_jaxpr(eqn):
   return None
 
 
+def _marks(eqn, ins, outs):
+  """The unknown marks of an eqn's outputs (see the section comment)."""
+  name = eqn.primitive.name
+  unks = [u for _, u in ins]
+  if not any(u.any() for u in unks):
+    return [np.zeros(np.shape(o), bool) for o in outs]
+  shapes = [np.shape(o) for o in outs]
+  if name in _STRUCTURAL:
+    moved = eqn.primitive.bind(*[jnp.asarray(u) for u in unks], **{
+        k: v for k, v in eqn.params.items()})
+    moved = moved if eqn.primitive.multiple_results else [moved]
+    return [np.asarray(m).astype(bool) for m in moved]
+  if name in _REDUCTIONS:
+    axes = tuple(eqn.params["axes"])
+    return [np.asarray(unks[0].any(axis=axes)).reshape(shapes[0])]
+  if name in _WINDOWS:
+    p = eqn.params
+    m = jax.lax.reduce_window(
+        jnp.asarray(unks[0], jnp.float32), 0.0, jax.lax.max, p["window_dimensions"],
+        p["window_strides"], p["padding"], p["base_dilation"], p["window_dilation"])
+    return [np.asarray(m) > 0]
+  if len(outs) == 1 and _broadcasts_to([np.shape(u) for u in unks], shapes[0]):
+    out = np.zeros(shapes[0], bool)
+    for u in unks:
+      out = out | u  # size-1 axes broadcast, as jaxpr elementwise ops allow
+    return [out]
+  return [np.ones(s, bool) for s in shapes]
+
+
+def _broadcasts_to(shapes, out) -> bool:
+  try:
+    return np.broadcast_shapes(*shapes, out) == tuple(out)
+  except ValueError:
+    return False
+
+
 def _eval_abstract(jaxpr, consts, args, record=None):
   env: dict = {}
 
   def read(v):
     if isinstance(v, jcore.Literal):
-      return np.asarray(v.val)
+      val = np.asarray(v.val)
+      return val, np.zeros(val.shape, bool)
     return env[v]
 
   for v, c in zip(jaxpr.constvars, consts):
-    env[v] = np.asarray(c)
+    c = np.asarray(c)
+    env[v] = (c, np.zeros(c.shape, bool))
   for v, a in zip(jaxpr.invars, args):
     env[v] = a
   for eqn in jaxpr.eqns:
@@ -340,20 +378,10 @@ def _eval_abstract(jaxpr, consts, args, record=None):
         record[eqn] = ins[0]
     elif (sub := _sub_jaxpr(eqn)) is not None:
       outs = _eval_abstract(sub.jaxpr, sub.consts, ins)
-    elif any(isinstance(a, _Unknown) for a in ins):
-      outs = [_unknown_like(v.aval) for v in eqn.outvars]
     else:
-      any_nan = any(_has_unknown(a) for a in ins)
-      res = eqn.primitive.bind(*[jnp.asarray(a) for a in ins], **eqn.params)
-      res = res if eqn.primitive.multiple_results else [res]
-      outs = []
-      for v, r in zip(eqn.outvars, res):
-        r = np.asarray(r)
-        # NaN cannot mark a non-float result (a comparison, an index): treat
-        # it as wholly unknown once any operand was.
-        if any_nan and not jnp.issubdtype(r.dtype, jnp.inexact):
-          r = _UNKNOWN
-        outs.append(r)
+      res = eqn.primitive.bind(*[jnp.asarray(_fill(v, u)) for v, u in ins], **eqn.params)
+      res = [np.asarray(r) for r in (res if eqn.primitive.multiple_results else [res])]
+      outs = list(zip(res, _marks(eqn, ins, res)))
     for v, o in zip(eqn.outvars, outs):
       if not isinstance(v, jcore.DropVar):
         env[v] = o
@@ -591,8 +619,9 @@ def convert_model(
 
   # Constant analysis.
   lhs_values: dict = {}
-  x_unknown = np.full(x1.shape, np.nan, np.float32) if jnp.issubdtype(x1.dtype, jnp.inexact) else _UNKNOWN
-  args = [np.asarray(leaf) for _, leaf in flat_vars] + [x_unknown]
+  x_unknown = (np.zeros(x1.shape, x1.dtype), np.ones(x1.shape, bool))
+  args = [(np.asarray(leaf), np.zeros(np.shape(leaf), bool)) for _, leaf in flat_vars]
+  args.append(x_unknown)
   _eval_abstract(jaxpr, closed.consts, args, record=lhs_values)
 
   fold_set = None if isinstance(fold, str) else {str(f) for f in fold}
@@ -704,9 +733,12 @@ def _prune_empty(tree):
 
 def _fold_known_inputs(layer: _Layer, a) -> None:
   """Drops the taps on inputs known at every position; adds them as bias."""
-  if a is None or isinstance(a, _Unknown):
+  if a is None:
     return
-  a = np.asarray(a, np.float32)
+  val, unk = a
+  if not jnp.issubdtype(val.dtype, jnp.inexact):
+    return
+  a = np.where(unk, np.nan, val).astype(np.float32)
   if layer.kind == "conv":
     if a.ndim != 4:
       return
