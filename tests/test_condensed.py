@@ -37,8 +37,9 @@ def masked_dense(x, kernel, mask, bias):
 
 
 # (in, out, k, n_active, batch): fan-in 1, one active neuron, everything
-# ablated, int32 indices (in > 32767), odd batches crossing tile edges, and a
-# batch-1 layer big enough that the native kernel splits it over threads.
+# ablated, int32 indices (in > 32767), odd batches crossing tile edges, a
+# batch-1 layer big enough that the native kernel splits it over threads, and
+# a long fan-in at batch 70.
 SHAPES = [
     (37, 11, 5, 7, 1),
     (37, 11, 1, 11, 3),
@@ -47,6 +48,9 @@ SHAPES = [
     (40_000, 5, 3, 4, 33),
     (300, 70, 29, 61, 65),
     (2000, 300, 300, 277, 1),
+    # Fan-in >= 128 at batch > 32: the AVX-512 kernel takes neurons in pairs
+    # (an odd count leaves one), over a full and a partial 64-wide tile.
+    (500, 37, 150, 33, 70),
 ]
 
 
@@ -96,7 +100,8 @@ def test_native_large_batches_and_no_bias():
 def test_native_bf16_weights_accumulate_in_fp32(batch):
   """bf16-stored weights: every variant equals fp32 math on those weights."""
   rng = np.random.default_rng(9)
-  kernel, mask, bias = make_layer(rng, 300, 70, 29, 61)
+  # Fan-in 150 so that batch 40 also takes the paired-neuron AVX-512 path.
+  kernel, mask, bias = make_layer(rng, 300, 70, 150, 61)
   layer = C.condense_dense(kernel, mask, bias)
   lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
   x = jnp.asarray(rng.standard_normal((batch, 300)), jnp.float32)
