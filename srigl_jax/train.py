@@ -685,22 +685,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_iter.close()
     writer.close()
 
+  export_error = None
   if step >= num_train_steps and is_main:
     if not last_eval:
       last_eval = evaluate(state)
     inference = None
     if config.get('export', True):
       # The payoff of sparse training: a verified, faster inference model.
-      inference = export_lib.export_model(
-          model, state.params, state.batch_stats,
-          srigl_jax.get_masks(state.opt_state), config,
-          os.path.join(workdir, 'inference'), step=step, workdir=workdir)
+      try:
+        inference = export_lib.export_model(
+            model, state.params, state.batch_stats,
+            srigl_jax.get_masks(state.opt_state), config,
+            os.path.join(workdir, 'inference'), step=step, workdir=workdir)
+      except Exception as e:  # pylint: disable=broad-except
+        export_error = e  # Raised once the summary and plots are written.
     write_summary_and_plots(
         workdir, config, _scalars(stats_fn(state)), last_eval,
         steps_per_sec=timed_steps / train_time if train_time > 0 else None,
         n_devices=n_devices, num_params=n_params, call_order=call_order,
         inference=inference)
   manager.close()
+  if export_error is not None:
+    logging.error('Export failed; training finished and is checkpointed. '
+                  'Retry with: python -m srigl_jax.export --workdir=%s',
+                  workdir)
+    raise export_error
   return state
 
 

@@ -347,3 +347,43 @@ def test_eight_device_workdir_exports_and_serves_on_one_device(
       json.load(open(os.path.join(out, 'manifest.json')))['preprocessing'], raw)
   np.testing.assert_allclose(np.array(result['logits']),
                              masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
+
+
+def test_failed_export_keeps_the_summary_and_fails_the_run(tmp_path,
+                                                           monkeypatch):
+  def broken(*args, **kwargs):
+    raise ValueError("convert_model: layer 'dense_0' cannot be followed")
+
+  monkeypatch.setattr(export.condensed, 'convert_model', broken)
+  workdir = str(tmp_path / 'wd')
+  config = small_config(**{**EXPORT_OVERRIDES, 'mesh.data': 1,
+                           'num_train_steps': 4, 'eval_every': 4,
+                           'checkpoint_every': 4, 'log_every': 4,
+                           'sparsity.update_every': 2,
+                           'model.kwargs.hidden_sizes': (16, 16)})
+  with pytest.raises(ValueError, match="layer 'dense_0' cannot be followed"):
+    train.train_and_evaluate(config, workdir)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    summary = json.load(f)
+  assert summary['final_step'] == 4 and 'inference' not in summary
+  assert not os.path.exists(os.path.join(workdir, 'inference'))
+
+
+def test_preprocessing_record_replays_the_eval_pipeline():
+  # Fashion-MNIST: what the data pipeline feeds the network at eval time.
+  from srigl_jax.data import augment  # pylint: disable=g-import-not-at-top
+  config = small_config()
+  spec = export.preprocessing_spec(config.input)
+  assert spec['output_shape'] == [28, 28, 1] and spec['resize'] is None
+  raw = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+  np.testing.assert_array_equal(
+      export.apply_preprocessing(spec, raw),
+      augment.normalize(raw[..., None], (0.2860,), (0.3530,)))
+  # ImageNet-style: images of any size, centre-cropped and resized.
+  spec = export.preprocessing_spec(srigl_jax.data.default_input_config(
+      'imagenet2012'))
+  assert spec['resize'] == 224 and len(spec['mean']) == 3
+  images = [np.full((300, 400, 3), 128, np.uint8),
+            np.full((256, 256, 3), 128, np.uint8)]
+  out = export.apply_preprocessing(spec, images)
+  assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32
