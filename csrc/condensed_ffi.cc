@@ -154,7 +154,8 @@ void Plan(Job& job, int64_t threads) {
     job.chunks = std::max<int64_t>(1, std::min(chunks, p.n_active));
     job.tiles = 1;
   } else {
-    job.tile = p.batch <= 16 ? 16 : (p.batch <= 32 ? 32 : 64);
+    job.tile = std::min<int64_t>(job.kernels->max_tile,
+                                 p.batch <= 16 ? 16 : (p.batch <= 32 ? 32 : 64));
     job.tiles = (p.batch + job.tile - 1) / job.tile;
     const int64_t by_work =
         std::max<int64_t>(1, work * job.tile / kMinItemWork);

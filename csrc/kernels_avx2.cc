@@ -6,7 +6,7 @@ namespace srigl {
 
 const Kernels& KernelsAvx2() {
   static const Kernels kernels = {"avx2", &avx2::GemvRows,
-                                  &avx2::TransposeTile, &avx2::TileRows};
+                                  &avx2::TransposeTile, &avx2::TileRows, 32};
   return kernels;
 }
 

@@ -6,7 +6,7 @@ namespace srigl {
 
 const Kernels& KernelsAvx512() {
   static const Kernels kernels = {"avx512", &avx512::GemvRows,
-                                  &avx512::TransposeTile, &avx512::TileRows};
+                                  &avx512::TransposeTile, &avx512::TileRows, 64};
   return kernels;
 }
 

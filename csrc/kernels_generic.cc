@@ -6,7 +6,7 @@ namespace srigl {
 
 const Kernels& KernelsGeneric() {
   static const Kernels kernels = {"generic", &generic::GemvRows,
-                                  &generic::TransposeTile, &generic::TileRows};
+                                  &generic::TransposeTile, &generic::TileRows, 64};
   return kernels;
 }
 
