@@ -61,6 +61,23 @@ def test_native_conv_matches_reference(case):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=isa)
 
 
+@pytest.mark.parametrize("min_pixels", [0, 10**9])
+def test_pointwise_through_either_kernel(monkeypatch, min_pixels):
+  # 1x1 convolutions go through the Dense kernel above a pixel count and
+  # through the conv kernel below it; both must agree with the reference.
+  monkeypatch.setattr(conv_native, "_POINTWISE_DENSE_MIN_PIXELS", min_pixels)
+  conv_native.condensed_conv_native.clear_cache()
+  rng = np.random.default_rng(min_pixels % 7)
+  for x_shape, cout, strides in [((3, 9, 7, 6), 8, (2, 2)), ((1, 5, 6, 40), 33, (1, 1))]:
+    kernel, mask, b = make_conv(rng, 1, 1, x_shape[-1], cout, 3, cout - 2)
+    layer = condense_conv(kernel, mask, b, strides=strides, padding="VALID")
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    np.testing.assert_allclose(
+        conv_native.condensed_conv_native(x, layer),
+        condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
+  conv_native.condensed_conv_native.clear_cache()
+
+
 def test_bias_map_and_dtype():
   rng = np.random.default_rng(1)
   kernel, mask, b = make_conv(rng, 3, 3, 4, 6, 9, 5)

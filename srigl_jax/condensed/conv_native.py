@@ -12,10 +12,12 @@ transposes (ablated channels get their bias), so there is no im2col buffer
 and no XLA pad/transpose around the call. Work is split over XLA's intra-op
 thread pool.
 
-1x1 convolutions without padding are a Dense layer over pixels and go
-through `condensed_matmul_native` instead (strided ones after subsampling
-the input). Measured on the 56x56 64->256 layer, the two kernels take the
-same time at batch 1 and 64: the output write dominates both.
+1x1 convolutions without padding are a Dense layer over pixels: with more
+than `_POINTWISE_DENSE_MIN_PIXELS` output pixels they go through
+`condensed_matmul_native` (strided ones after subsampling the input), which
+measured 10-25% faster than the conv kernel at batch 64 on ResNet-50's 1x1
+layers; at batch 1 the conv kernel measured as fast or 10-30% faster
+(interleaved runs on a 2-core Zen 4, 90% sparsity).
 
 Inference-only contract: the FFI call has no derivative rule; use
 `condensed_conv_xla` to differentiate.
@@ -45,9 +47,10 @@ __all__ = [
 _TARGET = "srigl_condensed_conv_f32"
 
 condensed_conv_native_reference = condensed_conv_reference
-# 1x1 convolutions through the Dense kernel; False sends them through the
-# conv kernel (kept for measuring that choice again).
-_POINTWISE_VIA_DENSE = True
+# 1x1 convolutions with at least this many output pixels (batch included)
+# go through the Dense kernel, smaller ones through the conv kernel; see the
+# module docstring. 0 sends every 1x1 conv through the Dense kernel.
+_POINTWISE_DENSE_MIN_PIXELS = 8192
 
 
 @functools.cache
@@ -135,7 +138,12 @@ def condensed_conv_native(
   layer.check_input(x.shape)
   out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
   lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
-  if _POINTWISE_VIA_DENSE and layer.is_pointwise and lo.pads == ((0, 0), (0, 0)):
+  pixels = lo.batch * lo.oh * lo.ow
+  if (
+      layer.is_pointwise
+      and lo.pads == ((0, 0), (0, 0))
+      and pixels >= _POINTWISE_DENSE_MIN_PIXELS
+  ):
     y = _pointwise(x, layer, max_threads, isa)
   else:
     taps = layer.taps
