@@ -105,8 +105,12 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
 
 def _redraw_density(rng, path, p, density, ablation):
   shape = np.shape(p)
-  fan = int(np.prod(shape[:-1]))
-  n = shape[-1]
+  name = jax.tree_util.keystr(path)
+  # Attention kernels: query/key/value (embed, heads, head_dim) have fan-in
+  # axis 0; out (heads, head_dim, embed) has fan-in axes (0, 1).
+  n_fan = 1 if len(shape) == 3 and "'out'" not in name else len(shape) - 1
+  fan = int(np.prod(shape[:n_fan]))
+  n = int(np.prod(shape[n_fan:]))
   budget = max(1, int(round(fan * n * density)))
   ablate = 0 if "head" in jax.tree_util.keystr(path) else int(n * ablation)
   active = rng.choice(n, n - ablate, replace=False)
