@@ -9,6 +9,8 @@ ablated neurons folded away.
 """
 
 from srigl_jax.condensed.conv_layer import CondensedConv, condense_conv
+from srigl_jax.condensed.conv_native import condensed_conv_native, conv_native_available
+from srigl_jax.condensed.conv_pallas import ConvBlockSizes, condensed_conv_pallas
 from srigl_jax.condensed.conv_xla import condensed_conv_reference, condensed_conv_xla
 from srigl_jax.condensed.convert import ConvertedModel, condensed_apply, convert_model
 from srigl_jax.condensed.dispatch import IMPLS, condensed_conv, condensed_matmul, resolve_impl
@@ -31,6 +33,7 @@ from srigl_jax.condensed.xla import condensed_matmul_reference, condensed_matmul
 
 __all__ = [
     "BlockSizes",
+    "ConvBlockSizes",
     "CondensedConv",
     "ConvertedModel",
     "CondensedLayer",
@@ -41,6 +44,8 @@ __all__ = [
     "condensed_apply",
     "condense_conv",
     "condensed_conv",
+    "condensed_conv_native",
+    "condensed_conv_pallas",
     "condensed_conv_reference",
     "condensed_conv_xla",
     "condensed_matmul",
@@ -48,6 +53,7 @@ __all__ = [
     "condensed_matmul_pallas",
     "condensed_matmul_reference",
     "condensed_matmul_xla",
+    "conv_native_available",
     "convert_model",
     "index_dtype_for",
     "native_available",
