@@ -175,3 +175,26 @@ def test_structure_the_converter_cannot_follow_is_refused():
                        variables["params"])
   with pytest.raises(ValueError, match="'shared' has a sparse kernel that is not consumed"):
     C.convert_model(model, variables, masks, x)
+
+
+LONG = __import__("os").environ.get("SRIGL_LONG_TESTS") == "1"
+# Full-size families at their paper input sizes; the slow ones run with
+# SRIGL_LONG_TESTS=1 (the whole-model benchmark also checks each of them).
+FULL = {
+    "mlp": True, "cnn": True, "resnet18": LONG, "wrn22": LONG, "resnet50": LONG,
+    "vit_ti16": LONG, "vit_s16": LONG, "vit_b16": LONG, "mobilenet_v3_large": LONG,
+    "mobilenet_v3_small": LONG,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+def test_full_size_model_converts_exactly(name):
+  if not FULL[name]:
+    pytest.skip("full-size conversion of this family runs with SRIGL_LONG_TESTS=1")
+  from srigl_jax.benchmarks.model import synthetic_model  # pylint: disable=g-import-not-at-top
+
+  model, variables, masks, shape = synthetic_model(name, 0.9, 0.1)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, *shape)), jnp.float32)
+  converted = C.convert_model(model, variables, masks, x)  # self-checks on a probe
+  assert {e["format"] for e in converted.plan["layers"].values()} == {"condensed"}
+  assert_close(jax.jit(converted.apply)(x), masked_logits(model, variables, masks, x))
