@@ -37,7 +37,7 @@ cd "$ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
 fi
-STAGES=${GPU_CHECK_STAGES:-"tests bench train"}
+STAGES=${GPU_CHECK_STAGES:-"tests bench model train"}
 
 BACKEND=$("$PYTHON" -c "import jax; print(jax.default_backend())" 2>/dev/null || echo none)
 if [[ -z "${GPU_CHECK_TINY:-}" ]]; then
@@ -59,7 +59,8 @@ run_stage() {  # name, timeout seconds, command...
 if [[ " $STAGES " == *" tests "* ]]; then
   # The kernel tests pick interpret mode only where there is no GPU.
   run_stage tests 240 bash -c "\"$PYTHON\" -m pytest -q -p no:cacheprovider \
-    tests/test_condensed.py tests/test_gpu_lowering.py \
+    tests/test_condensed.py tests/test_conv_pallas.py tests/test_conv_layer.py \
+    tests/test_convert.py tests/test_gpu_lowering.py \
     --junitxml=\"$OUT/pytest.xml\" 2>&1 | tee \"$OUT/pytest.log\""
 fi
 
@@ -80,6 +81,17 @@ if [[ " $STAGES " == *" bench "* ]]; then
   done
 fi
 
+if [[ " $STAGES " == *" model "* ]]; then
+  # Whole models: masked dense vs structured vs condensed (Pallas on a GPU).
+  if [[ "$GPU_CHECK_TINY" == 1 ]]; then
+    MODEL_ARGS=(--model=cnn --batch-sizes=1,8 --repeats=3 --budget-s=2)
+  else
+    MODEL_ARGS=(--model=resnet50,vit_s16,resnet18 --batch-sizes=1,64,256 --repeats=20 --budget-s=15)
+  fi
+  run_stage model 200 bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.model ${MODEL_ARGS[*]} \
+    --json \"$OUT/model.json\" 2>&1 | tee \"$OUT/model.log\""
+fi
+
 if [[ " $STAGES " == *" train "* ]]; then
   if [[ "$GPU_CHECK_TINY" == 1 ]]; then
     CONFIG=configs/fashion_mnist.py
@@ -98,7 +110,7 @@ if [[ " $STAGES " == *" train "* ]]; then
       --config.input.name=synthetic "${EXTRA[@]}" \
       --config.input.num_eval_examples=128 --config.eval_batch_size=128 \
       --config.num_train_steps="$STEPS" --config.sparsity.update_every="$EVERY" \
-      --config.log_every="$EVERY" --config.write_plots=False \
+      --config.log_every="$EVERY" --config.write_plots=False --config.export=False \
       >"$OUT/train_$method.log" 2>&1
   done
   STAGES="$STAGES collect"

@@ -107,7 +107,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   run.mkdir()
   (run / "summary.json").write_text(json.dumps(
       {"steps_per_sec": 12.5, "final_step": 20, "model": "mlp", "method": "srigl"}))
-  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STAGES="bench collect",
+  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STAGES="bench model collect",
              GPU_CHECK_DTYPES="float32", JAX_PLATFORMS="cpu")
   proc = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True,
                         text=True, timeout=300)
@@ -119,4 +119,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   train = json.loads((tmp_path / "train.json").read_text())
   assert train["backend"] == "cpu" and train["runs"]["srigl"]["steps_per_sec"] == 12.5
   status = json.loads((tmp_path / "status.json").read_text())
-  assert status == {"bench_fp32": 0, "collect": 0}
+  assert status == {"bench_fp32": 0, "model": 0, "collect": 0}
+  model = json.loads((tmp_path / "model.json").read_text())
+  assert {r["impl"] for r in model} == {"dense", "structured", "condensed"}
+  assert all(r["max_rel_err"] <= 1e-4 for r in model)

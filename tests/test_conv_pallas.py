@@ -18,6 +18,10 @@ from srigl_jax.condensed.conv_pallas import (
     condensed_conv_pallas_reference,
 )
 
+# scripts/gpu_check.sh runs these tests on a GPU, where the kernel is compiled
+# for real; elsewhere it runs in the Pallas interpreter.
+INTERPRET = jax.default_backend() != "gpu"
+
 # Small tiles so that tiny shapes still cross neuron and column block edges;
 # unroll 3 leaves a remainder for most fan-ins.
 SMALL = ConvBlockSizes(block_neurons=8, block_cols=16, unroll=3)
@@ -59,7 +63,7 @@ def test_pallas_conv_matches_reference(case, index_dtype):
   assert layer.taps.dtype == index_dtype
   x = jnp.asarray(rng.standard_normal((batch, *hw, cin)), jnp.float32)
   want = condensed_conv_pallas_reference(x, layer)
-  got = condensed_conv_pallas(x, layer, block_sizes=SMALL, interpret=True)
+  got = condensed_conv_pallas(x, layer, block_sizes=SMALL, interpret=INTERPRET)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
@@ -73,14 +77,14 @@ def test_pallas_conv_default_blocks_bf16_and_bias_map():
   layer = layer.replace(bias_map=bias_map, input_hw=(7, 9))
   want = condensed_conv_pallas_reference(x, layer)
   # Default block sizes: the column block is capped to the small grid.
-  got = condensed_conv_pallas(x, layer, interpret=True)
+  got = condensed_conv_pallas(x, layer, interpret=INTERPRET)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   # bf16 input and values: float32 accumulation, bf16 output.
   layer16 = layer.replace(values=layer.values.astype(jnp.bfloat16),
                           bias=layer.bias.astype(jnp.bfloat16),
                           bias_map=layer.bias_map.astype(jnp.bfloat16))
   x16 = x.astype(jnp.bfloat16)
-  got16 = condensed_conv_pallas(x16, layer16, block_sizes=SMALL, interpret=True)
+  got16 = condensed_conv_pallas(x16, layer16, block_sizes=SMALL, interpret=INTERPRET)
   assert got16.dtype == jnp.bfloat16
   want16 = condensed_conv_pallas_reference(x16.astype(jnp.float32), layer16.replace(
       values=layer16.values.astype(jnp.float32)))
@@ -91,17 +95,17 @@ def test_pallas_conv_empty_and_errors():
   rng = np.random.default_rng(3)
   layer = make_conv(rng, (3, 3), 2, 4, 3, 0)  # every channel ablated
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 2)), jnp.float32)
-  got = condensed_conv_pallas(x, layer, interpret=True)
+  got = condensed_conv_pallas(x, layer, interpret=INTERPRET)
   np.testing.assert_allclose(got, condensed_conv_pallas_reference(x, layer), atol=1e-6)
   layer = make_conv(rng, (3, 3), 2, 4, 3, 4)
   with pytest.raises(ValueError, match="power of two"):
     condensed_conv_pallas(x, layer, block_sizes=ConvBlockSizes(block_cols=24),
-                          interpret=True)
+                          interpret=INTERPRET)
   with pytest.raises(ValueError, match="channels"):
-    condensed_conv_pallas(x[..., :1], layer, interpret=True)
+    condensed_conv_pallas(x[..., :1], layer, interpret=INTERPRET)
   # Gather addresses are int32: a 2**31-element plane buffer is refused
   # (checked on shapes only, nothing is allocated).
   big = make_conv(rng, (1, 1), 256, 8, 4, 8)
   with pytest.raises(ValueError, match="int32"):
-    jax.eval_shape(lambda x: condensed_conv_pallas(x, big, interpret=True),
+    jax.eval_shape(lambda x: condensed_conv_pallas(x, big, interpret=INTERPRET),
                    jax.ShapeDtypeStruct((2048, 64, 64, 256), jnp.bfloat16))
