@@ -37,7 +37,21 @@ from srigl_jax.condensed import (
     native_available,
 )
 
-# Deployment: a training workdir -> a saved condensed model -> serving.
-from srigl_jax.export import export_inference_model, load_inference_model
-
 __version__ = "0.1.0"
+
+# Deployment (a training workdir -> a saved condensed model -> serving) lives
+# in srigl_jax.export, imported on first use: `python -m srigl_jax.export`
+# would otherwise find the module already imported and run a second copy.
+_EXPORT_NAMES = ("export_inference_model", "load_inference_model")
+
+
+def __getattr__(name):
+  if name in _EXPORT_NAMES:
+    from srigl_jax import export  # pylint: disable=g-import-not-at-top
+
+    return getattr(export, name)
+  raise AttributeError(f"module 'srigl_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + list(_EXPORT_NAMES))

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Mapping
@@ -232,7 +233,7 @@ def preprocessing_spec(input_config) -> dict[str, Any]:
 
 
 def apply_preprocessing(spec: Mapping[str, Any], raw) -> np.ndarray:
-  """Raw uint8 images -> the network's input, as recorded by `preprocessing_spec`.
+  """Raw uint8 images -> the network's input, as `preprocessing_spec` records.
 
   Args:
     spec: the manifest's 'preprocessing' record.
@@ -260,12 +261,12 @@ def apply_preprocessing(spec: Mapping[str, Any], raw) -> np.ndarray:
     if images.ndim == len(out_shape) and out_shape[-1] == 1:
       images = images[..., None]  # (N, H, W) grey images.
     if images.shape[1:] != out_shape:
+      want = f'(N, {", ".join(map(str, out_shape))})'
+      if out_shape[-1] == 1:
+        want += f' or (N, {", ".join(map(str, out_shape[:-1]))})'
       raise ValueError(
-          f'preprocess expects raw images of shape (N, {", ".join(map(str, out_shape))})'
-          + (f' or (N, {", ".join(map(str, out_shape[:-1]))})'
-             if out_shape[-1] == 1 else '')
-          + f', got {images.shape}. For a single image add a batch axis '
-          '(image[None]).')
+          f'preprocess expects raw images of shape {want}, got '
+          f'{images.shape}. For a single image add a batch axis (image[None]).')
   return aug.normalize(images, spec['mean'], spec['std'])
 
 
@@ -464,9 +465,11 @@ def format_report(report: Mapping[str, Any]) -> str:
       f"{report['path']}",
       f"  eval examples      {report['eval_examples']}",
       f"  masked accuracy    {100 * report['masked_accuracy']:.2f}%",
-      f"  {report['kind']:9s} accuracy {100 * report['condensed_accuracy']:.2f}%",
+      f"  {report['kind']:9s} accuracy "
+      f"{100 * report['condensed_accuracy']:.2f}%",
       f"  max |logit diff|   {report['max_abs_logit_diff']:.3g}",
-      '  batch   dense (us)   ' + f"{report['kind']} (us)".ljust(16) + 'speed-up',
+      '  batch   dense (us)   ' + f"{report['kind']} (us)".ljust(16) +
+      'speed-up',
   ]
   for r in report.get('latency', []):
     lines.append(f"  {r['batch']:5d}   {r['dense_us']:10.1f}   "
@@ -510,14 +513,34 @@ def _host(tree):
   return jax.tree.map(get, tree)
 
 
-def _fingerprint(workdir: str | None, config) -> dict[str, Any]:
+def _checkpoint_fingerprint(workdir: str, step: int) -> dict[str, Any] | None:
+  """The custom metadata orbax keeps with a checkpoint (the run's fingerprint
+  when the trainer records it there), or None."""
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  try:
+    custom = getattr(manager.metadata(step), 'custom_metadata', None)
+  except Exception:  # pylint: disable=broad-except
+    custom = None  # Older checkpoints carry no metadata; not an error.
+  finally:
+    manager.close()
+  return dict(custom) if custom else None
+
+
+def _fingerprint(workdir: str | None, config,
+                 step: int | None = None) -> dict[str, Any]:
+  """The run's fingerprint: fingerprint.json, else the checkpoint's metadata,
+  else recomputed from the config; with a digest to compare runs by."""
   fp = None
   if workdir is not None:
-    path = os.path.join(workdir, checks.FINGERPRINT_FILE)
+    path = os.path.join(workdir, 'fingerprint.json')
     if os.path.exists(path):
       with open(path, encoding='utf-8') as f:
         fp = json.load(f)
-  if fp is None:
+    elif step is not None:
+      fp = _checkpoint_fingerprint(workdir, step)
+  if fp is None and hasattr(checks, 'fingerprint'):
     fp = checks.fingerprint(config)
   digest = hashlib.sha256(
       json.dumps(fp, sort_keys=True).encode()).hexdigest()
@@ -594,7 +617,7 @@ def export_model(model, params, batch_stats, masks, config, out: str, *,
       'layers': _layer_records(plan, params, masks),
       'plan': plan,
       'source': {'workdir': workdir, 'checkpoint_step': int(step),
-                 'fingerprint': _fingerprint(workdir, config)},
+                 'fingerprint': _fingerprint(workdir, config, step)},
       'variables': _tree_summary(variables),
   }
   json.dumps(manifest)  # Fails here, before any file is written.
@@ -842,8 +865,12 @@ def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   del argv
   flag_values = flags.FLAGS
-  report = export_inference_model(flag_values.workdir, flag_values.out,
-                                  timing_s=flag_values.timing_s)
+  try:
+    report = export_inference_model(flag_values.workdir, flag_values.out,
+                                    timing_s=flag_values.timing_s)
+  except (ExportError, VerificationError) as e:
+    # The message names the problem and the fix; a traceback would bury it.
+    sys.exit(f'{type(e).__name__}: {e}')
   print(format_report(report))
   print(summary_line(report))
 
@@ -853,7 +880,8 @@ if __name__ == '__main__':
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   flags.DEFINE_string('workdir', None, 'Training workdir to export.')
-  flags.DEFINE_string('out', None, 'Inference folder (default WORKDIR/inference).')
+  flags.DEFINE_string('out', None,
+                      'Inference folder (default WORKDIR/inference).')
   flags.DEFINE_float('timing_s', 1.0, 'About how long to time each batch size.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

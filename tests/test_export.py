@@ -23,7 +23,8 @@ from srigl_jax import export
 from srigl_jax import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_train import HAVE_FMNIST, REPO, cli_overrides, small_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from test_train import HAVE_FMNIST, REPO, cli_overrides, small_config
 
 EXPORT_OVERRIDES = {
     'mesh.data': -1,
@@ -177,7 +178,8 @@ def test_bad_input_to_the_loaded_model_names_the_fix(run):
   raw, _ = raw_test_images(4)
   with pytest.raises(ValueError, match=r'uint8.*call model\.preprocess'):
     model(raw[..., None])
-  with pytest.raises(ValueError, match=r'shape \(4, 28, 28\).*\(N, 28, 28, 1\)'):
+  with pytest.raises(ValueError,
+                     match=r'shape \(4, 28, 28\).*\(N, 28, 28, 1\)'):
     model(model.preprocess(raw)[..., 0])
   with pytest.raises(ValueError, match='dtype float64'):
     model(model.preprocess(raw).astype(np.float64))
