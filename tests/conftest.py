@@ -1,10 +1,52 @@
-"""Fixtures shared by the trainer tests."""
+"""Fixtures and helpers shared by the tests (`from conftest import ...`)."""
+
+import importlib.util
+import os
+from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from srigl_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, 'configs')
+FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
+HAVE_FMNIST = os.path.exists(
+    os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `configs/<name>.py`, as the entry point loads it."""
+  spec = importlib.util.spec_from_file_location(
+      f'_config_{name}', os.path.join(CONFIGS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def set_fields(config: ml_collections.ConfigDict,
+               overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted fields ('sparsity.sparsity': 0.8), as --config.* flags do."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def cli_flags(overrides: dict[str, Any]) -> list[str]:
+  """The --config.* flags of the entry point that set `overrides`."""
+  out = []
+  for key, value in overrides.items():
+    if isinstance(value, tuple):
+      value = '(' + ','.join(str(v) for v in value) + ',)'
+    out.append(f'--config.{key}={value}')
+  return out
 
 
 @pytest.fixture

@@ -9,9 +9,7 @@ learning rate and its schedule, weight decay, label smoothing.
 """
 
 import functools
-import importlib.util
 import math
-import os
 import re
 
 import jax
@@ -24,7 +22,9 @@ from srigl_jax import models
 from srigl_jax import train
 from srigl_jax.sparsity import layers as layers_lib
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from conftest import load_config
+
 _IMAGENET = 1_281_167
 # name -> (input shape, classes, paper sparsities).
 _CONFIGS = {
@@ -36,19 +36,11 @@ _CONFIGS = {
 }
 
 
-def _get_config(name, arg):
-  path = os.path.join(_REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'_cfg_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @functools.lru_cache(maxsize=None)
 def _build(name):
   """The config (SRigL, 90%) and its abstract train state, as the trainer."""
   shape, classes, _ = _CONFIGS[name]
-  config = _get_config(name, 'method=srigl,sparsity=0.9')
+  config = load_config(name, 'method=srigl,sparsity=0.9')
   model = models.get_model(config.model.name, classes, dtype=jnp.float32,
                            **config.model.kwargs.to_dict())
   lr_fn = train.create_learning_rate_fn(config.optim, 100,
@@ -184,7 +176,7 @@ def _lr(config, steps_per_epoch, step):
 
 @pytest.mark.parametrize('name', ['cifar10_resnet18', 'cifar10_wrn22'])
 def test_cifar_schedule(name):
-  config = _get_config(name, None)
+  config = load_config(name, None)
   spe = 50_000 // 128
   assert config.batch_size == 128
   assert config.num_train_steps == 250 * spe
@@ -202,7 +194,7 @@ def test_cifar_schedule(name):
 
 
 def test_resnet50_schedule():
-  config = _get_config('imagenet_resnet50', None)
+  config = load_config('imagenet_resnet50', None)
   spe = _IMAGENET // 512
   assert config.batch_size == 512
   assert config.num_train_steps == 256_000
@@ -222,7 +214,7 @@ def test_resnet50_schedule():
 
 
 def test_vit_schedule():
-  config = _get_config('imagenet_vit_b16', None)
+  config = load_config('imagenet_vit_b16', None)
   spe = _IMAGENET // 4096
   assert config.batch_size == 4096
   assert config.num_train_steps == 150 * spe
@@ -240,7 +232,7 @@ def test_vit_schedule():
 
 
 def test_mobilenet_schedule():
-  config = _get_config('imagenet_mobilenet_v3', None)
+  config = load_config('imagenet_mobilenet_v3', None)
   assert config.batch_size == 1024
   assert config_lib.resolve_stop_step(config) == int(
       0.75 * config.num_train_steps)

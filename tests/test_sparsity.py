@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -302,7 +303,8 @@ def _sparse_leaves(params, masks):
      ("set", 0.0, 1)],
 )
 def test_invariants_over_many_updates(method, gamma, acc):
-  rng = np.random.default_rng(hash((method, gamma, acc)) % 2**32)
+  # A fixed seed per case (hash() of a str is salted per process).
+  rng = np.random.default_rng(zlib.crc32(f"{method},{gamma},{acc}".encode()))
   for trial in range(1):
     params = _random_params(rng)
     # Up to the largest sparsity every layer can take with fan-in >= 1.

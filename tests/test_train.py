@@ -4,7 +4,6 @@ The end-to-end runs use a few hundred real Fashion-MNIST images when Debian's
 dataset-fashion-mnist is installed, generated data otherwise.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -25,10 +24,10 @@ from srigl_jax import config_lib
 from srigl_jax import metric_writers
 from srigl_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = os.path.join(REPO, 'configs')
-FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
-HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from conftest import (CONFIGS, HAVE_FMNIST, REPO, cli_flags, load_config,
+                      set_fields)
+
 CONFIG_NAMES = ('fashion_mnist', 'cifar10_resnet18', 'cifar10_wrn22',
                 'imagenet_resnet50', 'imagenet_vit_b16', 'imagenet_mobilenet_v3')
 
@@ -55,32 +54,14 @@ if not HAVE_FMNIST:
   SMALL_OVERRIDES['input.image_shape'] = (28, 28, 1)
 
 
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def small_config(**extra):
-  config = load_config('fashion_mnist')
-  for key, value in {**SMALL_OVERRIDES, **extra}.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """The small run's config (plus `extra` dotted overrides)."""
+  return set_fields(load_config('fashion_mnist'), {**SMALL_OVERRIDES, **extra})
 
 
 def cli_overrides(**extra):
-  out = []
-  for key, value in {**SMALL_OVERRIDES, **extra}.items():
-    if isinstance(value, tuple):
-      value = '(' + ','.join(str(v) for v in value) + ',)'
-    out.append(f'--config.{key}={value}')
-  return out
+  """The small run's --config.* flags (plus `extra`)."""
+  return cli_flags({**SMALL_OVERRIDES, **extra})
 
 
 @pytest.fixture(scope='module', autouse=True)
