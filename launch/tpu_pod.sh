@@ -23,8 +23,11 @@
 #   GCS_BUCKET        bucket mounted at /gcs/$GCS_BUCKET by `setup` (optional).
 #   TFDS_DATA_DIR     passed to the workers (e.g. /gcs/my-bucket/tfds).
 #
-# Re-running the same `run` command after a preemption resumes from the latest
-# checkpoint in the workdir. Logs of worker 0 hold the progress lines.
+# On SIGTERM (a spot/preemptible TPU VM's shutdown, or `pkill -TERM -f
+# srigl_jax.main` on the workers) every worker finishes its step and all save
+# the same one (JAX's preemption sync service, which on Cloud TPU also watches
+# maintenance events) before exiting 0. Re-running the same `run` command then
+# resumes from that checkpoint. Logs of worker 0 hold the progress lines.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"

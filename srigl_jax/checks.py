@@ -12,7 +12,8 @@ function:
   * every sparse layer keeps a fan-in >= 1 at the requested sparsity (from
     `jax.eval_shape`'d params: no weights are materialised),
   * the workdir's checkpoints were written by a run with the same model and
-    sparse-optimizer state layout (`fingerprint.json` next to `checkpoints/`).
+    sparse-optimizer state layout (`checkpointing.check_workdir`: the
+    fingerprint stored in the newest checkpoint's orbax metadata).
 
 Every failure raises `ConfigError` (a `ValueError`) or `WorkdirMismatchError`
 whose message names the offending field and how to fix it.
@@ -21,24 +22,27 @@ whose message names the offending field and how to fix it.
 from __future__ import annotations
 
 import difflib
-import json
 import math
-import os
 from typing import Any, Iterator
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from srigl_jax import checkpointing
 from srigl_jax import config_lib
 from srigl_jax import data as data_lib
 from srigl_jax import models
 from srigl_jax.data import pipeline as data_pipeline
 from srigl_jax.sparsity import layers as layers_lib
 
-FINGERPRINT_FILE = 'fingerprint.json'
-_FINGERPRINT_VERSION = 1
+# The workdir check lives with the checkpoints; these names stay here for
+# callers of the preflight API.
+FINGERPRINT_FILE = checkpointing.FINGERPRINT_FILE
+WorkdirMismatchError = checkpointing.WorkdirMismatchError
+fingerprint = checkpointing.fingerprint
+check_workdir = checkpointing.check_workdir
+
 # Free-form groups: their keys are constructor arguments, not config fields.
 _FREE_FORM = ('model.kwargs',)
 _DTYPES = ('float32', 'bfloat16')
@@ -47,10 +51,6 @@ _INITS = ('sparse_he', 'masked')
 
 class ConfigError(ValueError):
   """The config cannot describe a valid run; the message says what to change."""
-
-
-class WorkdirMismatchError(ValueError):
-  """The workdir holds checkpoints of a run with a different model/optimizer."""
 
 
 # ------------------------------------------------------------- keys, types
@@ -360,98 +360,6 @@ def validate_config(config: ml_collections.ConfigDict,
                       jax.process_count() if n_processes is None else n_processes)
   if check_layers:
     check_layer_fan_in(config)
-
-
-# ------------------------------------------------------------- fingerprint
-
-# The fields that decide the shapes and meaning of what a checkpoint holds:
-# params (model), masks and their budgets (sparsity), optimizer moments.
-FINGERPRINT_FIELDS = (
-    'model.name', 'model.kwargs', 'model.dtype', 'input.name',
-    'input.image_shape', 'input.image_size', 'input.num_classes',
-    'sparsity.method', 'sparsity.sparsity', 'sparsity.distribution',
-    'sparsity.erk_power_scale', 'sparsity.sparse_rule', 'sparsity.dense_layers',
-    'sparsity.no_ablation', 'sparsity.grad_accumulation', 'optim.name',
-    'seed',
-)
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, ml_collections.ConfigDict):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in sorted(value.items())}
-  if isinstance(value, (tuple, list)):
-    return [_jsonable(v) for v in value]
-  return value
-
-
-def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config fields that define the checkpointed state, as JSON values."""
-  out: dict[str, Any] = {'version': _FINGERPRINT_VERSION}
-  for key in FINGERPRINT_FIELDS:
-    node = config
-    try:
-      for part in key.split('.'):
-        node = node[part]
-    except (KeyError, AttributeError):
-      node = None
-    out[key] = _jsonable(node)
-  # Momentum on/off changes the optimizer state's structure.
-  out['optim.momentum>0'] = bool(config.optim.get('momentum') or 0.0)
-  return out
-
-
-def _has_checkpoints(ckpt_dir: str) -> bool:
-  if not os.path.isdir(ckpt_dir):
-    return False
-  return any(name.isdigit() for name in os.listdir(ckpt_dir))
-
-
-def check_workdir(workdir: str, config: ml_collections.ConfigDict,
-                  write: bool = True) -> None:
-  """Refuses to resume checkpoints written with another model or sparsity.
-
-  On a fresh workdir (no finished checkpoint) the fingerprint is (re)written;
-  on one with checkpoints it must match the config's.
-
-  Args:
-    workdir: the run's directory (holding `checkpoints/`).
-    config: the full config.
-    write: write the fingerprint (only process 0 should).
-
-  Raises:
-    WorkdirMismatchError: naming every differing field, both values and the
-      fixes.
-  """
-  path = os.path.join(workdir, FINGERPRINT_FILE)
-  mine = fingerprint(config)
-  has_ckpt = _has_checkpoints(os.path.join(workdir, 'checkpoints'))
-  if has_ckpt and os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      theirs = json.load(f)
-    diff = [k for k in sorted(set(mine) | set(theirs))
-            if k != 'version' and mine.get(k) != theirs.get(k)]
-    if diff:
-      lines = '; '.join(
-          f'{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}'
-          for k in diff)
-      raise WorkdirMismatchError(
-          f'workdir {workdir} holds checkpoints of a different run ({lines}). '
-          'Resuming would mix two models. Use a new --workdir, or run with '
-          f'the checkpoint\'s settings, or delete {workdir}/checkpoints and '
-          f'{path} to start over.')
-    return
-  if has_ckpt:
-    logging.warning('%s has checkpoints but no %s (written by an older '
-                    'version); trusting them and recording this config.',
-                    workdir, FINGERPRINT_FILE)
-  if write:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      json.dump(mine, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # Atomic: a kill never leaves half a fingerprint.
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str,

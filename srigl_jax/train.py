@@ -4,8 +4,11 @@
 data parallelism over all devices and leaves in `workdir`:
 
   checkpoints/       orbax checkpoints (params, batch stats, optimizer state
-                     with the masks, step); a second run of the same command
-                     resumes from the latest one, data order included.
+                     with the masks, step; the run's fingerprint as metadata),
+                     saved asynchronously; a second run of the same command
+                     resumes from the latest one, data order included. On
+                     SIGTERM the run saves the step it finished and returns
+                     (see `srigl_jax.checkpointing`).
   metrics.jsonl      one JSON object per line: {'step': ..., ...}.
   events.out.tfevents.*  the same scalars for TensorBoard.
   config.json        the resolved config.
@@ -45,9 +48,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 import srigl_jax
+from srigl_jax import checkpointing
 from srigl_jax import checks
 from srigl_jax import config_lib
 from srigl_jax import data as data_lib
@@ -458,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     workdir: directory for checkpoints, metrics, plots and the summary.
 
   Returns:
-    The final TrainState.
+    The final TrainState (of the step saved on SIGTERM, if preempted).
 
   Raises:
     FloatingPointError: the training loss became NaN or infinite.
@@ -517,19 +520,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       faults.leaf_paths(abstract_state.params), call_order,
       skip_bad_steps=bool(config.get('skip_bad_steps', False)))
 
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  manager = ocp.CheckpointManager(
-      ckpt_dir,
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=int(config.keep_checkpoints), create=True,
-          enable_async_checkpointing=False))
-  latest = manager.latest_step()
+  ckpt = checkpointing.Checkpointer(workdir, config)
+  latest = ckpt.latest_step()
   if latest is not None:
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         abstract_state, state_sharding)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    logging.info('Resumed from %s at step %d.', ckpt_dir, latest)
+    state = ckpt.restore(latest, target)
+    logging.info('Resumed from %s at step %d.', ckpt.directory, latest)
   else:
     state = jax.jit(init, out_shardings=state_sharding)(init_key)
   start_step = int(jax.device_get(state.step))
@@ -595,7 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # Raises faults.NonFiniteError (a FloatingPointError) naming the step
     # and layer, unless skip_bad_steps dropped the step.
     applied = monitor.check([s for s, _ in pending], values,
-                            manager.latest_step())
+                            ckpt.latest_step())
     values = [v for v, ok in zip(values, applied) if ok]
     losses = np.array([v['loss'] for v in values], np.float64)
     now = time.perf_counter()
@@ -638,59 +636,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   step = start_step
   end_step = (num_train_steps if halt_after is None else
               min(num_train_steps, int(halt_after)))
-  try:
-    while step < end_step:
-      batch = _to_global(next(train_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
-      step += 1
-      pending.append((step, metrics))
-      if interval_start is None:
-        # The first step after (re)start includes compilation: time from here.
-        jax.block_until_ready(state.step)
-        interval_start, interval_steps = time.perf_counter(), 0
-      else:
-        interval_steps += 1
-      is_last = step == num_train_steps
-      halting = step == end_step and not is_last
-      do_eval = is_last or (eval_every > 0 and step % eval_every == 0)
-      do_ckpt = is_last or halting or (ckpt_every > 0 and step % ckpt_every == 0)
-      mask_update = (dynamic and step % config.sparsity.update_every == 0 and
-                     step < stop_step)
-      record = {}  # One metrics.jsonl line per step, all fields together.
-      if step % log_every == 0 or do_eval or do_ckpt or mask_update:
-        record.update(flush_train_metrics(step))
-      if mask_update or do_eval:
-        pause_timer()
-        record.update(_scalars(stats_fn(state)))
-        if do_eval:
-          last_eval = evaluate(state)
-          record.update(last_eval)
-          logging.info('step %d  eval accuracy %.4f  eval loss %.4f  '
-                       'global sparsity %.4f', step,
-                       last_eval['eval_accuracy'], last_eval['eval_loss'],
-                       record['global_sparsity'])
-      if record:
-        writer.write_scalars(step, record)
-      if do_ckpt:
-        pause_timer()
-        manager.save(step, args=ocp.args.StandardSave(state))
-        writer.flush()
-      if halting:
-        logging.info('Halting after step %d (halt_after_step); run the same '
-                     'command again to continue.', step)
-        break
-    manager.wait_until_finished()
-  finally:
-    if hasattr(train_iter, 'close'):
-      train_iter.close()
-    writer.close()
+  preempted = False
+  with ckpt:  # Waits for the last async save; SIGTERM handling while open.
+    try:
+      while step < end_step:
+        batch = _to_global(next(train_iter), batch_sharding)
+        state, metrics = train_step(state, batch)
+        step += 1
+        pending.append((step, metrics))
+        if interval_start is None:
+          # The first step after (re)start includes compilation: time from
+          # here.
+          jax.block_until_ready(state.step)
+          interval_start, interval_steps = time.perf_counter(), 0
+        else:
+          interval_steps += 1
+        is_last = step == num_train_steps
+        # Every process asks at every step: they all stop at the same one.
+        preempted = not is_last and ckpt.reached_preemption(step)
+        halting = (step == end_step and not is_last) or preempted
+        do_eval = is_last or (eval_every > 0 and step % eval_every == 0)
+        do_ckpt = is_last or halting or (ckpt_every > 0 and
+                                         step % ckpt_every == 0)
+        mask_update = (dynamic and step % config.sparsity.update_every == 0
+                       and step < stop_step)
+        record = {}  # One metrics.jsonl line per step, all fields together.
+        if step % log_every == 0 or do_eval or do_ckpt or mask_update:
+          record.update(flush_train_metrics(step))
+        if mask_update or do_eval:
+          pause_timer()
+          record.update(_scalars(stats_fn(state)))
+          if do_eval:
+            last_eval = evaluate(state)
+            record.update(last_eval)
+            logging.info('step %d  eval accuracy %.4f  eval loss %.4f  '
+                         'global sparsity %.4f', step,
+                         last_eval['eval_accuracy'], last_eval['eval_loss'],
+                         record['global_sparsity'])
+        if record:
+          writer.write_scalars(step, record)
+        if do_ckpt:
+          pause_timer()
+          ckpt.save(step, state)
+          writer.flush()
+        if halting:
+          logging.info('%s after step %d, checkpoint saved; run the same '
+                       'command again to continue.',
+                       'Preempted (SIGTERM)' if preempted else
+                       'Halting (halt_after_step)', step)
+          break
+    finally:
+      if hasattr(train_iter, 'close'):
+        train_iter.close()
+      writer.close()
 
   export_error = None
   if step >= num_train_steps and is_main:
     if not last_eval:
       last_eval = evaluate(state)
     inference = None
-    if config.get('export', True):
+    if config.get('export', True) and jax.process_count() > 1:
+      # export_model runs on this process only, and its orbax save waits for
+      # every process of the job: it would never return.
+      logging.warning('Multi-process run: not exported. Export the final '
+                      'checkpoint from one process: python -m srigl_jax.export '
+                      '--workdir=%s', workdir)
+    elif config.get('export', True):
       # The payoff of sparse training: a verified, faster inference model.
       try:
         inference = export_lib.export_model(
@@ -704,7 +715,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         steps_per_sec=timed_steps / train_time if train_time > 0 else None,
         n_devices=n_devices, num_params=n_params, call_order=call_order,
         inference=inference)
-  manager.close()
   if export_error is not None:
     logging.error('Export failed; training finished and is checkpointed. '
                   'Retry with: python -m srigl_jax.export --workdir=%s',

@@ -14,11 +14,11 @@ that the error comes before the trainer compiles any of its jitted functions.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -35,16 +35,18 @@ import pytest
 from flax.training import train_state
 
 import srigl_jax
+from srigl_jax import checkpointing
 from srigl_jax import checks
 from srigl_jax import data as data_lib
 from srigl_jax import faults
 from srigl_jax import metric_writers
 from srigl_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, 'configs', 'fashion_mnist.py')
-FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
-HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from conftest import (CONFIGS, FMNIST_DIR, HAVE_FMNIST, REPO, cli_flags,
+                      load_config, set_fields)
+
+CONFIG_FILE = os.path.join(CONFIGS, 'fashion_mnist.py')
 SEED = int(os.environ.get('SRIGL_RELIABILITY_SEED', str(random.randrange(10**6))))
 
 LONG = os.environ.get('SRIGL_LONG_TESTS') == '1'
@@ -72,12 +74,6 @@ needs_fmnist = pytest.mark.skipif(
 # ------------------------------------------------------------------ helpers
 
 
-def _flag(value):
-  if isinstance(value, tuple):
-    return '(' + ','.join(str(v) for v in value) + ',)'
-  return str(value)
-
-
 def launch(workdir, *, n_devices=8, extra=None, env=None, cache_dir=None):
   """Starts the entry point on the tiny run; returns the Popen."""
   e = dict(os.environ)
@@ -88,10 +84,8 @@ def launch(workdir, *, n_devices=8, extra=None, env=None, cache_dir=None):
     e['JAX_COMPILATION_CACHE_DIR'] = cache_dir
     e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   e.update(env or {})
-  overrides = {**TINY, **(extra or {})}
   cmd = [sys.executable, '-m', 'srigl_jax.main', f'--config={CONFIG_FILE}',
-         f'--workdir={workdir}'] + [f'--config.{k}={_flag(v)}'
-                                     for k, v in overrides.items()]
+         f'--workdir={workdir}'] + cli_flags({**TINY, **(extra or {})})
   log = open(os.path.join(os.path.dirname(workdir),
                           os.path.basename(workdir) + f'.{time.time_ns()}.log'),
              'w', encoding='utf-8')
@@ -148,6 +142,20 @@ def comparable_records(workdir):
 
 def mask_leaves(tree):
   return {k: v for k, v in leaves(tree).items() if 'masks' in k}
+
+
+def assert_same_run(workdir, reference):
+  """The final checkpoints, metrics and summaries of two runs are identical."""
+  ref, got = restore(reference), restore(workdir)
+  assert leaves(ref).keys() == leaves(got).keys()
+  for k, v in leaves(ref).items():
+    np.testing.assert_array_equal(leaves(got)[k], v, err_msg=k)
+  assert comparable_records(workdir) == comparable_records(reference)
+  with open(os.path.join(reference, 'summary.json')) as f:
+    want = json.load(f)
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    have = json.load(f)
+  assert have['eval_accuracy'] == want['eval_accuracy']
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -218,16 +226,44 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(
   assert 'Resumed from' in out and f'at step {resumed_from}' in out, out[-3000:]
   print(f'kills (seed {SEED}): {kills}')
 
-  ref, got = restore(reference), restore(workdir)
-  assert leaves(ref).keys() == leaves(got).keys()
-  for k, v in leaves(ref).items():
-    np.testing.assert_array_equal(leaves(got)[k], v, err_msg=k)
-  assert comparable_records(workdir) == comparable_records(reference)
-  with open(os.path.join(reference, 'summary.json')) as f:
-    want = json.load(f)
-  with open(os.path.join(workdir, 'summary.json')) as f:
-    have = json.load(f)
-  assert have['eval_accuracy'] == want['eval_accuracy']
+  assert_same_run(workdir, reference)
+
+
+def _preempted_step(out):
+  """The step a run saved at when it stopped on SIGTERM (from its log)."""
+  found = re.findall(r'Preempted \(SIGTERM\) after step (\d+), checkpoint '
+                     r'saved', out)
+  assert len(found) == 1, out[-3000:]
+  return int(found[0])
+
+
+def _wait_for_first_checkpoint(procs, workdir):
+  while not finished_steps(workdir):
+    assert all(p.poll() is None for p in procs), (
+        'the run ended before its first checkpoint')
+    time.sleep(0.005)
+
+
+@needs_fmnist
+def test_sigterm_saves_the_step_exits_0_and_resumes_bitwise_identical(
+    reference, tmp_path, cache_dir):
+  rng = random.Random(SEED)
+  workdir = str(tmp_path / 'run')
+  proc = launch(workdir, cache_dir=cache_dir)
+  _wait_for_first_checkpoint([proc], workdir)
+  time.sleep(rng.uniform(0.0, 0.3))
+  assert proc.poll() is None, f'run finished before the SIGTERM (seed {SEED})'
+  proc.send_signal(signal.SIGTERM)
+  saved = _preempted_step(finish(proc))  # Exit status 0.
+  assert saved < TINY['num_train_steps']
+  assert finished_steps(workdir)[-1] == saved
+  # The metrics of every finished step reached the disk.
+  assert comparable_records(workdir)[-1]['step'] == saved
+  print(f'SIGTERM (seed {SEED}): saved at step {saved}')
+
+  out = finish(launch(workdir, cache_dir=cache_dir))
+  assert f'at step {saved}' in out, out[-3000:]
+  assert_same_run(workdir, reference)
 
 
 # ---------------------------------------------------------- multi-process
@@ -239,17 +275,28 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@needs_fmnist
-def test_two_processes_of_four_devices_match_one_process_of_eight(
-    reference, tmp_path, cache_dir):
-  workdir = str(tmp_path / 'run')
+def launch_two(workdir, cache_dir=None):
+  """Starts the tiny run as 2 processes of 4 CPU devices; returns the Popens."""
   port = _free_port()
-  procs = [
-      launch(workdir, n_devices=4, env={
+  return [
+      launch(workdir, n_devices=4, cache_dir=cache_dir, env={
           'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
           'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
       for i in range(2)]
-  outs = [finish(p, timeout=400) for p in procs]
+
+
+@pytest.fixture(scope='module')
+def two_process_reference(tmp_path_factory, cache_dir):
+  """The uninterrupted run of 2 processes x 4 devices; (workdir, logs)."""
+  workdir = str(tmp_path_factory.mktemp('ref2') / 'run')
+  outs = [finish(p, timeout=400) for p in launch_two(workdir, cache_dir)]
+  return workdir, outs
+
+
+@needs_fmnist
+def test_two_processes_of_four_devices_match_one_process_of_eight(
+    reference, two_process_reference):
+  workdir, outs = two_process_reference
   assert 'JAX process 0 of 2, 4 local / 8 global devices' in outs[0]
   assert 'JAX process 1 of 2, 4 local / 8 global devices' in outs[1]
 
@@ -273,29 +320,40 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(
                                    err_msg=f'step {a["step"]} {key}')
 
 
+@needs_fmnist
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
+    two_process_reference, tmp_path, cache_dir):
+  # SIGTERM reaches process 1 only: JAX's preemption sync service must tell
+  # process 0, and both must save the same step (a home-made flag would
+  # leave process 0 waiting in a collective, or save two different steps).
+  rng = random.Random(SEED)
+  workdir = str(tmp_path / 'run')
+  procs = launch_two(workdir, cache_dir)
+  _wait_for_first_checkpoint(procs, workdir)
+  time.sleep(rng.uniform(0.0, 0.3))
+  assert procs[1].poll() is None, f'run finished before SIGTERM (seed {SEED})'
+  procs[1].send_signal(signal.SIGTERM)
+  saved = [_preempted_step(finish(p, timeout=400)) for p in procs]
+  assert saved[0] == saved[1] < TINY['num_train_steps'], saved
+  assert finished_steps(workdir)[-1] == saved[0]
+  assert comparable_records(workdir)[-1]['step'] == saved[0]
+  print(f'SIGTERM to 1 of 2 processes (seed {SEED}): saved at {saved[0]}')
+
+  outs = [finish(p, timeout=400) for p in launch_two(workdir, cache_dir)]
+  assert f'at step {saved[0]}' in outs[0], outs[0][-3000:]
+  assert_same_run(workdir, two_process_reference[0])
+
+
 # ---------------------------------------------------------------- bad input
-
-
-def load_config():
-  spec = importlib.util.spec_from_file_location('fm', CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def small_config(**extra):
   """The tiny run on generated data, one device, as an unlocked ConfigDict."""
-  config = load_config()
+  config = load_config('fashion_mnist')
   config.input = data_lib.default_input_config('synthetic')
   config.input.image_shape = (28, 28, 1)
-  overrides = {**TINY, 'mesh.data': 1, 'input.name': 'synthetic', **extra}
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_fields(config, {**TINY, 'mesh.data': 1, 'input.name': 'synthetic',
+                             **extra})
 
 
 class _CompileLog(logging.Handler):
@@ -410,11 +468,7 @@ def test_preflight_names_the_field_and_the_fix(name, tmp_path):
 def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
   # The speed command in configs/cifar10_resnet18.py: the CIFAR input group has
   # no image_shape/num_classes, which the synthetic dataset fills by default.
-  path = os.path.join(os.path.dirname(CONFIG_FILE), 'cifar10_resnet18.py')
-  spec = importlib.util.spec_from_file_location('r18', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config('cifar10_resnet18')
   config.input.name = 'synthetic'
   config.input.num_train_examples = 512
   config.input.num_eval_examples = 128
@@ -434,10 +488,18 @@ def test_max_global_sparsity_is_the_limit():
         small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), params)
 
 
+def save_checkpoint(workdir, config, step=25):
+  """What a run of `config` leaves: a complete checkpoint with its metadata."""
+  with checkpointing.Checkpointer(workdir, config) as ckpt:
+    ckpt.save(step, {'w': jnp.zeros(3)})
+
+
 def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
   workdir = str(tmp_path)
-  checks.check_workdir(workdir, small_config())  # Fresh: writes fingerprint.
-  os.makedirs(os.path.join(workdir, 'checkpoints', '25'))
+  checks.check_workdir(workdir, small_config())  # Fresh: nothing to compare.
+  save_checkpoint(workdir, small_config())
+  # The checkpoint's own metadata decides, not the readable copy.
+  os.remove(os.path.join(workdir, checkpointing.FINGERPRINT_FILE))
   checks.check_workdir(workdir, small_config(**{'num_train_steps': 400}))
   with pytest.raises(checks.WorkdirMismatchError,
                      match=r'sparsity.sparsity: checkpoint 0.8 vs config 0.9'):
@@ -447,11 +509,21 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
         **{'model.kwargs.hidden_sizes': (64, 64)}))
 
 
+def test_checkpoint_without_metadata_is_checked_against_fingerprint_json(
+    tmp_path):
+  # The layout of older versions: fingerprint.json and plain checkpoints.
+  workdir = str(tmp_path)
+  checks.check_workdir(workdir, small_config())  # Writes fingerprint.json.
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    manager.save(25, args=ocp.args.StandardSave({'w': jnp.zeros(3)}))
+  checks.check_workdir(workdir, small_config())
+  with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
+    checks.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
+
+
 def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   workdir = str(tmp_path)
-  # What a run at sparsity 0.8 leaves: its fingerprint and a checkpoint.
-  checks.check_workdir(workdir, small_config())
-  os.makedirs(os.path.join(workdir, 'checkpoints', '25'))
+  save_checkpoint(workdir, small_config())  # A run at sparsity 0.8.
   with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
     train.train_and_evaluate(
         small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
@@ -565,6 +637,9 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train.train_and_evaluate(small_config(**blowup), workdir)
   print(f'diverged: {info.value}')
   assert finished_steps(workdir) == [10]
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    assert manager.metadata(10).custom_metadata == checkpointing.fingerprint(
+        small_config(**blowup))
   # The kept checkpoint is whole and finite: rerunning with a sane schedule
   # resumes from it (resuming itself is the kill test's subject).
   kept = leaves(restore(workdir, 10))
