@@ -9,7 +9,9 @@
 #   2. the condensed layer benchmark (3072 -> 768), fp32 and bf16: condensed
 #      Pallas/XLA against dense at default precision, BCSR and structured,
 #      with the weights cycled through copies larger than the GPU's L2;
-#   3. ResNet-18 on synthetic CIFAR-shaped data, a few hundred steps with a
+#   3. whole models (ResNet-50, ViT-S/16, ResNet-18 at batch 1/64/256):
+#      masked dense vs structured vs condensed (model.json);
+#   4. ResNet-18 on synthetic CIFAR-shaped data, a few hundred steps with a
 #      mask update every GPU_CHECK_UPDATE_EVERY steps, for srigl, rigl and
 #      dense; steps/s from each run's summary.json.
 # Without a GPU (auto-detected, or GPU_CHECK_TINY=1) it runs the same stages
@@ -17,14 +19,16 @@
 # the Fashion-MNIST MLP for a few steps instead of ResNet-18.
 #
 # Writes into OUT_DIR: pytest.log, pytest.xml, condensed_fp32.json,
-# condensed_bf16.json (+ .log), train_<method>/ workdirs, train.json
+# condensed_bf16.json (+ .log), model.json, train_<method>/ workdirs, train.json
 # (steps/s per method) and status.json (exit status of every stage). Exits
 # non-zero if any stage failed; later stages still run.
 #
-# Knobs (environment): PYTHON, GPU_CHECK_STAGES (default "tests bench train";
+# Knobs (environment): PYTHON, GPU_CHECK_STAGES (default "tests bench model train";
 # "collect" alone only rebuilds train.json from existing runs),
 # GPU_CHECK_TINY, GPU_CHECK_DTYPES (default "float32 bfloat16"),
-# GPU_CHECK_STEPS, GPU_CHECK_UPDATE_EVERY.
+# GPU_CHECK_STEPS, GPU_CHECK_UPDATE_EVERY, GPU_CHECK_MODELS, GPU_CHECK_EXTRA_TESTS
+# (default tests/test_convert.py), and per-stage time limits in seconds
+# GPU_CHECK_LIMIT_{TESTS,BENCH,MODEL,TRAIN}.
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -58,9 +62,9 @@ run_stage() {  # name, timeout seconds, command...
 
 if [[ " $STAGES " == *" tests "* ]]; then
   # The kernel tests pick interpret mode only where there is no GPU.
-  run_stage tests 240 bash -c "\"$PYTHON\" -m pytest -q -p no:cacheprovider \
+  run_stage tests "${GPU_CHECK_LIMIT_TESTS:-240}" bash -c "\"$PYTHON\" -m pytest -q -p no:cacheprovider \
     tests/test_condensed.py tests/test_conv_pallas.py tests/test_conv_layer.py \
-    tests/test_convert.py tests/test_gpu_lowering.py \
+    ${GPU_CHECK_EXTRA_TESTS-tests/test_convert.py} tests/test_gpu_lowering.py \
     --junitxml=\"$OUT/pytest.xml\" 2>&1 | tee \"$OUT/pytest.log\""
 fi
 
@@ -75,7 +79,7 @@ if [[ " $STAGES " == *" bench "* ]]; then
   for dtype in ${GPU_CHECK_DTYPES:-float32 bfloat16}; do
     short=${dtype/float32/fp32}
     short=${short/bfloat16/bf16}
-    run_stage "bench_$short" 150 bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.condensed \
+    run_stage "bench_$short" "${GPU_CHECK_LIMIT_BENCH:-150}" bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.condensed \
       --dtype $dtype ${BENCH_ARGS[*]} --json \"$OUT/condensed_$short.json\" \
       2>&1 | tee \"$OUT/condensed_$short.log\""
   done
@@ -86,9 +90,9 @@ if [[ " $STAGES " == *" model "* ]]; then
   if [[ "$GPU_CHECK_TINY" == 1 ]]; then
     MODEL_ARGS=(--model=cnn --batch-sizes=1,8 --repeats=3 --budget-s=2)
   else
-    MODEL_ARGS=(--model=resnet50,vit_s16,resnet18 --batch-sizes=1,64,256 --repeats=20 --budget-s=15)
+    MODEL_ARGS=(--model="${GPU_CHECK_MODELS:-resnet50,vit_s16,resnet18}" --batch-sizes=1,64,256 --repeats=20 --budget-s=10)
   fi
-  run_stage model 200 bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.model ${MODEL_ARGS[*]} \
+  run_stage model "${GPU_CHECK_LIMIT_MODEL:-200}" bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.model ${MODEL_ARGS[*]} \
     --json \"$OUT/model.json\" 2>&1 | tee \"$OUT/model.log\""
 fi
 
@@ -105,7 +109,7 @@ if [[ " $STAGES " == *" train "* ]]; then
     EXTRA=(--config.input.num_train_examples=4096)
   fi
   for method in srigl rigl dense; do
-    run_stage "train_$method" 150 "$PYTHON" -m srigl_jax.main \
+    run_stage "train_$method" "${GPU_CHECK_LIMIT_TRAIN:-150}" "$PYTHON" -m srigl_jax.main \
       --config="$CONFIG:method=$method" --workdir="$OUT/train_$method" \
       --config.input.name=synthetic "${EXTRA[@]}" \
       --config.input.num_eval_examples=128 --config.eval_batch_size=128 \
