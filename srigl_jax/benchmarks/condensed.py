@@ -365,12 +365,16 @@ def main(argv=None) -> int:
     p.error(f"unknown impls {sorted(unknown)}; choose from {KNOWN_IMPLS}")
 
   # Restored afterwards: main() may be called from a program with its own setting.
-  saved = jax.config.values["jax_cpu_enable_async_dispatch"]
-  jax.config.update("jax_cpu_enable_async_dispatch", args.async_dispatch)
+  # (The flag is CPU-only; a JAX release without it just keeps its default.)
+  flag = "jax_cpu_enable_async_dispatch"
+  saved = jax.config.values.get(flag)
+  if saved is not None:
+    jax.config.update(flag, args.async_dispatch)
   try:
     return _run(args)
   finally:
-    jax.config.update("jax_cpu_enable_async_dispatch", saved)
+    if saved is not None:
+      jax.config.update(flag, saved)
 
 
 def _native_isa(impl: str) -> str | None:

@@ -258,7 +258,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   # The benchmark waits for every call; async dispatch would only add a
   # constant hand-off to each impl.
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if "jax_cpu_enable_async_dispatch" in jax.config.values:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   impls = tuple(i for i in args.impls.split(",") if i)
   bad = set(impls) - set(IMPLS)
   if bad:
