@@ -5,8 +5,8 @@ reason visible in its config wastes the machine. `preflight(config, workdir,
 n_devices)` gathers the checks the trainer makes before it builds any jitted
 function:
 
-  * the config's keys and value types against `config_lib.base_config`
-    (a mistyped key would otherwise be silently ignored),
+  * the config's keys and value types against the schema,
+    `config_lib.base_config` (ml_collections' own checks),
   * value ranges (sparsity in [0, 1), gamma_sal >= 0, delta and T_end > 0, ...),
   * batch sizes divisible by the devices (and gradient micro-batches),
   * every sparse layer keeps a fan-in >= 1 at the requested sparsity (from
@@ -21,9 +21,8 @@ whose message names the offending field and how to fix it.
 
 from __future__ import annotations
 
-import difflib
 import math
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,6 @@ from srigl_jax import checkpointing
 from srigl_jax import config_lib
 from srigl_jax import data as data_lib
 from srigl_jax import models
-from srigl_jax.data import pipeline as data_pipeline
 from srigl_jax.sparsity import layers as layers_lib
 
 # The workdir check lives with the checkpoints; these names stay here for
@@ -43,95 +41,19 @@ WorkdirMismatchError = checkpointing.WorkdirMismatchError
 fingerprint = checkpointing.fingerprint
 check_workdir = checkpointing.check_workdir
 
-# Free-form groups: their keys are constructor arguments, not config fields.
-_FREE_FORM = ('model.kwargs',)
-_DTYPES = ('float32', 'bfloat16')
 _INITS = ('sparse_he', 'masked')
-
-
-class ConfigError(ValueError):
-  """The config cannot describe a valid run; the message says what to change."""
+ConfigError = config_lib.ConfigError
 
 
 # ------------------------------------------------------------- keys, types
 
-
-def _schema(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The complete default config of the config's dataset (all valid keys)."""
-  name = config.get('input', {}).get('name', 'synthetic')
-  if name not in data_lib.DATASET_NAMES:
-    raise ConfigError(
-        f'input.name={name!r} is not a known dataset; valid names: '
-        f'{list(data_lib.DATASET_NAMES)}.')
-  return config_lib.base_config(name)
+# ml_collections checks keys and types against the schema, base_config.
+check_keys_and_types = config_lib.check_schema
 
 
-def _walk(config, schema, prefix='') -> Iterator[tuple[str, Any, Any, Any]]:
-  """Yields (dotted key, value, schema node, schema key) for every leaf."""
-  for key in config.keys():
-    dotted = f'{prefix}{key}'
-    value = config[key]
-    if key not in schema:
-      yield dotted, value, None, None
-      continue
-    if dotted in _FREE_FORM:
-      continue
-    if isinstance(value, (ml_collections.ConfigDict, dict)) and isinstance(
-        schema[key], (ml_collections.ConfigDict, dict)):
-      yield from _walk(value, schema[key], dotted + '.')
-    else:
-      yield dotted, value, schema, key
-
-
-def _type_ok(value: Any, expected: type) -> bool:
-  if value is None:
-    return True  # Placeholders (None = use the default behaviour).
-  if expected is bool:
-    return isinstance(value, bool)
-  if expected is float:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if expected is int:
-    return isinstance(value, int) and not isinstance(value, bool)
-  if expected in (tuple, list):
-    return isinstance(value, (tuple, list))
-  return isinstance(value, expected)
-
-
-def check_keys_and_types(config: ml_collections.ConfigDict) -> None:
-  """Refuses keys the trainer does not know and values of the wrong type.
-
-  Args:
-    config: the full config.
-
-  Raises:
-    ConfigError: an unknown key (with the closest valid keys) or a value whose
-      type differs from the default's.
-  """
-  schema = _schema(config)
-  all_keys = [k for k, *_ in _walk(schema, schema)]
-  for key, value, node, leaf in _walk(config, schema):
-    if node is None:
-      close = difflib.get_close_matches(key, all_keys, n=3, cutoff=0.6)
-      hint = (f' Did you mean {" or ".join(repr(c) for c in close)}?'
-              if close else '')
-      raise ConfigError(
-          f'Unknown config key {key!r}: the trainer would ignore it.{hint} '
-          'Remove it or fix its name (see srigl_jax/config_lib.py '
-          'base_config for every valid key).')
-    expected = node.get_type(leaf) if isinstance(
-        node, ml_collections.ConfigDict) else type(node[leaf])
-    if expected is type(None):
-      continue
-    if not _type_ok(value, expected):
-      raise ConfigError(
-          f'Config key {key!r} must be a {expected.__name__}, got '
-          f'{value!r} ({type(value).__name__}). Fix its value, e.g. '
-          f'--config.{key}={schema_default(schema, key)!r}.')
-
-
-def schema_default(schema, dotted: str) -> Any:
+def _field(config, dotted: str) -> Any:
   """The value at a dotted key of a (nested) config."""
-  node = schema
+  node = config
   for part in dotted.split('.'):
     node = node[part]
   return node
@@ -145,7 +67,7 @@ def _fail(key: str, value: Any, why: str, fix: str) -> None:
 
 
 def _positive_int(config, key: str, example: int) -> None:
-  value = schema_default(config, key)
+  value = _field(config, key)
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     _fail(key, value, 'must be a positive integer',
           f'pass --config.{key}={example}')
@@ -181,12 +103,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
           'exceeds 1 and would ablate nearly every neuron', 'use a value in '
           '[0, 1]')
   _positive_int(config, 'sparsity.update_every', 100)
-  if sp.stop_step is not None:
-    _positive_int(config, 'sparsity.stop_step', 1000)
-  elif not 0.0 < sp.stop_fraction <= 1.0:
+  if not 0.0 < sp.stop_fraction <= 1.0:
     _fail('sparsity.stop_fraction', sp.stop_fraction,
           'must be in (0, 1]: T_end = stop_fraction * num_train_steps',
           'use e.g. 0.75, or set sparsity.stop_step')
+  _positive_int(config, 'sparsity.stop_step', 1000)
   if not 0.0 < sp.drop_fraction <= 1.0:
     _fail('sparsity.drop_fraction', sp.drop_fraction, 'must be in (0, 1]',
           'use e.g. 0.3')
@@ -200,17 +121,17 @@ def check_values(config: ml_collections.ConfigDict) -> None:
           f'use one of {list(layers_lib.DISTRIBUTIONS)}')
   if sp.init not in _INITS:
     _fail('sparsity.init', sp.init, 'is unknown', f'use one of {list(_INITS)}')
-  for key in ('num_train_steps', 'batch_size', 'optim.grad_accum_steps',
-              'keep_checkpoints'):
-    _positive_int(config, key, schema_default(_schema(config), key))
+  for key, example in (('num_train_steps', 1000), ('batch_size', 128),
+                       ('optim.grad_accum_steps', 1), ('keep_checkpoints', 3)):
+    _positive_int(config, key, example)
   if config.eval_batch_size is not None:
     _positive_int(config, 'eval_batch_size', config.batch_size)
   if config.model.name not in models.MODEL_NAMES:
     _fail('model.name', config.model.name, 'is not a known model',
           f'use one of {list(models.MODEL_NAMES)}')
-  if config.model.dtype not in _DTYPES:
+  if config.model.dtype not in config_lib.DTYPES:
     _fail('model.dtype', config.model.dtype, 'is unknown',
-          f'use one of {list(_DTYPES)}')
+          f'use one of {list(config_lib.DTYPES)}')
   if config.optim.name not in config_lib.OPTIMIZERS:
     _fail('optim.name', config.optim.name, 'is unknown',
           f'use one of {list(config_lib.OPTIMIZERS)}')
@@ -263,18 +184,8 @@ def check_batch_sizes(config: ml_collections.ConfigDict, n_devices: int,
 # -------------------------------------------------------- layer geometry
 
 
-def input_geometry(input_config) -> tuple[tuple[int, int, int], int]:
-  """(H, W, C) and number of classes of a dataset, without reading it."""
-  spec = data_pipeline._spec(input_config.name)  # pylint: disable=protected-access
-  if spec.kind == 'synthetic':
-    # A config switched to synthetic data on the command line (e.g. a CIFAR
-    # config) may lack these fields; the data pipeline fills its defaults.
-    resolved = data_lib.resolve_input_config(input_config)
-    return tuple(resolved.image_shape), int(resolved.num_classes)
-  if spec.image_shape is None:
-    side = int(input_config.image_size)
-    return (side, side, 3), spec.num_classes
-  return tuple(spec.image_shape), spec.num_classes
+# The Dataset owns its geometry; export and the benchmarks read it here.
+input_geometry = data_lib.input_geometry
 
 
 def abstract_params(config: ml_collections.ConfigDict) -> Any:

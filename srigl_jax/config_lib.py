@@ -6,10 +6,17 @@ every field with a default so that each one can be overridden from the command
 line (`--config.sparsity.gamma_sal=0.5`); the experiment files only set what
 differs.
 
-The sparse schedule follows the length of training: `sparsity.stop_step` is
-left unset (None) and the trainer uses `stop_fraction * num_train_steps`
-(`resolve_stop_step`), so `--config.num_train_steps=200` moves T_end with it.
-Setting `--config.sparsity.stop_step=N` pins it instead.
+`base_config` is also the schema: it returns a locked ConfigDict whose fields
+carry their types, so ml_collections itself refuses a mistyped key (naming
+the closest valid one) or a value of the wrong type, on the command line and
+in a config file alike; `check_schema` applies the same test to a config
+built without `base_config`. Only `model.kwargs` (constructor arguments) is
+free-form.
+
+The sparse schedule follows the length of training: `sparsity.stop_step` is a
+`FieldReference` to `int(stop_fraction * num_train_steps)`, so
+`--config.num_train_steps=200` moves T_end with it;
+`--config.sparsity.stop_step=N` pins it instead.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from srigl_jax import data as data_lib
 METHODS = ('dense', 'static', 'set', 'rigl', 'srigl_noablation', 'srigl')
 SCHEDULES = ('constant', 'step', 'multistep', 'cosine')
 OPTIMIZERS = ('sgd', 'adamw')
+DTYPES = ('float32', 'bfloat16')  # model.dtype: the compute dtype.
 
 
 def parse_arg(arg: str | None, allowed: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +149,9 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.sparsity.gamma_sal = 0.3
   c.sparsity.grad_accumulation = 1  # Mini-batches averaged for the grow score.
   c.sparsity.stop_fraction = 0.75  # T_end = stop_fraction * num_train_steps,
-  c.sparsity.stop_step = config_dict.placeholder(int)  # unless this is set.
+  # unless set to a number (a reference: it follows num_train_steps).
+  c.sparsity.stop_step = (c.get_ref('num_train_steps') *
+                          c.sparsity.get_ref('stop_fraction')).to_int()
   c.sparsity.sparse_rule = 'kernels'  # 'kernels' or 'dense_only'.
   c.sparsity.dense_layers = ()  # Regexes of kernels kept dense.
   c.sparsity.no_ablation = (r'(^|/)head/kernel$',)  # Classifier head.
@@ -174,7 +184,61 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   # Devices on the data axis; -1: all devices (pure data parallelism; params
   # and optimizer state, masks included, are replicated).
   c.mesh.data = -1
+  c.lock()
+  c.model.kwargs.unlock()  # Constructor arguments: free-form.
   return c
+
+
+class ConfigError(ValueError):
+  """The config cannot describe a valid run; the message says what to change."""
+
+
+def _conform(schema, config, prefix: str) -> None:
+  """Assigns `config`'s fields into the locked `schema`, naming the bad one."""
+  for key in config.keys():
+    dotted = f'{prefix}{key}'
+    value = config[key]
+    if dotted == 'model.kwargs':
+      continue
+    if (key in schema and isinstance(schema[key], ml_collections.ConfigDict)
+        and isinstance(value, (ml_collections.ConfigDict, dict))):
+      _conform(schema[key], value, dotted + '.')
+      continue
+    try:
+      schema[key] = value
+    except (AttributeError, KeyError) as e:
+      # ml_collections' message ends with its suggestion ('Did you mean').
+      hint = str(e).strip('\'"').rsplit('\\n', 1)[-1].rsplit('\n', 1)[-1]
+      hint = hint if hint.startswith('Did you mean') else ''
+      raise ConfigError(
+          f'Unknown config key {dotted!r}: the trainer would ignore it. {hint} '
+          'Remove it or fix its name (srigl_jax/config_lib.py base_config '
+          'lists every valid key).') from None
+    except TypeError as e:
+      raise ConfigError(
+          f'Config key {dotted!r} has the wrong type: {e}. Fix its value, e.g. '
+          f'--config.{dotted}={schema[key]!r}.') from None
+
+
+def check_schema(config: ml_collections.ConfigDict) -> None:
+  """Checks a config's keys and value types against `base_config`.
+
+  A config derived from `base_config` is checked on every assignment already;
+  this catches one whose groups were built by hand (a plain ConfigDict).
+
+  Args:
+    config: the full config.
+
+  Raises:
+    ConfigError: an unknown key (with ml_collections' suggestion) or a value
+      of the wrong type, naming the dotted key and the fix.
+  """
+  name = config.get('input', {}).get('name', 'synthetic')
+  if name not in data_lib.DATASET_NAMES:
+    raise ConfigError(
+        f'input.name={name!r} is not a known dataset; valid names: '
+        f'{list(data_lib.DATASET_NAMES)}.')
+  _conform(base_config(name), config, '')
 
 
 def apply_sparsity_arg(config: ml_collections.ConfigDict,
@@ -193,12 +257,12 @@ def resolve_stop_step(config: ml_collections.ConfigDict) -> int:
     config: a full config.
 
   Returns:
-    `sparsity.stop_step` when set, else
-    `max(1, int(stop_fraction * num_train_steps))`.
+    `sparsity.stop_step`: `int(stop_fraction * num_train_steps)` unless pinned;
+    a config built by hand with `stop_step=None` gets that value too.
   """
   if config.sparsity.stop_step is not None:
     return int(config.sparsity.stop_step)
-  return max(1, int(config.sparsity.stop_fraction * config.num_train_steps))
+  return int(config.sparsity.stop_fraction * config.num_train_steps)
 
 
 def optimizer_method(config: ml_collections.ConfigDict) -> tuple[str, float]:

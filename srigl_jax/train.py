@@ -59,7 +59,6 @@ from srigl_jax import faults
 from srigl_jax import metric_writers
 from srigl_jax import models
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _LAYER_FIELDS = ('density', 'active_neurons', 'neurons', 'fan_in', 'min_fan_in')
 
 
@@ -379,20 +378,6 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(np.asarray(devices[:n]), ('data',))
 
 
-def _check_batch_sizes(config, n_devices):
-  accum = int(config.optim.grad_accum_steps)
-  b = int(config.batch_size)
-  if accum < 1 or b % (accum * n_devices):
-    raise ValueError(
-        f'batch_size={b} must be divisible by optim.grad_accum_steps={accum} '
-        f'times the {n_devices} devices of the mesh.')
-  eb = int(config.eval_batch_size or b)
-  if eb % n_devices:
-    raise ValueError(f'eval_batch_size={eb} must be divisible by the '
-                     f'{n_devices} devices of the mesh.')
-  return eb
-
-
 def _to_global(batch, sharding):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
@@ -485,23 +470,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Keys, types, ranges, layer fan-ins and the workdir's checkpoints, before
   # any data is read or anything compiled.
   checks.preflight(config, workdir, n_devices)
-  eval_batch_size = _check_batch_sizes(config, n_devices)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data'))
 
   dataset = data_lib.create_dataset(
       config.input, seed=config.seed, global_batch_size=config.batch_size,
-      eval_batch_size=eval_batch_size)
+      eval_batch_size=config.eval_batch_size or config.batch_size)
   num_train_steps = int(config.num_train_steps)
-  if num_train_steps < 1:
-    raise ValueError(f'num_train_steps must be >= 1, got {num_train_steps}.')
-
-  if config.model.dtype not in _DTYPES:
-    raise ValueError(f'model.dtype must be one of {list(_DTYPES)}, got '
-                     f'{config.model.dtype!r}.')
   model = models.get_model(config.model.name, dataset.num_classes,
-                           dtype=_DTYPES[config.model.dtype],
+                           dtype=jnp.dtype(config.model.dtype),
                            **config.model.kwargs.to_dict())
   root = jax.random.key(config.seed)
   init_key, sparse_key, reinit_key, dropout_key = jax.random.split(root, 4)

@@ -348,7 +348,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
 
 
 def small_config(**extra):
-  """The tiny run on generated data, one device, as an unlocked ConfigDict."""
+  """The tiny run on generated data, one device (a locked ConfigDict)."""
   config = load_config('fashion_mnist')
   config.input = data_lib.default_input_config('synthetic')
   config.input.image_shape = (28, 28, 1)
@@ -441,20 +441,26 @@ def test_missing_or_truncated_dataset_fails_before_compiling(
 
 def test_unknown_key_and_wrong_type_are_named():
   config = small_config()
-  config.sparsity.gama_sal = 0.5  # A typo the trainer would silently ignore.
-  with pytest.raises(checks.ConfigError,
-                     match=r"Unknown config key 'sparsity.gama_sal'.*"
-                     r"Did you mean 'sparsity.gamma_sal'"):
-    checks.validate_config(config, n_devices=1)
-  config = small_config()
-  # ConfigDict refuses a wrong type on assignment; a config file that builds
-  # its own groups is checked against the defaults' types.
+  # The schema is a locked ConfigDict: ml_collections refuses a typo at once,
+  # with its suggestion, and a value of the wrong type.
+  with pytest.raises(AttributeError,
+                     match=r'Did you mean "gamma_sal" instead of "gama_sal"'):
+    config.sparsity.gama_sal = 0.5
   with pytest.raises(TypeError):
     config.sparsity.sparsity = 'high'
+  # A config file that builds its own groups is checked against the schema.
+  config.sparsity = ml_collections.ConfigDict(
+      {**config.sparsity.to_dict(), 'gama_sal': 0.5})
+  with pytest.raises(checks.ConfigError,
+                     match=r"Unknown config key 'sparsity.gama_sal'.*"
+                     r'Did you mean "gamma_sal"'):
+    checks.validate_config(config, n_devices=1)
+  config = small_config()
   config.optim = ml_collections.ConfigDict(
       {**config.optim.to_dict(), 'learning_rate': '0.1'})
   with pytest.raises(checks.ConfigError,
-                     match=r"'optim.learning_rate' must be a float, got '0.1'"):
+                     match=r"'optim.learning_rate' has the wrong type.*0.1 is "
+                     r"of original type <class 'str'>.*--config.optim"):
     checks.validate_config(config, n_devices=1)
 
 
@@ -532,7 +538,8 @@ def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
 
 def test_trainer_refuses_an_unknown_key(tmp_path, compile_log):
   config = small_config()
-  config.sparsity.gama_sal = 0.5
+  config.sparsity = ml_collections.ConfigDict(
+      {**config.sparsity.to_dict(), 'gama_sal': 0.5})
   with pytest.raises(checks.ConfigError, match='gama_sal'):
     train.train_and_evaluate(config, str(tmp_path))
   assert not _trainer_compiled(compile_log)

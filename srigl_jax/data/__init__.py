@@ -11,6 +11,7 @@ from srigl_jax.data.pipeline import (
     Dataset,
     create_dataset,
     default_input_config,
+    input_geometry,
     resolve_input_config,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "DatasetNotFoundError",
     "create_dataset",
     "default_input_config",
+    "input_geometry",
     "resolve_input_config",
 ]

@@ -233,6 +233,29 @@ def resolve_input_config(config: Any) -> ml_collections.ConfigDict:
     return out
 
 
+def input_geometry(config: Any) -> tuple[tuple[int, int, int], int]:
+    """The (H, W, C) of a dataset's batches and its number of classes.
+
+    Reads no data: it comes from the config and the dataset's spec.
+
+    Args:
+      config: an input config (missing fields take their defaults).
+
+    Returns:
+      (image_shape, num_classes).
+
+    Raises:
+      ValueError: see `resolve_input_config`.
+    """
+    config = resolve_input_config(config)
+    spec = _SPECS[config.name]
+    if config.name == "synthetic":
+        return tuple(config.image_shape), int(config.num_classes)
+    if spec.resize:
+        return (config.image_size, config.image_size, 3), spec.num_classes
+    return tuple(spec.image_shape), spec.num_classes
+
+
 # ------------------------------------------------------------------- sources
 
 
@@ -401,15 +424,7 @@ class Dataset:
         self.local_batch_size = global_batch_size // process_count
         self.eval_batch_size = eval_batch_size
         self.local_eval_batch_size = eval_batch_size // process_count
-        if config.name == "synthetic":
-            self.num_classes = config.num_classes
-            self.image_shape = tuple(config.image_shape)
-        elif spec.resize:
-            self.num_classes = spec.num_classes
-            self.image_shape = (config.image_size, config.image_size, 3)
-        else:
-            self.num_classes = spec.num_classes
-            self.image_shape = spec.image_shape
+        self.image_shape, self.num_classes = input_geometry(config)
         channels = self.image_shape[2]
         self._mean = spec.mean * channels if len(spec.mean) == 1 else spec.mean
         self._std = spec.std * channels if len(spec.std) == 1 else spec.std
