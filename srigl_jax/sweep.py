@@ -41,7 +41,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
-import json
 import math
 import os
 import re
@@ -54,6 +53,7 @@ from absl import app
 from absl import flags
 
 from srigl_jax import config_lib
+from srigl_jax import reports
 
 # Repeated flags, not comma lists: config args and tuple values hold commas.
 _CONFIGS = flags.DEFINE_multi_string(
@@ -81,7 +81,7 @@ _COLLECT_ONLY = flags.DEFINE_bool(
 # Methods whose active neurons per layer are plotted (a spec 'srigl@...'
 # counts as SRigL).
 _NEURON_PLOT_METHODS = ('rigl', 'srigl')
-_SUMMARY = 'summary.json'
+_SUMMARY = reports.SUMMARY_FILE
 _LOG = 'run.log'
 
 
@@ -331,11 +331,9 @@ def read_run(workdir: str) -> dict[str, Any] | None:
     {'accuracy', 'global_sparsity', 'steps_per_sec', 'final_step',
     'active_pct': {layer: %}} with accuracy in %.
   """
-  path = os.path.join(workdir, _SUMMARY)
-  if not os.path.exists(path):
+  s = reports.read_summary(workdir)
+  if s is None:
     return None
-  with open(path, encoding='utf-8') as f:
-    s = json.load(f)
   acc = s.get('eval_accuracy')
   active = {}
   for layer, st in (s.get('layers') or {}).items():

@@ -395,8 +395,28 @@ def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
 
 
 def test_keep_freed_memory_on_glibc(monkeypatch):
+  # The entry point's process-wide setting (the library never calls it).
+  from srigl_jax import main  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('SRIGL_JAX_SYSTEM_MALLOC', '1')
-  assert not train.keep_freed_memory()  # Opted out: glibc defaults stay.
+  assert not main.keep_freed_memory()  # Opted out: glibc defaults stay.
   monkeypatch.delenv('SRIGL_JAX_SYSTEM_MALLOC')
   glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
-  assert train.keep_freed_memory() == glibc
+  assert main.keep_freed_memory() == glibc
+
+
+def test_progress_rate_and_eta_exclude_pauses():
+  clock = iter([10.0, 12.0, 20.0, 21.0, 30.0, 31.0, 40.0])
+  progress = train.Progress(total_steps=100, clock=lambda: next(clock))
+  step = jnp.zeros([], jnp.int32)
+  progress.step_done(step)  # Step 1 (compiles): the clock starts at 10.
+  for _ in range(4):
+    progress.step_done(step)
+  assert progress.lap() == 2.0  # 4 steps in 12 - 10 s; restarts at 20.
+  assert progress.eta(5, 2.0) == '0:00:47'
+  progress.step_done(step)
+  progress.pause(step)  # 1 step in 21 - 20 s; an eval follows.
+  progress.step_done(step)  # The clock restarts at 30.
+  progress.step_done(step)
+  assert progress.lap() == 1.0  # 1 step in 31 - 30 s.
+  assert progress.steps_per_sec == 6 / 4
+  assert progress.eta(5, None) == '?'
