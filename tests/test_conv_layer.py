@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from srigl_jax import condensed as C
+from srigl_jax.condensed import dispatch
 from srigl_jax.condensed.conv_layer import plane_layout, tap_sources, to_planes
 
 
@@ -47,6 +48,8 @@ def test_reference_and_xla_equal_flax_conv(case):
   np.testing.assert_allclose(C.condensed_conv_reference(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv_xla(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv(x, layer, impl="auto"), want, rtol=1e-5, atol=1e-5)
+  # What impl='auto' runs on a GPU (the densified kernel under cuDNN).
+  np.testing.assert_allclose(dispatch._conv_densified(x, layer), want, rtol=1e-5, atol=1e-5)
   # A small tile forces several neuron blocks and grid chunks through the scans.
   np.testing.assert_allclose(C.condensed_conv_xla(x, layer, tile_elements=64), want,
                              rtol=1e-5, atol=1e-5)

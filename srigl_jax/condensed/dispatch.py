@@ -117,6 +117,11 @@ def condensed_conv(x: jax.Array, layer, impl: str = "auto") -> jax.Array:
 
       return condensed_conv_native(x, layer)
     which = "xla"
+  if which == "pallas" and impl == "auto":
+    # Measured on an H200 (docs/benchmarks/gpu/gpu_tune.json): the Pallas conv
+    # is 6.5x slower than cuDNN's dense conv at 90% sparsity, so 'auto' runs
+    # the densified kernel there; impl='pallas' still selects the kernel.
+    return _conv_densified(x, layer)
   if which == "pallas":
     from srigl_jax.condensed.conv_pallas import condensed_conv_pallas
 
@@ -124,3 +129,19 @@ def condensed_conv(x: jax.Array, layer, impl: str = "auto") -> jax.Array:
   if which == "xla":
     return condensed_conv_xla(x, layer)
   return condensed_conv_reference(x, layer)
+
+
+@jax.jit
+def _conv_densified(x, layer):
+  """The condensed conv as a dense convolution of its densified kernel."""
+  from srigl_jax.condensed.conv_layer import plane_layout
+
+  dtype = jnp.result_type(x.dtype, layer.values.dtype)
+  lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
+  y = jax.lax.conv_general_dilated(
+      x.astype(dtype), layer.to_dense().astype(dtype), layer.strides, lo.pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = y + layer.bias_or_zeros(dtype)
+  if layer.bias_map is not None:
+    y = y + layer.bias_map.astype(dtype)
+  return y
