@@ -56,6 +56,7 @@ import srigl_jax
 from srigl_jax import checks
 from srigl_jax import condensed
 from srigl_jax import models
+from srigl_jax import timing
 from srigl_jax.data import augment as aug
 from srigl_jax.data import pipeline as data_pipeline
 
@@ -381,38 +382,8 @@ def verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
                     timing_s: float = 1.0) -> dict[str, Any]:
   """Runs both models on the eval split and times them.
 
-  JAX's asynchronous CPU dispatch is off meanwhile (the functions are
-  compiled and timed under it), as in the benchmarks and as a server that
-  waits for each answer runs: the hand-off to a worker thread only adds the
-  same constant to every call.
-
-  Args:
-    masked_fn, masked_vars: the masked (dense-kernel) model.
-    cond_fn, cond_vars: the converted model.
-    config: the run's config (eval split, batch sizes).
-    input_shape: (H, W, C) of the network input.
-    model_dtype: 'float32' or 'bfloat16' (sets the tie tolerance).
-    timing_s: about how long to time each batch size (5-200 repeats).
-
-  Returns:
-    The report fields (see `_verify_and_time`).
-  """
-  flag = 'jax_cpu_enable_async_dispatch'
-  saved = jax.config.values.get(flag)
-  if saved is not None:
-    jax.config.update(flag, False)
-  try:
-    return _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
-                            input_shape, model_dtype, timing_s)
-  finally:
-    if saved is not None:
-      jax.config.update(flag, saved)
-
-
-def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
-                     input_shape, model_dtype: str,
-                     timing_s: float = 1.0) -> dict[str, Any]:
-  """Runs both models on the eval split and times them.
+  Both are compiled and timed with synchronous CPU dispatch
+  (`srigl_jax.timing.sync_cpu_dispatch`), as in the benchmarks.
 
   Args:
     masked_fn, masked_vars: the masked (dense-kernel) model.
@@ -428,6 +399,13 @@ def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
   Raises:
     VerificationError: a prediction differs beyond a float near-tie.
   """
+  with timing.sync_cpu_dispatch():
+    return _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
+                            input_shape, model_dtype, timing_s)
+
+
+def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
+                     input_shape, model_dtype, timing_s):
   eval_batch = int(config.get('eval_batch_size') or config.batch_size)
   dataset = data_pipeline.create_dataset(
       config.input, seed=int(config.seed),

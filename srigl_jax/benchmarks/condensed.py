@@ -45,6 +45,7 @@ import numpy as np
 from jax.experimental import sparse
 
 from srigl_jax import condensed as C
+from srigl_jax import timing
 from srigl_jax.condensed.xla import scatter_to_outputs
 
 ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
@@ -365,16 +366,8 @@ def main(argv=None) -> int:
     p.error(f"unknown impls {sorted(unknown)}; choose from {KNOWN_IMPLS}")
 
   # Restored afterwards: main() may be called from a program with its own setting.
-  # (The flag is CPU-only; a JAX release without it just keeps its default.)
-  flag = "jax_cpu_enable_async_dispatch"
-  saved = jax.config.values.get(flag)
-  if saved is not None:
-    jax.config.update(flag, args.async_dispatch)
-  try:
+  with timing.sync_cpu_dispatch(enabled=not args.async_dispatch):
     return _run(args)
-  finally:
-    if saved is not None:
-      jax.config.update(flag, saved)
 
 
 def _native_isa(impl: str) -> str | None:

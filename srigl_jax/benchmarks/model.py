@@ -33,6 +33,7 @@ import optax
 
 import srigl_jax
 from srigl_jax import condensed as C
+from srigl_jax import timing
 from srigl_jax.benchmarks.condensed import cpu_model
 from srigl_jax.models import get_model
 
@@ -241,6 +242,27 @@ def plot(records, path):
   fig.savefig(path, dpi=110)
 
 
+def _run(args, names, impls, batches):
+  """Records of every model (or of the trained run) at every batch size."""
+  if args.workdir:
+    model, variables, masks, shape = trained_model(args.workdir)
+    sp = float(1 - np.mean([np.mean(m) for m in jax.tree.leaves(masks)]))
+    return bench_model(args.workdir, model, variables, masks, shape, sp, batches,
+                       args.repeats, args.budget_s, impls)
+  records = []
+  for name in names:
+    for s in _floats(args.sparsity):
+      abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
+      model, variables, masks, shape = synthetic_model(
+          name, s, abl, **json.loads(args.model_kwargs))
+      recs = bench_model(name, model, variables, masks, shape, s, batches,
+                         args.repeats, args.budget_s, impls)
+      for r in recs:
+        r["ablation"] = abl
+      records += recs
+  return records
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="resnet50,resnet18,vit_s16")
@@ -256,34 +278,16 @@ def main(argv=None):
   ap.add_argument("--json", default=None)
   ap.add_argument("--plot", default=None)
   args = ap.parse_args(argv)
-  # The benchmark waits for every call; async dispatch would only add a
-  # constant hand-off to each impl.
-  if "jax_cpu_enable_async_dispatch" in jax.config.values:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
   impls = tuple(i for i in args.impls.split(",") if i)
   bad = set(impls) - set(IMPLS)
   if bad:
     ap.error(f"unknown impls {sorted(bad)}; choose from {IMPLS}")
-  batches = _ints(args.batch_sizes)
-  records = []
-  if args.workdir:
-    model, variables, masks, shape = trained_model(args.workdir)
-    sp = float(1 - np.mean([np.mean(m) for m in jax.tree.leaves(masks)]))
-    records += bench_model(args.workdir, model, variables, masks, shape, sp, batches,
-                           args.repeats, args.budget_s, impls)
-  else:
-    for name in [m for m in args.model.split(",") if m]:
-      if name not in MODELS:
-        ap.error(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-      for s in _floats(args.sparsity):
-        abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
-        model, variables, masks, shape = synthetic_model(
-            name, s, abl, **json.loads(args.model_kwargs))
-        recs = bench_model(name, model, variables, masks, shape, s, batches,
-                           args.repeats, args.budget_s, impls)
-        for r in recs:
-          r["ablation"] = abl
-        records += recs
+  names = [m for m in args.model.split(",") if m]
+  unknown = [n for n in names if n not in MODELS]
+  if unknown and not args.workdir:
+    ap.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+  with timing.sync_cpu_dispatch():
+    records = _run(args, names, impls, _ints(args.batch_sizes))
   meta = {
       "cpu": cpu_model(),
       "native_isa": C.native_isas().get("auto", "unavailable"),
