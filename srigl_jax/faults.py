@@ -83,16 +83,9 @@ def keep_if_finite(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
     `new_state` if ok, else `old_state` with the new counters.
   """
   kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
-
-  def with_new_count(kept_opt, new_opt):
-    is_sparse = lambda x: isinstance(x, sparse_transform.SparseState)
-    return jax.tree.map(
-        lambda k, n: k._replace(count=n.count) if is_sparse(k) else k,
-        kept_opt, new_opt, is_leaf=is_sparse)
-
   return kept.replace(step=new_state.step,
-                      opt_state=with_new_count(kept.opt_state,
-                                               new_state.opt_state))
+                      opt_state=sparse_transform.with_counts_of(
+                          kept.opt_state, new_state.opt_state))
 
 
 def describe(flags: np.ndarray, names: Sequence[str]) -> str:

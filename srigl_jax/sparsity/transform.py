@@ -115,6 +115,26 @@ def find_sparse_state(tree: Any) -> SparseState:
   return found[0]
 
 
+def with_counts_of(tree: Any, source: Any) -> Any:
+  """`tree` with each SparseState's step `count` taken from `source`.
+
+  For a caller that keeps an old optimizer state (e.g. it skips a step whose
+  gradient was not finite) but must keep the mask-update schedule aligned with
+  its own step counter.
+
+  Args:
+    tree: an optimizer state (or a tree holding one).
+    source: a tree of the same structure, whose counts are kept.
+
+  Returns:
+    `tree` with the counts of `source`.
+  """
+  is_sparse = lambda x: isinstance(x, SparseState)
+  return jax.tree.map(
+      lambda t, s: t._replace(count=s.count) if is_sparse(t) else t,
+      tree, source, is_leaf=is_sparse)
+
+
 def get_masks(opt_state: Any) -> Any:
   """Params-shaped tree of bool masks (None for dense leaves).
 
