@@ -54,16 +54,37 @@ def main(out_path):
         continue
       bs = C.BlockSizes(block_neurons=bn, block_batch=bb, num_warps=nw, unroll=un)
       try:
-        us = mean_us(jax.jit(lambda x, l, bs=bs: C.condensed_matmul_pallas(x, l, block_sizes=bs)), x, lay)
+        us = mean_us(
+            jax.jit(lambda x, l, bs=bs: C.condensed_matmul_pallas(x, l, block_sizes=bs)), x, lay
+        )
       except Exception as e:  # pylint: disable=broad-except
         us = None
         print("failed", bs, type(e).__name__, str(e)[:100])
-      records.append(dict(kernel="dense", batch=batch, dtype=jnp.dtype(dtype).name,
-                          dense_us=dense, pallas_us=us, **dataclasses.asdict(bs)))
-    best = min((r for r in records if r["kernel"] == "dense" and r["batch"] == batch
-                and r["dtype"] == jnp.dtype(dtype).name and r["pallas_us"]), key=lambda r: r["pallas_us"])
-    print(f"dense layer b={batch} {jnp.dtype(dtype).name}: XLA dense {dense:.1f} us, best pallas "
-          f"{best['pallas_us']:.1f} us ({dense / best['pallas_us']:.2f}x) with {best}")
+      records.append(
+          dict(
+              kernel="dense",
+              batch=batch,
+              dtype=jnp.dtype(dtype).name,
+              dense_us=dense,
+              pallas_us=us,
+              **dataclasses.asdict(bs),
+          )
+      )
+    best = min(
+        (
+            r
+            for r in records
+            if r["kernel"] == "dense"
+            and r["batch"] == batch
+            and r["dtype"] == jnp.dtype(dtype).name
+            and r["pallas_us"]
+        ),
+        key=lambda r: r["pallas_us"],
+    )
+    print(
+        f"dense layer b={batch} {jnp.dtype(dtype).name}: XLA dense {dense:.1f} us, best pallas "
+        f"{best['pallas_us']:.1f} us ({dense / best['pallas_us']:.2f}x) with {best}"
+    )
   # Conv 3x3 28x28x128 -> 128, 90%.
   cin = cout = 128
   fan = 9 * cin
@@ -71,20 +92,42 @@ def main(out_path):
   w = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
   conv = C.condense_conv(w, mask, None, strides=(1, 1), padding="SAME")
   x = jnp.asarray(rng.standard_normal((64, 28, 28, cin)), jnp.float32)
-  dense = mean_us(jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))), x, jnp.asarray(w))
+  dense = mean_us(
+      jax.jit(
+          lambda x, w: jax.lax.conv_general_dilated(
+              x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+          )
+      ),
+      x,
+      jnp.asarray(w),
+  )
   for bn, bc, nw in itertools.product((16, 32, 64), (64, 128, 256), (4, 8)):
     bs = C.ConvBlockSizes(block_neurons=bn, block_cols=bc, num_warps=nw)
     try:
-      us = mean_us(jax.jit(lambda x, l, bs=bs: C.condensed_conv_pallas(x, l, block_sizes=bs)), x, conv)
+      us = mean_us(
+          jax.jit(lambda x, l, bs=bs: C.condensed_conv_pallas(x, l, block_sizes=bs)), x, conv
+      )
     except Exception as e:  # pylint: disable=broad-except
       us = None
       print("failed", bs, type(e).__name__, str(e)[:100])
-    records.append(dict(kernel="conv3x3", batch=64, dtype="float32", dense_us=dense, pallas_us=us,
-                        **dataclasses.asdict(bs)))
-  best = min((r for r in records if r["kernel"] == "conv3x3" and r["pallas_us"]), key=lambda r: r["pallas_us"])
-  print(f"conv 3x3 b=64: XLA dense {dense:.1f} us, best pallas {best['pallas_us']:.1f} us "
-        f"({dense / best['pallas_us']:.2f}x) with {best}")
+    records.append(
+        dict(
+            kernel="conv3x3",
+            batch=64,
+            dtype="float32",
+            dense_us=dense,
+            pallas_us=us,
+            **dataclasses.asdict(bs),
+        )
+    )
+  best = min(
+      (r for r in records if r["kernel"] == "conv3x3" and r["pallas_us"]),
+      key=lambda r: r["pallas_us"],
+  )
+  print(
+      f"conv 3x3 b=64: XLA dense {dense:.1f} us, best pallas {best['pallas_us']:.1f} us "
+      f"({dense / best['pallas_us']:.2f}x) with {best}"
+  )
   with open(out_path, "w") as f:
     json.dump({"device": str(jax.devices()[0]), "records": records}, f, indent=1)
 

@@ -4,6 +4,19 @@ The sparse optimizer is an optax wrapper: see `srigl`, `rigl`, `set_sparse`,
 `static_sparse` and `sparse_optimizer`.
 """
 
+from srigl_jax.condensed import (
+    CondensedConv,
+    CondensedLayer,
+    ConvertedModel,
+    StructuredLayer,
+    condense,
+    condense_conv,
+    condensed_apply,
+    condensed_conv,
+    condensed_matmul,
+    convert_model,
+    native_available,
+)
 from srigl_jax.sparsity import (
     DEFAULT_NO_ABLATION,
     METHODS,
@@ -21,20 +34,6 @@ from srigl_jax.sparsity import (
     sparse_optimizer,
     srigl,
     static_sparse,
-)
-
-from srigl_jax.condensed import (
-    CondensedConv,
-    CondensedLayer,
-    ConvertedModel,
-    StructuredLayer,
-    condense,
-    condense_conv,
-    condensed_apply,
-    condensed_conv,
-    condensed_matmul,
-    convert_model,
-    native_available,
 )
 
 __version__ = "0.1.0"

@@ -28,10 +28,10 @@ import signal
 import threading
 from typing import Any
 
-from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 CHECKPOINT_DIR = 'checkpoints'
 FINGERPRINT_FILE = 'fingerprint.json'
@@ -40,11 +40,22 @@ _FINGERPRINT_VERSION = 1
 # The fields that decide the shapes and meaning of what a checkpoint holds:
 # params (model), masks and their budgets (sparsity), optimizer moments.
 FINGERPRINT_FIELDS = (
-    'model.name', 'model.kwargs', 'model.dtype', 'input.name',
-    'input.image_shape', 'input.image_size', 'input.num_classes',
-    'sparsity.method', 'sparsity.sparsity', 'sparsity.distribution',
-    'sparsity.erk_power_scale', 'sparsity.sparse_rule', 'sparsity.dense_layers',
-    'sparsity.no_ablation', 'sparsity.grad_accumulation', 'optim.name',
+    'model.name',
+    'model.kwargs',
+    'model.dtype',
+    'input.name',
+    'input.image_shape',
+    'input.image_size',
+    'input.num_classes',
+    'sparsity.method',
+    'sparsity.sparsity',
+    'sparsity.distribution',
+    'sparsity.erk_power_scale',
+    'sparsity.sparse_rule',
+    'sparsity.dense_layers',
+    'sparsity.no_ablation',
+    'sparsity.grad_accumulation',
+    'optim.name',
     'seed',
 )
 
@@ -96,8 +107,7 @@ def _saved_fingerprint(workdir: str) -> tuple[int | None, dict | None]:
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(ckpt_dir):
     return None, None
-  manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
     step = manager.latest_step()
     if step is None:
@@ -114,8 +124,7 @@ def _saved_fingerprint(workdir: str) -> tuple[int | None, dict | None]:
   return step, None
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict,
-                  write: bool = True) -> None:
+def check_workdir(workdir: str, config: ml_collections.ConfigDict, write: bool = True) -> None:
   """Refuses to resume checkpoints written with another model or sparsity.
 
   Compares the config's fingerprint with the one stored in the newest
@@ -134,22 +143,28 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict,
   mine = json.loads(json.dumps(fingerprint(config)))  # Tuples as lists.
   step, theirs = _saved_fingerprint(workdir)
   if theirs is not None:
-    diff = [k for k in sorted(set(mine) | set(theirs))
-            if k != 'version' and mine.get(k) != theirs.get(k)]
+    diff = [
+        k
+        for k in sorted(set(mine) | set(theirs))
+        if k != 'version' and mine.get(k) != theirs.get(k)
+    ]
     if diff:
       lines = '; '.join(
-          f'{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}'
-          for k in diff)
+          f'{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}' for k in diff
+      )
       raise WorkdirMismatchError(
           f'workdir {workdir} holds checkpoints of a different run ({lines}). '
           'Resuming would mix two models. Use a new --workdir, or run with '
           "the checkpoint's settings, or delete "
           f'{os.path.join(workdir, CHECKPOINT_DIR)} and '
-          f'{os.path.join(workdir, FINGERPRINT_FILE)} to start over.')
+          f'{os.path.join(workdir, FINGERPRINT_FILE)} to start over.'
+      )
     return
   if step is not None:
-    logging.warning('%s has checkpoints without a fingerprint (written by an '
-                    'older version); trusting them.', workdir)
+    logging.warning(
+        '%s has checkpoints without a fingerprint (written by an ' 'older version); trusting them.',
+        workdir,
+    )
     return
   if write:
     os.makedirs(workdir, exist_ok=True)
@@ -177,18 +192,17 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=int(config.keep_checkpoints), create=True,
-            enable_async_checkpointing=True))
+            max_to_keep=int(config.keep_checkpoints), create=True, enable_async_checkpointing=True
+        ),
+    )
     self._sigterm = threading.Event()
     self._previous_handler = None
 
   def __enter__(self) -> Checkpointer:
     # Several processes: JAX's preemption service owns SIGTERM (a Python
     # handler would replace its C++ one). One process: no service, catch it.
-    if (jax.process_count() == 1 and
-        threading.current_thread() is threading.main_thread()):
-      self._previous_handler = signal.signal(signal.SIGTERM,
-                                             self._on_sigterm)
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -211,8 +225,9 @@ class Checkpointer:
 
   def save(self, step: int, state: Any) -> None:
     """Starts an async save of `state` at `step`; returns after the D2H copy."""
-    self.manager.save(step, args=ocp.args.StandardSave(state),
-                      custom_metadata=self._metadata, force=True)
+    self.manager.save(
+        step, args=ocp.args.StandardSave(state), custom_metadata=self._metadata, force=True
+    )
 
   def reached_preemption(self, step: int) -> bool:
     """Whether to save at `step` and stop; the same on every process.

@@ -61,25 +61,25 @@ def parse_arg(arg: str | None, allowed: dict[str, Any]) -> dict[str, Any]:
     if '=' not in item:
       raise ValueError(
           f'Config arg item {item!r} is not key=value; valid keys: '
-          f'{sorted(allowed)} (e.g. "method=srigl,sparsity=0.9").')
+          f'{sorted(allowed)} (e.g. "method=srigl,sparsity=0.9").'
+      )
     key, value = (s.strip() for s in item.split('=', 1))
     if key not in allowed:
-      raise ValueError(
-          f'Unknown config arg key {key!r}; valid keys: {sorted(allowed)}.')
+      raise ValueError(f'Unknown config arg key {key!r}; valid keys: {sorted(allowed)}.')
     spec = allowed[key]
     if isinstance(spec, tuple):
       if value not in spec:
         raise ValueError(
-            f'Invalid value {value!r} for config arg {key!r}; valid values: '
-            f'{list(spec)}.')
+            f'Invalid value {value!r} for config arg {key!r}; valid values: ' f'{list(spec)}.'
+        )
       out[key] = value
     else:
       try:
         out[key] = type(spec)(value)
       except ValueError:
         raise ValueError(
-            f'Invalid value {value!r} for config arg {key!r}: expected a '
-            f'{type(spec).__name__}.') from None
+            f'Invalid value {value!r} for config arg {key!r}: expected a ' f'{type(spec).__name__}.'
+        ) from None
   return out
 
 
@@ -92,8 +92,7 @@ def sparsity_arg(arg: str | None, extra: dict[str, Any] | None = None):
   Raises:
     ValueError: see `parse_arg`, or a sparsity outside [0, 1).
   """
-  allowed = {'method': ('srigl',) + tuple(m for m in METHODS if m != 'srigl'),
-             'sparsity': 0.9}
+  allowed = {'method': ('srigl',) + tuple(m for m in METHODS if m != 'srigl'), 'sparsity': 0.9}
   allowed.update(extra or {})
   out = parse_arg(arg, allowed)
   if not 0.0 <= out['sparsity'] < 1.0:
@@ -150,8 +149,9 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.sparsity.grad_accumulation = 1  # Mini-batches averaged for the grow score.
   c.sparsity.stop_fraction = 0.75  # T_end = stop_fraction * num_train_steps,
   # unless set to a number (a reference: it follows num_train_steps).
-  c.sparsity.stop_step = (c.get_ref('num_train_steps') *
-                          c.sparsity.get_ref('stop_fraction')).to_int()
+  c.sparsity.stop_step = (
+      c.get_ref('num_train_steps') * c.sparsity.get_ref('stop_fraction')
+  ).to_int()
   c.sparsity.sparse_rule = 'kernels'  # 'kernels' or 'dense_only'.
   c.sparsity.dense_layers = ()  # Regexes of kernels kept dense.
   c.sparsity.no_ablation = (r'(^|/)head/kernel$',)  # Classifier head.
@@ -200,8 +200,11 @@ def _conform(schema, config, prefix: str) -> None:
     value = config[key]
     if dotted == 'model.kwargs':
       continue
-    if (key in schema and isinstance(schema[key], ml_collections.ConfigDict)
-        and isinstance(value, (ml_collections.ConfigDict, dict))):
+    if (
+        key in schema
+        and isinstance(schema[key], ml_collections.ConfigDict)
+        and isinstance(value, (ml_collections.ConfigDict, dict))
+    ):
       _conform(schema[key], value, dotted + '.')
       continue
     try:
@@ -213,11 +216,13 @@ def _conform(schema, config, prefix: str) -> None:
       raise ConfigError(
           f'Unknown config key {dotted!r}: the trainer would ignore it. {hint} '
           'Remove it or fix its name (srigl_jax/config_lib.py base_config '
-          'lists every valid key).') from None
+          'lists every valid key).'
+      ) from None
     except TypeError as e:
       raise ConfigError(
           f'Config key {dotted!r} has the wrong type: {e}. Fix its value, e.g. '
-          f'--config.{dotted}={schema[key]!r}.') from None
+          f'--config.{dotted}={schema[key]!r}.'
+      ) from None
 
 
 def check_schema(config: ml_collections.ConfigDict) -> None:
@@ -237,16 +242,17 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
   if name not in data_lib.DATASET_NAMES:
     raise ConfigError(
         f'input.name={name!r} is not a known dataset; valid names: '
-        f'{list(data_lib.DATASET_NAMES)}.')
+        f'{list(data_lib.DATASET_NAMES)}.'
+    )
   _conform(base_config(name), config, '')
 
 
-def apply_sparsity_arg(config: ml_collections.ConfigDict,
-                       parsed: dict[str, Any]) -> ml_collections.ConfigDict:
+def apply_sparsity_arg(
+    config: ml_collections.ConfigDict, parsed: dict[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets sparsity.method / sparsity.sparsity from a parsed arg."""
   config.sparsity.method = parsed['method']
-  config.sparsity.sparsity = (
-      0.0 if parsed['method'] == 'dense' else parsed['sparsity'])
+  config.sparsity.sparsity = 0.0 if parsed['method'] == 'dense' else parsed['sparsity']
   return config
 
 
@@ -273,8 +279,7 @@ def optimizer_method(config: ml_collections.ConfigDict) -> tuple[str, float]:
   """
   method = config.sparsity.method
   if method not in METHODS:
-    raise ValueError(
-        f'Unknown sparsity.method {method!r}; valid methods: {list(METHODS)}.')
+    raise ValueError(f'Unknown sparsity.method {method!r}; valid methods: {list(METHODS)}.')
   if method == 'srigl_noablation':
     return 'srigl', 0.0
   return method, float(config.sparsity.gamma_sal)

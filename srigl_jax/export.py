@@ -37,26 +37,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 import srigl_jax
-from srigl_jax import checks
-from srigl_jax import condensed
-from srigl_jax import models
-from srigl_jax import timing
+from srigl_jax import checks, condensed, models, timing
 from srigl_jax.data import augment as aug
 from srigl_jax.data import pipeline as data_pipeline
 
@@ -134,11 +131,13 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   except FileNotFoundError:
     raise ExportError(
         f'{path} not found: {workdir} is not a training workdir. Pass the '
-        '--workdir of a run of python -m srigl_jax.main.') from None
+        '--workdir of a run of python -m srigl_jax.main.'
+    ) from None
   except json.JSONDecodeError as e:
-    raise ExportError(f'{path} is not valid JSON ({e}); the workdir is '
-                      'damaged. Re-run the training command to rewrite it.'
-                      ) from None
+    raise ExportError(
+        f'{path} is not valid JSON ({e}); the workdir is '
+        'damaged. Re-run the training command to rewrite it.'
+    ) from None
   return ml_collections.ConfigDict(_tuples(raw))
 
 
@@ -146,8 +145,9 @@ def _build_model(config: ml_collections.ConfigDict):
   """(model, input shape, num_classes) of a run's config."""
   image_shape, num_classes = checks.input_geometry(config.input)
   kwargs = _tuples(_lists(config.model.kwargs))
-  model = models.get_model(config.model.name, num_classes,
-                           dtype=_DTYPES[config.model.dtype], **kwargs)
+  model = models.get_model(
+      config.model.name, num_classes, dtype=_DTYPES[config.model.dtype], **kwargs
+  )
   return model, tuple(image_shape), num_classes
 
 
@@ -173,18 +173,25 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
 
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
-    raise ExportError(f'workdir {workdir} does not exist. Pass the --workdir '
-                      'of a run of python -m srigl_jax.main.')
+    raise ExportError(
+        f'workdir {workdir} does not exist. Pass the --workdir '
+        'of a run of python -m srigl_jax.main.'
+    )
   config = load_run_config(workdir) if config is None else config
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  how = ('Train first (python -m srigl_jax.main --config=... '
-         f'--workdir={workdir}), or let a running job reach its first '
-         'checkpoint (checkpoint_every).')
+  how = (
+      'Train first (python -m srigl_jax.main --config=... '
+      f'--workdir={workdir}), or let a running job reach its first '
+      'checkpoint (checkpoint_every).'
+  )
   if not os.path.isdir(ckpt_dir):
     raise ExportError(f'{workdir} has no checkpoints/ folder. {how}')
   manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, enable_async_checkpointing=False))
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, enable_async_checkpointing=False
+      ),
+  )
   try:
     # Orbax lists only finalised checkpoints: one cut off by a kill stays in
     # a temporary folder and is never picked up.
@@ -193,12 +200,12 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
       raise ExportError(f'{ckpt_dir} holds no complete checkpoint. {how}')
     model, image_shape, _ = _build_model(config)
     tx = train.create_optimizer(config, lambda _: 0.0, jax.random.key(0))
-    init = train.make_init_fn(config, model, tx, image_shape,
-                              jax.random.key(0))
+    init = train.make_init_fn(config, model, tx, image_shape, jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-        jax.eval_shape(init, jax.random.key(0)))
+        jax.eval_shape(init, jax.random.key(0)),
+    )
     state = manager.restore(step, args=ocp.args.StandardRestore(target))
   finally:
     manager.close()
@@ -253,9 +260,9 @@ def apply_preprocessing(spec: Mapping[str, Any], raw) -> np.ndarray:
     images = [np.asarray(im) for im in raw]
     for im in images:
       _check_raw_dtype(im)
-    images = np.stack([
-        aug.crop_resize(im, aug.center_crop_box(*im.shape[:2]), spec['resize'])
-        for im in images])
+    images = np.stack(
+        [aug.crop_resize(im, aug.center_crop_box(*im.shape[:2]), spec['resize']) for im in images]
+    )
   else:
     images = np.asarray(raw)
     _check_raw_dtype(images)
@@ -267,7 +274,8 @@ def apply_preprocessing(spec: Mapping[str, Any], raw) -> np.ndarray:
         want += f' or (N, {", ".join(map(str, out_shape[:-1]))})'
       raise ValueError(
           f'preprocess expects raw images of shape {want}, got '
-          f'{images.shape}. For a single image add a batch axis (image[None]).')
+          f'{images.shape}. For a single image add a batch axis (image[None]).'
+      )
   return aug.normalize(images, spec['mean'], spec['std'])
 
 
@@ -276,7 +284,8 @@ def _check_raw_dtype(images: np.ndarray) -> None:
     raise ValueError(
         f'preprocess expects raw uint8 images (0-255), got dtype '
         f'{images.dtype}. Already-normalised float input goes straight to '
-        'model(x).')
+        'model(x).'
+    )
 
 
 # ------------------------------------------------------------ conversion
@@ -285,8 +294,7 @@ def _check_raw_dtype(images: np.ndarray) -> None:
 def _dense_plan(params, masks) -> dict[str, Any]:
   """The plan record of an unconverted model: every kernel as stored."""
   layers = {}
-  flat_masks = dict(jax.tree_util.tree_flatten_with_path(
-      masks, is_leaf=lambda x: x is None)[0])
+  flat_masks = dict(jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0])
   for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if np.ndim(leaf) < 2 or getattr(kp[-1], 'key', None) != 'kernel':
       continue
@@ -296,9 +304,13 @@ def _dense_plan(params, masks) -> dict[str, Any]:
     mask = flat_masks.get(kp)
     density = 1.0 if mask is None else float(np.mean(np.asarray(mask)))
     layers[path] = {
-        'format': 'dense', 'kind': 'dense' if len(shape) == 2 else 'conv',
-        'density': density, 'neurons': int(shape[-1]),
-        'active_neurons': int(shape[-1]), 'fan_in': fan_in}
+        'format': 'dense',
+        'kind': 'dense' if len(shape) == 2 else 'conv',
+        'density': density,
+        'neurons': int(shape[-1]),
+        'active_neurons': int(shape[-1]),
+        'fan_in': fan_in,
+    }
   return {'layers': layers}
 
 
@@ -309,30 +321,30 @@ def _layer_records(plan, params, masks) -> dict[str, Any]:
   (dense ones, such as an ERK-dense classifier) are listed as 'dense'.
   """
   fields = ('format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in')
-  records = {path: {k: rec.get(k) for k in fields}
-             for path, rec in plan['layers'].items()}
+  records = {path: {k: rec.get(k) for k in fields} for path, rec in plan['layers'].items()}
   for path, rec in _dense_plan(params, masks)['layers'].items():
     records.setdefault(path, rec)
   return records
 
 
 def _has_sparse_layers(masks) -> bool:
-  return any(m is not None
-             for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
+  return any(m is not None for m in jax.tree.leaves(masks, is_leaf=lambda x: x is None))
 
 
 def _apply_fn(model, kind: str, plan, impl: str):
   """`f(variables, x) -> float32 logits` of a converted or dense artefact."""
   if kind == 'dense':
+
     def dense_apply(variables, x):
       return model.apply(variables, x, train=False).astype(jnp.float32)
+
     return dense_apply
 
   def condensed_apply(variables, x):
     # Variables are jit arguments, not constants baked into the executable.
-    converted = condensed.ConvertedModel(model=model, variables=variables,
-                                         plan=plan)
+    converted = condensed.ConvertedModel(model=model, variables=variables, plan=plan)
     return converted.apply(x, impl=impl).astype(jnp.float32)
+
   return condensed_apply
 
 
@@ -346,8 +358,7 @@ def _variables(params, batch_stats) -> dict[str, Any]:
 # -------------------------------------------------------- verification
 
 
-def _time_interleaved(fns: Mapping[str, Callable[[], Any]],
-                      budget_s: float) -> dict[str, float]:
+def _time_interleaved(fns: Mapping[str, Callable[[], Any]], budget_s: float) -> dict[str, float]:
   """Median microseconds per call of each fn, timed in interleaved rounds.
 
   Interleaving exposes every fn to the same machine load (other processes,
@@ -361,8 +372,7 @@ def _time_interleaved(fns: Mapping[str, Callable[[], Any]],
     start = time.perf_counter()
     jax.block_until_ready(fn())
     one_round += time.perf_counter() - start
-  repeats = int(np.clip(budget_s / max(one_round, 1e-9),
-                        _MIN_REPEATS, _MAX_REPEATS))
+  repeats = int(np.clip(budget_s / max(one_round, 1e-9), _MIN_REPEATS, _MAX_REPEATS))
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
@@ -377,9 +387,16 @@ def _tie_tolerance(dtype: str, logits: np.ndarray) -> float:
   return (2e-2 if dtype == 'bfloat16' else 1e-3) * scale
 
 
-def verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
-                    input_shape, model_dtype: str,
-                    timing_s: float = 1.0) -> dict[str, Any]:
+def verify_and_time(
+    masked_fn,
+    masked_vars,
+    cond_fn,
+    cond_vars,
+    config,
+    input_shape,
+    model_dtype: str,
+    timing_s: float = 1.0,
+) -> dict[str, Any]:
   """Runs both models on the eval split and times them.
 
   Both are compiled and timed with synchronous CPU dispatch
@@ -400,17 +417,23 @@ def verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
     VerificationError: a prediction differs beyond a float near-tie.
   """
   with timing.sync_cpu_dispatch():
-    return _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
-                            input_shape, model_dtype, timing_s)
+    return _verify_and_time(
+        masked_fn, masked_vars, cond_fn, cond_vars, config, input_shape, model_dtype, timing_s
+    )
 
 
-def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
-                     input_shape, model_dtype, timing_s):
+def _verify_and_time(
+    masked_fn, masked_vars, cond_fn, cond_vars, config, input_shape, model_dtype, timing_s
+):
   eval_batch = int(config.get('eval_batch_size') or config.batch_size)
   dataset = data_pipeline.create_dataset(
-      config.input, seed=int(config.seed),
-      global_batch_size=int(config.batch_size), eval_batch_size=eval_batch,
-      process_index=0, process_count=1)
+      config.input,
+      seed=int(config.seed),
+      global_batch_size=int(config.batch_size),
+      eval_batch_size=eval_batch,
+      process_index=0,
+      process_count=1,
+  )
   masked_jit, cond_jit = jax.jit(masked_fn), jax.jit(cond_fn)
   correct_m = correct_c = count = 0
   max_diff, near_ties, mismatches = 0.0, 0, []
@@ -435,8 +458,7 @@ def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
         if diff[i] <= tol and margin <= 2 * diff[i] + 1e-7:
           near_ties += 1
         else:
-          mismatches.append((count + int(i), int(pa[i]), int(pb[i]),
-                             float(diff[i])))
+          mismatches.append((count + int(i), int(pa[i]), int(pb[i]), float(diff[i])))
       count += len(a)
   finally:
     if hasattr(iterator, 'close'):
@@ -450,21 +472,30 @@ def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
       'near_tie_predictions': near_ties,
   }
   if mismatches:
-    first = ', '.join(f'#{i}: masked {p} vs converted {q} (|diff| {d:.3g})'
-                      for i, p, q, d in mismatches[:5])
-    report['error'] = (f'{len(mismatches)} of {count} eval predictions differ '
-                       f'({first})')
+    first = ', '.join(
+        f'#{i}: masked {p} vs converted {q} (|diff| {d:.3g})' for i, p, q, d in mismatches[:5]
+    )
+    report['error'] = f'{len(mismatches)} of {count} eval predictions differ ' f'({first})'
     return report
 
   latency = []
   for batch_size in sorted({1, eval_batch}):
     x = jnp.zeros((batch_size,) + tuple(input_shape), jnp.float32)
-    us = _time_interleaved({
-        'dense': lambda x=x: masked_jit(masked_vars, x),
-        'condensed': lambda x=x: cond_jit(cond_vars, x)}, timing_s)
-    latency.append({'batch': batch_size, 'dense_us': us['dense'],
-                    'condensed_us': us['condensed'],
-                    'speedup': us['dense'] / max(us['condensed'], 1e-9)})
+    us = _time_interleaved(
+        {
+            'dense': lambda x=x: masked_jit(masked_vars, x),
+            'condensed': lambda x=x: cond_jit(cond_vars, x),
+        },
+        timing_s,
+    )
+    latency.append(
+        {
+            'batch': batch_size,
+            'dense_us': us['dense'],
+            'condensed_us': us['condensed'],
+            'speedup': us['dense'] / max(us['condensed'], 1e-9),
+        }
+    )
   report['latency'] = latency
   return report
 
@@ -472,19 +503,18 @@ def _verify_and_time(masked_fn, masked_vars, cond_fn, cond_vars, config,
 def format_report(report: Mapping[str, Any]) -> str:
   """The report as a short text table."""
   lines = [
-      f"{report['kind']} model from step {report['source_step']}: "
-      f"{report['path']}",
+      f"{report['kind']} model from step {report['source_step']}: " f"{report['path']}",
       f"  eval examples      {report['eval_examples']}",
       f"  masked accuracy    {100 * report['masked_accuracy']:.2f}%",
-      f"  {report['kind']:9s} accuracy "
-      f"{100 * report['condensed_accuracy']:.2f}%",
+      f"  {report['kind']:9s} accuracy " f"{100 * report['condensed_accuracy']:.2f}%",
       f"  max |logit diff|   {report['max_abs_logit_diff']:.3g}",
-      '  batch   dense (us)   ' + f"{report['kind']} (us)".ljust(16) +
-      'speed-up',
+      '  batch   dense (us)   ' + f"{report['kind']} (us)".ljust(16) + 'speed-up',
   ]
   for r in report.get('latency', []):
-    lines.append(f"  {r['batch']:5d}   {r['dense_us']:10.1f}   "
-                 f"{r['condensed_us']:14.1f}   {r['speedup']:7.2f}x")
+    lines.append(
+        f"  {r['batch']:5d}   {r['dense_us']:10.1f}   "
+        f"{r['condensed_us']:14.1f}   {r['speedup']:7.2f}x"
+    )
   return '\n'.join(lines)
 
 
@@ -492,15 +522,16 @@ def summary_line(report: Mapping[str, Any]) -> str:
   """One line for the end of training: accuracy and speed-up at batch 1."""
   acc_c = 100 * report['condensed_accuracy']
   acc_m = 100 * report['masked_accuracy']
-  same = ('same as masked' if report['condensed_accuracy'] ==
-          report['masked_accuracy'] else f'masked {acc_m:.2f}%')
+  same = (
+      'same as masked'
+      if report['condensed_accuracy'] == report['masked_accuracy']
+      else f'masked {acc_m:.2f}%'
+  )
   b1 = next((r for r in report.get('latency', []) if r['batch'] == 1), None)
-  speed = (f", {b1['speedup']:.1f}x faster than dense at batch 1"
-           if b1 else '')
+  speed = f", {b1['speedup']:.1f}x faster than dense at batch 1" if b1 else ''
   if report['kind'] == 'dense':
-    return (f'dense model (nothing to condense): {acc_c:.2f}%, exported to '
-            f"{report['path']}")
-  return f"condensed model: {acc_c:.2f}% ({same}){speed}"
+    return f'dense model (nothing to condense): {acc_c:.2f}%, exported to ' f"{report['path']}"
+  return f'condensed model: {acc_c:.2f}% ({same}){speed}'
 
 
 # ------------------------------------------------------------------ export
@@ -510,17 +541,18 @@ def _tree_summary(tree) -> dict[str, Any]:
   out = {}
   for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     path = '/'.join(str(getattr(k, 'key', k)) for k in kp)
-    out[path] = {'shape': [int(d) for d in np.shape(leaf)],
-                 'dtype': str(np.asarray(leaf).dtype)}
+    out[path] = {'shape': [int(d) for d in np.shape(leaf)], 'dtype': str(np.asarray(leaf).dtype)}
   return out
 
 
 def _host(tree):
   """numpy copies of (replicated) arrays, also of multi-process ones."""
+
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       return np.asarray(x.addressable_shards[0].data)
     return np.asarray(jax.device_get(x))
+
   return jax.tree.map(get, tree)
 
 
@@ -529,7 +561,8 @@ def _checkpoint_fingerprint(workdir: str, step: int) -> dict[str, Any] | None:
   when the trainer records it there), or None."""
   manager = ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
   try:
     custom = getattr(manager.metadata(step), 'custom_metadata', None)
   except Exception:  # pylint: disable=broad-except
@@ -539,8 +572,7 @@ def _checkpoint_fingerprint(workdir: str, step: int) -> dict[str, Any] | None:
   return dict(custom) if custom else None
 
 
-def _fingerprint(workdir: str | None, config,
-                 step: int | None = None) -> dict[str, Any]:
+def _fingerprint(workdir: str | None, config, step: int | None = None) -> dict[str, Any]:
   """The run's fingerprint: fingerprint.json, else the checkpoint's metadata,
   else recomputed from the config; with a digest to compare runs by."""
   fp = None
@@ -553,28 +585,40 @@ def _fingerprint(workdir: str | None, config,
       fp = _checkpoint_fingerprint(workdir, step)
   if fp is None and hasattr(checks, 'fingerprint'):
     fp = checks.fingerprint(config)
-  digest = hashlib.sha256(
-      json.dumps(fp, sort_keys=True).encode()).hexdigest()
+  digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
   return {'fields': fp, 'sha256': digest}
 
 
 def _check_out(out: str, workdir: str | None) -> None:
   """Refuses an --out that would overwrite something that is not an artefact."""
   if workdir is not None and os.path.realpath(out) == os.path.realpath(workdir):
-    raise ExportError(f'--out={out} is the training workdir; pick a new folder '
-                      '(the default is WORKDIR/inference).')
+    raise ExportError(
+        f'--out={out} is the training workdir; pick a new folder '
+        '(the default is WORKDIR/inference).'
+    )
   if os.path.exists(out):
     is_artefact = os.path.isdir(out) and (
-        not os.listdir(out) or
-        os.path.exists(os.path.join(out, MANIFEST_FILE)))
+        not os.listdir(out) or os.path.exists(os.path.join(out, MANIFEST_FILE))
+    )
     if not is_artefact:
-      raise ExportError(f'--out={out} exists and is not an inference folder; '
-                        'pick a new path or remove it.')
+      raise ExportError(
+          f'--out={out} exists and is not an inference folder; ' 'pick a new path or remove it.'
+      )
 
 
-def export_model(model, params, batch_stats, masks, config, out: str, *,
-                 step: int, workdir: str | None = None,
-                 verify: bool = True, timing_s: float = 1.0) -> dict[str, Any]:
+def export_model(
+    model,
+    params,
+    batch_stats,
+    masks,
+    config,
+    out: str,
+    *,
+    step: int,
+    workdir: str | None = None,
+    verify: bool = True,
+    timing_s: float = 1.0,
+) -> dict[str, Any]:
   """Converts a trained model, verifies it and writes the inference folder.
 
   Args:
@@ -607,45 +651,61 @@ def export_model(model, params, batch_stats, masks, config, out: str, *,
     kind = 'condensed'
     # RigL/SET/static masks are not constant fan-in: those layers are stored
     # structured (ablated neurons removed) instead of failing the export.
-    converted = condensed.convert_model(model, masked_vars, masks, sample,
-                                        on_ragged='structured')
+    converted = condensed.convert_model(model, masked_vars, masks, sample, on_ragged='structured')
     variables, plan = _host(converted.variables), converted.plan
   else:
     kind = 'dense'
-    logging.info('No sparse layers (a dense run): nothing to condense, the '
-                 'artefact holds the dense params.')
+    logging.info(
+        'No sparse layers (a dense run): nothing to condense, the '
+        'artefact holds the dense params.'
+    )
     variables, plan = masked_vars, _dense_plan(params, masks)
 
   manifest = {
       'format_version': FORMAT_VERSION,
       'kind': kind,
       'srigl_jax_version': srigl_jax.__version__,
-      'model': {'name': config.model.name, 'num_classes': int(num_classes),
-                'dtype': config.model.dtype,
-                'kwargs': _lists(config.model.kwargs)},
+      'model': {
+          'name': config.model.name,
+          'num_classes': int(num_classes),
+          'dtype': config.model.dtype,
+          'kwargs': _lists(config.model.kwargs),
+      },
       'input': {'shape': list(input_shape), 'dtype': 'float32'},
       'preprocessing': preprocessing_spec(config.input),
       'layers': _layer_records(plan, params, masks),
       'plan': plan,
-      'source': {'workdir': workdir, 'checkpoint_step': int(step),
-                 'fingerprint': _fingerprint(workdir, config, step)},
+      'source': {
+          'workdir': workdir,
+          'checkpoint_step': int(step),
+          'fingerprint': _fingerprint(workdir, config, step),
+      },
       'variables': _tree_summary(variables),
   }
   json.dumps(manifest)  # Fails here, before any file is written.
 
   report = {'kind': kind, 'path': out, 'source_step': int(step)}
   if verify:
-    report.update(verify_and_time(
-        _apply_fn(model, 'dense', None, 'auto'), masked_vars,
-        _apply_fn(model, kind, plan, 'auto'), variables, config, input_shape,
-        config.model.dtype, timing_s))
+    report.update(
+        verify_and_time(
+            _apply_fn(model, 'dense', None, 'auto'),
+            masked_vars,
+            _apply_fn(model, kind, plan, 'auto'),
+            variables,
+            config,
+            input_shape,
+            config.model.dtype,
+            timing_s,
+        )
+    )
   report['device'] = str(jax.local_devices()[0].device_kind)
   if 'error' in report:
     # Nothing servable is left behind for a model that would answer wrongly.
     raise VerificationError(
-        f"The converted model disagrees with the masked model: "
+        f'The converted model disagrees with the masked model: '
         f"{report['error']}. No artefact was written. This is a bug in the "
-        'conversion of this model; please report it with this message.')
+        'conversion of this model; please report it with this message.'
+    )
 
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
@@ -672,9 +732,9 @@ def export_model(model, params, batch_stats, masks, config, out: str, *,
   return report
 
 
-def export_inference_model(workdir: str, out: str | None = None, *,
-                           verify: bool = True,
-                           timing_s: float = 1.0) -> dict[str, Any]:
+def export_inference_model(
+    workdir: str, out: str | None = None, *, verify: bool = True, timing_s: float = 1.0
+) -> dict[str, Any]:
   """Exports the newest complete checkpoint of a training workdir.
 
   Args:
@@ -696,10 +756,18 @@ def export_inference_model(workdir: str, out: str | None = None, *,
   workdir = os.path.abspath(workdir)
   config, model, state, step = restore_run(workdir)
   out = os.path.join(workdir, 'inference') if out is None else out
-  return export_model(model, state.params, state.batch_stats,
-                      srigl_jax.get_masks(state.opt_state), config, out,
-                      step=step, workdir=workdir, verify=verify,
-                      timing_s=timing_s)
+  return export_model(
+      model,
+      state.params,
+      state.batch_stats,
+      srigl_jax.get_masks(state.opt_state),
+      config,
+      out,
+      step=step,
+      workdir=workdir,
+      verify=verify,
+      timing_s=timing_s,
+  )
 
 
 # -------------------------------------------------------------------- load
@@ -716,8 +784,7 @@ class InferenceModel:
     impl: the kernel choice ('auto': the fastest for the device).
   """
 
-  def __init__(self, path: str, manifest: dict[str, Any], model, variables,
-               impl: str = 'auto'):
+  def __init__(self, path: str, manifest: dict[str, Any], model, variables, impl: str = 'auto'):
     self.path = path
     self.manifest = manifest
     self.kind = manifest['kind']
@@ -745,15 +812,20 @@ class InferenceModel:
       dtype = x.dtype
     want = '(N, ' + ', '.join(map(str, self.input_shape)) + ')'
     if np.dtype(dtype) != self.input_dtype:
-      hint = (' These look like raw images: call model.preprocess(raw) first.'
-              if np.dtype(dtype) == np.uint8 else '')
-      raise ValueError(f'Input dtype {np.dtype(dtype)} but this model takes '
-                       f'{self.input_dtype} {want}.{hint}')
+      hint = (
+          ' These look like raw images: call model.preprocess(raw) first.'
+          if np.dtype(dtype) == np.uint8
+          else ''
+      )
+      raise ValueError(
+          f'Input dtype {np.dtype(dtype)} but this model takes ' f'{self.input_dtype} {want}.{hint}'
+      )
     if tuple(x.shape[1:]) != self.input_shape or len(x.shape) < 2:
       raise ValueError(
           f'Input shape {tuple(x.shape)} but this model takes {want}. Raw '
           'images go through model.preprocess(raw); add a batch axis for one '
-          'example (x[None]).')
+          'example (x[None]).'
+      )
     return self._fn(self.variables, x)
 
   def preprocess(self, raw) -> np.ndarray:
@@ -768,7 +840,8 @@ class InferenceModel:
 def _artefact_error(path: str, why: str) -> ArtefactError:
   return ArtefactError(
       f'{path} is not a complete inference artefact: {why}. Export it again: '
-      'python -m srigl_jax.export --workdir=WORKDIR --out=' + path)
+      'python -m srigl_jax.export --workdir=WORKDIR --out=' + path
+  )
 
 
 def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
@@ -788,25 +861,31 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
   """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise ArtefactError(f'{path} does not exist. Export a training workdir '
-                        'first: python -m srigl_jax.export --workdir=WORKDIR')
+    raise ArtefactError(
+        f'{path} does not exist. Export a training workdir '
+        'first: python -m srigl_jax.export --workdir=WORKDIR'
+    )
   try:
     with open(os.path.join(path, MANIFEST_FILE), encoding='utf-8') as f:
       manifest = json.load(f)
   except FileNotFoundError:
-    raise _artefact_error(path, f'{MANIFEST_FILE} is missing (an interrupted '
-                          'or foreign folder)') from None
+    raise _artefact_error(
+        path, f'{MANIFEST_FILE} is missing (an interrupted ' 'or foreign folder)'
+    ) from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise _artefact_error(path, f'{MANIFEST_FILE} is corrupted ({e})') from None
-  missing = [k for k in ('format_version', 'kind', 'model', 'input',
-                         'preprocessing', 'plan', 'variables')
-             if k not in manifest]
+  missing = [
+      k
+      for k in ('format_version', 'kind', 'model', 'input', 'preprocessing', 'plan', 'variables')
+      if k not in manifest
+  ]
   if missing:
     raise _artefact_error(path, f'{MANIFEST_FILE} lacks {missing}')
   if manifest['format_version'] > FORMAT_VERSION:
     raise ArtefactError(
         f"{path} has format version {manifest['format_version']}, newer than "
-        f'this srigl_jax reads ({FORMAT_VERSION}): upgrade srigl_jax.')
+        f'this srigl_jax reads ({FORMAT_VERSION}): upgrade srigl_jax.'
+    )
 
   vdir = os.path.join(path, VARIABLES_DIR)
   expected = manifest['variables']
@@ -818,28 +897,35 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
     meta = ckptr.metadata(vdir)
     meta_tree = getattr(meta, 'item_metadata', meta)
     meta_tree = getattr(meta_tree, 'tree', meta_tree)
-    found = {p: {'shape': [int(d) for d in m.shape], 'dtype': str(m.dtype)}
-             for p, m in _flatten_paths(meta_tree).items()}
+    found = {
+        p: {'shape': [int(d) for d in m.shape], 'dtype': str(m.dtype)}
+        for p, m in _flatten_paths(meta_tree).items()
+    }
     if found != expected:
-      diff = sorted((set(found) ^ set(expected)) |
-                    {p for p in found
-                     if p in expected and found[p] != expected[p]})
-      raise _artefact_error(path, f'the saved arrays do not match the manifest '
-                            f'(e.g. {diff[:3]})')
-    target = _unflatten({
-        p: jax.ShapeDtypeStruct(tuple(m['shape']), np.dtype(m['dtype']),
-                                sharding=device)
-        for p, m in expected.items()})
+      diff = sorted(
+          (set(found) ^ set(expected))
+          | {p for p in found if p in expected and found[p] != expected[p]}
+      )
+      raise _artefact_error(
+          path, f'the saved arrays do not match the manifest ' f'(e.g. {diff[:3]})'
+      )
+    target = _unflatten(
+        {
+            p: jax.ShapeDtypeStruct(tuple(m['shape']), np.dtype(m['dtype']), sharding=device)
+            for p, m in expected.items()
+        }
+    )
     variables = ckptr.restore(vdir, target)
   except ArtefactError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise _artefact_error(
-        path, f'{VARIABLES_DIR}/ cannot be read ({type(e).__name__}: '
-        f'{str(e)[:300]})') from None
+        path, f'{VARIABLES_DIR}/ cannot be read ({type(e).__name__}: ' f'{str(e)[:300]})'
+    ) from None
   m = manifest['model']
-  model = models.get_model(m['name'], m['num_classes'],
-                           dtype=_DTYPES[m['dtype']], **_tuples(m['kwargs']))
+  model = models.get_model(
+      m['name'], m['num_classes'], dtype=_DTYPES[m['dtype']], **_tuples(m['kwargs'])
+  )
   return InferenceModel(path, manifest, model, variables, impl)
 
 
@@ -874,11 +960,13 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 def main(argv):
   """`python -m srigl_jax.export --workdir=DIR [--out=PATH]`."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   del argv
   flag_values = flags.FLAGS
   try:
-    report = export_inference_model(flag_values.workdir, flag_values.out,
-                                    timing_s=flag_values.timing_s)
+    report = export_inference_model(
+        flag_values.workdir, flag_values.out, timing_s=flag_values.timing_s
+    )
   except (ExportError, VerificationError) as e:
     # The message names the problem and the fix; a traceback would bury it.
     sys.exit(f'{type(e).__name__}: {e}')
@@ -887,12 +975,13 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import (
+      app,  # pylint: disable=g-import-not-at-top
+      flags,  # pylint: disable=g-import-not-at-top
+  )
 
   flags.DEFINE_string('workdir', None, 'Training workdir to export.')
-  flags.DEFINE_string('out', None,
-                      'Inference folder (default WORKDIR/inference).')
+  flags.DEFINE_string('out', None, 'Inference folder (default WORKDIR/inference).')
   flags.DEFINE_float('timing_s', 1.0, 'About how long to time each batch size.')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -19,12 +19,13 @@ pending steps before it saves.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from srigl_jax.sparsity import layers as layers_lib
 from srigl_jax.sparsity import transform as sparse_transform
@@ -49,8 +50,7 @@ class NonFiniteError(FloatingPointError):
 
 def leaf_paths(tree: Any) -> list[str]:
   """'/'-joined paths of the leaves of `tree`, in `jax.tree.leaves` order."""
-  return [layers_lib.path_str(kp)
-          for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  return [layers_lib.path_str(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 def finite_flags(tree: Any) -> jax.Array:
@@ -83,9 +83,10 @@ def keep_if_finite(ok: jax.Array, new_state: Any, old_state: Any) -> Any:
     `new_state` if ok, else `old_state` with the new counters.
   """
   kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
-  return kept.replace(step=new_state.step,
-                      opt_state=sparse_transform.with_counts_of(
-                          kept.opt_state, new_state.opt_state))
+  return kept.replace(
+      step=new_state.step,
+      opt_state=sparse_transform.with_counts_of(kept.opt_state, new_state.opt_state),
+  )
 
 
 def describe(flags: np.ndarray, names: Sequence[str]) -> str:
@@ -110,22 +111,25 @@ class FaultMonitor:
       (a run that diverged will not recover by skipping).
   """
 
-  def __init__(self, param_names: Sequence[str],
-               layer_order: dict[str, int] | None = None,
-               skip_bad_steps: bool = False, max_consecutive_skips: int = 20):
+  def __init__(
+      self,
+      param_names: Sequence[str],
+      layer_order: dict[str, int] | None = None,
+      skip_bad_steps: bool = False,
+      max_consecutive_skips: int = 20,
+  ):
     order = layer_order or {}
-    rank = {n: (order.get(n.rsplit('/', 1)[0], len(order)), i)
-            for i, n in enumerate(param_names)}
-    self._perm = sorted(range(len(param_names)), key=lambda i: rank[
-        param_names[i]])
+    rank = {n: (order.get(n.rsplit('/', 1)[0], len(order)), i) for i, n in enumerate(param_names)}
+    self._perm = sorted(range(len(param_names)), key=lambda i: rank[param_names[i]])
     self._names = [param_names[i] for i in self._perm]
     self.skip_bad_steps = skip_bad_steps
     self.max_consecutive_skips = max_consecutive_skips
     self.skipped_steps = 0
     self._in_a_row = 0
 
-  def check(self, steps: Sequence[int], values: Sequence[dict[str, Any]],
-            last_checkpoint: int | None) -> list[bool]:
+  def check(
+      self, steps: Sequence[int], values: Sequence[dict[str, Any]], last_checkpoint: int | None
+  ) -> list[bool]:
     """Checks fetched step metrics in step order.
 
     Args:
@@ -143,33 +147,41 @@ class FaultMonitor:
     applied = []
     for step, v in zip(steps, values):
       loss = float(np.asarray(v['loss']))
-      flags = np.asarray(v.get(GRAD_FINITE, np.ones(len(self._names), bool)),
-                         bool)[self._perm] if len(self._names) else np.ones(0, bool)
+      flags = (
+          np.asarray(v.get(GRAD_FINITE, np.ones(len(self._names), bool)), bool)[self._perm]
+          if len(self._names)
+          else np.ones(0, bool)
+      )
       if np.isfinite(loss) and flags.all():
         self._in_a_row = 0
         applied.append(True)
         continue
-      head = (f'Non-finite training loss ({loss}) at step {step}'
-              if not np.isfinite(loss) else
-              f'Non-finite gradient at step {step} (loss {loss})')
+      head = (
+          f'Non-finite training loss ({loss}) at step {step}'
+          if not np.isfinite(loss)
+          else f'Non-finite gradient at step {step} (loss {loss})'
+      )
       what = describe(flags, self._names)
       bad = np.flatnonzero(~flags)
       layer = self._names[bad[0]] if bad.size else None
       if self.skip_bad_steps and self._in_a_row < self.max_consecutive_skips:
         self._in_a_row += 1
         self.skipped_steps += 1
-        logging.warning('%s; %s. Skipped it (%d skipped so far).', head, what,
-                        self.skipped_steps)
+        logging.warning('%s; %s. Skipped it (%d skipped so far).', head, what, self.skipped_steps)
         applied.append(False)
         continue
-      extra = (f' after {self._in_a_row} skipped steps in a row'
-               if self.skip_bad_steps else '')
-      ckpt = ('no checkpoint was saved yet' if last_checkpoint is None else
-              f'the latest checkpoint (step {last_checkpoint}) predates it and '
-              'is kept')
+      extra = f' after {self._in_a_row} skipped steps in a row' if self.skip_bad_steps else ''
+      ckpt = (
+          'no checkpoint was saved yet'
+          if last_checkpoint is None
+          else f'the latest checkpoint (step {last_checkpoint}) predates it and ' 'is kept'
+      )
       raise NonFiniteError(
           f'{head}{extra}; {what}; stopping: {ckpt}. Lower optim.learning_rate, set '
           'optim.grad_clip_norm, or check the input data, then rerun the '
           'same command to resume (or set skip_bad_steps=True to drop such '
-          'steps).', step, layer)
+          'steps).',
+          step,
+          layer,
+      )
     return applied

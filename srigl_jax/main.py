@@ -15,19 +15,18 @@ import ctypes.util
 import logging as py_logging
 import os
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from srigl_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/*.py[:arg]).',
-    lock_config=True)
+    'config', None, 'Experiment config file (configs/*.py[:arg]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Directory for checkpoints, metrics, plots and summary.')
+    'workdir', None, 'Directory for checkpoints, metrics, plots and summary.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # glibc mallopt parameters (malloc.h).
@@ -66,8 +65,7 @@ def keep_freed_memory() -> bool:
     libc = None
   if libc is None or not hasattr(libc, 'mallopt'):
     return False
-  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-      libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def _is_multi_process() -> bool:
@@ -87,8 +85,7 @@ class _QuietLibraries(py_logging.Filter):
   """Drops INFO records of orbax (dozens per checkpoint) from the console."""
 
   def filter(self, record):
-    return record.levelno >= py_logging.WARNING or (
-        f'{os.sep}orbax{os.sep}' not in record.pathname)
+    return record.levelno >= py_logging.WARNING or (f'{os.sep}orbax{os.sep}' not in record.pathname)
 
 
 def main(argv):
@@ -104,13 +101,18 @@ def main(argv):
     if 'JAX_PROCESS_ID' in os.environ:
       kwargs['process_id'] = int(os.environ['JAX_PROCESS_ID'])
     jax.distributed.initialize(**kwargs)
-  logging.info('JAX process %d of %d, %d local / %d global devices (%s).',
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info(
+      'JAX process %d of %d, %d local / %d global devices (%s).',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
   if jax.default_backend() == 'cpu' and keep_freed_memory():
-    logging.info('glibc malloc: freed memory kept for reuse '
-                 '(SRIGL_JAX_SYSTEM_MALLOC=1 turns this off).')
+    logging.info(
+        'glibc malloc: freed memory kept for reuse ' '(SRIGL_JAX_SYSTEM_MALLOC=1 turns this off).'
+    )
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -47,36 +47,43 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
-from srigl_jax import config_lib
-from srigl_jax import reports
+from srigl_jax import config_lib, reports
 
 # Repeated flags, not comma lists: config args and tuple values hold commas.
 _CONFIGS = flags.DEFINE_multi_string(
-    'configs', ['configs/fashion_mnist.py:model=mlp'],
+    'configs',
+    ['configs/fashion_mnist.py:model=mlp'],
     'Config spec PATH[:ARG][@KEY=VALUE;...] (see the module docstring); '
-    'repeat the flag for several configs.')
+    'repeat the flag for several configs.',
+)
 _METHODS = flags.DEFINE_list(
-    'methods', ['dense', 'static', 'set', 'rigl', 'srigl_noablation', 'srigl'],
-    'Method specs NAME[@KEY=VALUE;...], e.g. srigl@gamma_sal=0.95.')
+    'methods',
+    ['dense', 'static', 'set', 'rigl', 'srigl_noablation', 'srigl'],
+    'Method specs NAME[@KEY=VALUE;...], e.g. srigl@gamma_sal=0.95.',
+)
 _SPARSITIES = flags.DEFINE_list(
-    'sparsities', ['0.8', '0.9', '0.95', '0.98', '0.99'],
-    'Sparsities of the sparse methods (dense ignores them).')
+    'sparsities',
+    ['0.8', '0.9', '0.95', '0.98', '0.99'],
+    'Sparsities of the sparse methods (dense ignores them).',
+)
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (config.seed).')
 _OUT = flags.DEFINE_string('out', None, 'Output directory of the sweep.')
 _OVERRIDES = flags.DEFINE_multi_string(
-    'overrides', [],
+    'overrides',
+    [],
     'Config overrides KEY=VALUE;KEY=VALUE applied to every run, e.g. '
-    '"num_train_steps=2000;write_plots=False"; the flag may be repeated.')
-_DRY_RUN = flags.DEFINE_bool(
-    'dry_run', False, 'Print the grid (and what is finished) and exit.')
+    '"num_train_steps=2000;write_plots=False"; the flag may be repeated.',
+)
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the grid (and what is finished) and exit.')
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained in parallel processes.')
 _COLLECT_ONLY = flags.DEFINE_bool(
-    'collect_only', False, 'Do not train; only collect the finished runs.')
+    'collect_only', False, 'Do not train; only collect the finished runs.'
+)
 
 # Methods whose active neurons per layer are plotted (a spec 'srigl@...'
 # counts as SRigL).
@@ -114,18 +121,21 @@ class Run:
 
   def command(self, python: str = sys.executable) -> list[str]:
     """The subprocess command line that trains this run."""
-    return ([python, '-m', 'srigl_jax.main',
-             f'--config={self.config_path}:{self.config_arg}',
-             f'--workdir={self.workdir}', f'--config.seed={self.seed}'] +
-            [f'--config.{o}' for o in self.overrides])
+    return [
+        python,
+        '-m',
+        'srigl_jax.main',
+        f'--config={self.config_path}:{self.config_arg}',
+        f'--workdir={self.workdir}',
+        f'--config.seed={self.seed}',
+    ] + [f'--config.{o}' for o in self.overrides]
 
   @property
   def finished(self) -> bool:
     return os.path.exists(os.path.join(self.workdir, _SUMMARY))
 
 
-def _parse_overrides(text: str, default_group: str | None,
-                     what: str) -> list[str]:
+def _parse_overrides(text: str, default_group: str | None, what: str) -> list[str]:
   """Parses 'k=v;k2=v2'; keys without a dot go to `default_group`."""
   out = []
   for item in text.split(';'):
@@ -158,8 +168,10 @@ def parse_config_spec(spec: str) -> tuple[str, str, str, list[str]]:
   if not path.endswith('.py'):
     raise ValueError(f'Config spec {spec!r}: the path must name a .py file.')
   if re.search(r'(^|,)\s*(method|sparsity)\s*=', arg):
-    raise ValueError(f'Config spec {spec!r}: method and sparsity come from '
-                     '--methods and --sparsities, not the config arg.')
+    raise ValueError(
+        f'Config spec {spec!r}: method and sparsity come from '
+        '--methods and --sparsities, not the config arg.'
+    )
   name = os.path.splitext(os.path.basename(path))[0]
   if arg:
     name += '-' + '-'.join(a.strip() for a in arg.split(',') if a.strip())
@@ -175,8 +187,9 @@ def parse_method_spec(spec: str) -> tuple[str, list[str]]:
   name, _, extra = spec.partition('@')
   name = name.strip()
   if name not in config_lib.METHODS:
-    raise ValueError(f'Method spec {spec!r}: unknown method {name!r}; valid: '
-                     f'{list(config_lib.METHODS)}.')
+    raise ValueError(
+        f'Method spec {spec!r}: unknown method {name!r}; valid: ' f'{list(config_lib.METHODS)}.'
+    )
   return name, _parse_overrides(extra, 'sparsity', spec)
 
 
@@ -184,9 +197,14 @@ def _sparsity_dir(sparsity: float) -> str:
   return f's{sparsity:g}'
 
 
-def expand_grid(configs: Sequence[str], methods: Sequence[str],
-                sparsities: Sequence[float], seeds: Sequence[int], out: str,
-                overrides: Sequence[str] = ()) -> list[Run]:
+def expand_grid(
+    configs: Sequence[str],
+    methods: Sequence[str],
+    sparsities: Sequence[float],
+    seeds: Sequence[int],
+    out: str,
+    overrides: Sequence[str] = (),
+) -> list[Run]:
   """All runs of the grid; dense once per seed, not per sparsity.
 
   Override precedence (later wins): the global `overrides`, then the config
@@ -218,24 +236,33 @@ def expand_grid(configs: Sequence[str], methods: Sequence[str],
       sps = [0.0] if mname == 'dense' else [float(s) for s in sparsities]
       for sp in sps:
         for seed in seeds:
-          arg = ','.join(a for a in (carg, f'method={mname}',
-                                     f'sparsity={sp:g}') if a)
-          workdir = os.path.join(out, cname, mspec.strip(), _sparsity_dir(sp),
-                                 f'seed{int(seed)}')
+          arg = ','.join(a for a in (carg, f'method={mname}', f'sparsity={sp:g}') if a)
+          workdir = os.path.join(out, cname, mspec.strip(), _sparsity_dir(sp), f'seed{int(seed)}')
           if workdir in seen:
-            raise ValueError(f'Two grid entries share the directory {workdir}; '
-                             'make the config/method specs distinct.')
+            raise ValueError(
+                f'Two grid entries share the directory {workdir}; '
+                'make the config/method specs distinct.'
+            )
           seen.add(workdir)
-          runs.append(Run(cname, cpath, arg, mspec.strip(), sp, int(seed),
-                          tuple(global_overrides + cover + mover), workdir))
+          runs.append(
+              Run(
+                  cname,
+                  cpath,
+                  arg,
+                  mspec.strip(),
+                  sp,
+                  int(seed),
+                  tuple(global_overrides + cover + mover),
+                  workdir,
+              )
+          )
   return runs
 
 
 # -------------------------------------------------------------------- run
 
 
-def run_one(run: Run, python: str = sys.executable,
-            env: dict[str, str] | None = None) -> int:
+def run_one(run: Run, python: str = sys.executable, env: dict[str, str] | None = None) -> int:
   """Trains one run in a subprocess, its output going to WORKDIR/run.log.
 
   Args:
@@ -249,17 +276,23 @@ def run_one(run: Run, python: str = sys.executable,
   os.makedirs(run.workdir, exist_ok=True)
   # Append: a resumed run keeps the log of its earlier attempts.
   with open(os.path.join(run.workdir, _LOG), 'a', encoding='utf-8') as log:
-    log.write(f'\n# {time.strftime("%Y-%m-%d %H:%M:%S")} '
-              f'{subprocess.list2cmdline(run.command(python))}\n')
+    log.write(
+        f'\n# {time.strftime("%Y-%m-%d %H:%M:%S")} '
+        f'{subprocess.list2cmdline(run.command(python))}\n'
+    )
     log.flush()
-    proc = subprocess.run(run.command(python), stdout=log,
-                          stderr=subprocess.STDOUT, env=env, check=False)
+    proc = subprocess.run(
+        run.command(python), stdout=log, stderr=subprocess.STDOUT, env=env, check=False
+    )
   return proc.returncode
 
 
-def run_grid(runs: Sequence[Run], jobs: int = 1,
-             python: str = sys.executable,
-             env: dict[str, str] | None = None) -> dict[str, list[Run]]:
+def run_grid(
+    runs: Sequence[Run],
+    jobs: int = 1,
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
+) -> dict[str, list[Run]]:
   """Trains the unfinished runs, `jobs` at a time.
 
   Args:
@@ -271,11 +304,13 @@ def run_grid(runs: Sequence[Run], jobs: int = 1,
   Returns:
     {'skipped': [...], 'done': [...], 'failed': [...]}.
   """
-  result = {'skipped': [r for r in runs if r.finished], 'done': [],
-            'failed': []}
+  result = {'skipped': [r for r in runs if r.finished], 'done': [], 'failed': []}
   todo = [r for r in runs if not r.finished]
-  print(f'{len(runs)} runs: {len(result["skipped"])} already finished, '
-        f'{len(todo)} to train ({jobs} at a time).', flush=True)
+  print(
+      f'{len(runs)} runs: {len(result["skipped"])} already finished, '
+      f'{len(todo)} to train ({jobs} at a time).',
+      flush=True,
+  )
   start = time.time()
 
   def work(r):
@@ -289,13 +324,17 @@ def run_grid(runs: Sequence[Run], jobs: int = 1,
       r, rc, secs = fut.result()
       ok = rc == 0 and r.finished
       result['done' if ok else 'failed'].append(r)
-      print(f'[{i}/{len(todo)}] {"ok" if ok else f"FAILED (exit {rc})"} '
-            f'{secs:.0f}s  {r.workdir}'
-            + ('' if ok else f'  (see {os.path.join(r.workdir, _LOG)})'),
-            flush=True)
+      print(
+          f'[{i}/{len(todo)}] {"ok" if ok else f"FAILED (exit {rc})"} '
+          f'{secs:.0f}s  {r.workdir}' + ('' if ok else f'  (see {os.path.join(r.workdir, _LOG)})'),
+          flush=True,
+      )
   if todo:
-    print(f'Trained {len(result["done"])} runs in {time.time() - start:.0f}s; '
-          f'{len(result["failed"])} failed.', flush=True)
+    print(
+        f'Trained {len(result["done"])} runs in {time.time() - start:.0f}s; '
+        f'{len(result["failed"])} failed.',
+        flush=True,
+    )
   return result
 
 
@@ -387,20 +426,23 @@ def scan_runs(out: str) -> list[dict[str, Any]]:
             continue
           workdir = os.path.join(mdir, sdir, seed_dir)
           res = read_run(workdir)
-          row = {'config': cname, 'method': method, 'sparsity': sp,
-                 'seed': int(m.group(1)), 'workdir': workdir,
-                 'finished': res is not None}
+          row = {
+              'config': cname,
+              'method': method,
+              'sparsity': sp,
+              'seed': int(m.group(1)),
+              'workdir': workdir,
+              'finished': res is not None,
+          }
           row.update(res or {})
           rows.append(row)
-  rows.sort(key=lambda r: (r['config'], _method_order(r['method']),
-                           r['sparsity'], r['seed']))
+  rows.sort(key=lambda r: (r['config'], _method_order(r['method']), r['sparsity'], r['seed']))
   return rows
 
 
 def _method_order(method: str) -> tuple[int, str]:
   base = method.partition('@')[0]
-  idx = (config_lib.METHODS.index(base) if base in config_lib.METHODS
-         else len(config_lib.METHODS))
+  idx = config_lib.METHODS.index(base) if base in config_lib.METHODS else len(config_lib.METHODS)
   return idx, method
 
 
@@ -440,18 +482,24 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
       vals = [r['active_pct'][layer] for r in rs if layer in r['active_pct']]
       active[layer], active_std[layer] = mean_std(vals)
     sps = [r['steps_per_sec'] for r in rs if r.get('steps_per_sec')]
-    gs = [r['global_sparsity'] for r in rs
-          if r.get('global_sparsity') is not None]
-    out.append({
-        'config': cname, 'method': method, 'sparsity': sp, 'n': len(rs),
-        'seeds': [r['seed'] for r in rs], 'acc_mean': mean, 'acc_std': std,
-        'accs': accs,
-        'global_sparsity': mean_std(gs)[0] if gs else math.nan,
-        'steps_per_sec': mean_std(sps)[0] if sps else math.nan,
-        'active_pct': active, 'active_pct_std': active_std,
-    })
-  out.sort(key=lambda g: (g['config'], _method_order(g['method']),
-                          g['sparsity']))
+    gs = [r['global_sparsity'] for r in rs if r.get('global_sparsity') is not None]
+    out.append(
+        {
+            'config': cname,
+            'method': method,
+            'sparsity': sp,
+            'n': len(rs),
+            'seeds': [r['seed'] for r in rs],
+            'acc_mean': mean,
+            'acc_std': std,
+            'accs': accs,
+            'global_sparsity': mean_std(gs)[0] if gs else math.nan,
+            'steps_per_sec': mean_std(sps)[0] if sps else math.nan,
+            'active_pct': active,
+            'active_pct_std': active_std,
+        }
+    )
+  out.sort(key=lambda g: (g['config'], _method_order(g['method']), g['sparsity']))
   return out
 
 
@@ -471,8 +519,7 @@ def _is_neuron_method(method: str) -> bool:
   return method.partition('@')[0] in _NEURON_PLOT_METHODS
 
 
-def results_markdown(groups: Sequence[dict[str, Any]],
-                     rows: Sequence[dict[str, Any]] = ()) -> str:
+def results_markdown(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]] = ()) -> str:
   """The Markdown page: per config an accuracy table and an active-neuron table.
 
   Args:
@@ -482,9 +529,13 @@ def results_markdown(groups: Sequence[dict[str, Any]],
   Returns:
     Markdown text.
   """
-  lines = ['# Sweep results', '',
-           'Final test accuracy (%), mean ± sample std over seeds (n seeds per '
-           'cell as listed in results.csv). Sparsity in %.', '']
+  lines = [
+      '# Sweep results',
+      '',
+      'Final test accuracy (%), mean ± sample std over seeds (n seeds per '
+      'cell as listed in results.csv). Sparsity in %.',
+      '',
+  ]
   for cname in sorted({g['config'] for g in groups}):
     cg = [g for g in groups if g['config'] == cname]
     methods = sorted({g['method'] for g in cg}, key=_method_order)
@@ -493,28 +544,33 @@ def results_markdown(groups: Sequence[dict[str, Any]],
     lines += [f'## {cname}', '']
     dense = [g for g in cg if g['method'] == 'dense']
     if dense:
-      lines += [f'Dense: {_fmt_acc(dense[0])} (seeds {dense[0]["seeds"]}).',
-                '']
+      lines += [f'Dense: {_fmt_acc(dense[0])} (seeds {dense[0]["seeds"]}).', '']
     sps = sorted({g['sparsity'] for g in cg if g['method'] != 'dense'})
     if sparse_methods and sps:
       lines.append('| sparsity | ' + ' | '.join(sparse_methods) + ' |')
       lines.append('|---' * (len(sparse_methods) + 1) + '|')
       for sp in sps:
-        lines.append(f'| {_fmt_sparsity(sp)} | ' + ' | '.join(
-            _fmt_acc(by.get((m, sp))) for m in sparse_methods) + ' |')
+        lines.append(
+            f'| {_fmt_sparsity(sp)} | '
+            + ' | '.join(_fmt_acc(by.get((m, sp))) for m in sparse_methods)
+            + ' |'
+        )
       lines.append('')
     ng = [g for g in cg if g['method'] != 'dense' and g['active_pct']]
     if ng:
       layers = _layer_names(g['active_pct'] for g in ng)
-      lines += ['Active neurons at the end (% of each layer, mean over seeds; '
-                'a neuron without weights is inactive):', '']
+      lines += [
+          'Active neurons at the end (% of each layer, mean over seeds; '
+          'a neuron without weights is inactive):',
+          '',
+      ]
       lines.append('| method | sparsity | ' + ' | '.join(layers) + ' |')
       lines.append('|---' * (len(layers) + 2) + '|')
       for g in ng:
-        cells = [f'{g["active_pct"][l]:.1f}' if l in g['active_pct'] else '-'
-                 for l in layers]
-        lines.append(f'| {g["method"]} | {_fmt_sparsity(g["sparsity"])} | '
-                     + ' | '.join(cells) + ' |')
+        cells = [f'{g["active_pct"][l]:.1f}' if l in g['active_pct'] else '-' for l in layers]
+        lines.append(
+            f'| {g["method"]} | {_fmt_sparsity(g["sparsity"])} | ' + ' | '.join(cells) + ' |'
+        )
       lines.append('')
   unfinished = [r for r in rows if not r.get('finished')]
   if unfinished:
@@ -533,18 +589,37 @@ def _num(x: Any) -> str:
 def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
   """One row per config x method x sparsity; one column per layer's active %."""
   layers = _layer_names(g['active_pct'] for g in groups)
-  header = (['config', 'method', 'sparsity', 'n_seeds', 'seeds',
-             'accuracy_mean', 'accuracy_std', 'accuracies', 'global_sparsity',
-             'steps_per_sec'] + [f'active_pct/{l}' for l in layers])
+  header = [
+      'config',
+      'method',
+      'sparsity',
+      'n_seeds',
+      'seeds',
+      'accuracy_mean',
+      'accuracy_std',
+      'accuracies',
+      'global_sparsity',
+      'steps_per_sec',
+  ] + [f'active_pct/{l}' for l in layers]
   with open(path, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(header)
     for g in groups:
-      w.writerow([g['config'], g['method'], _num(g['sparsity']), g['n'],
-                  ' '.join(map(str, g['seeds'])), _num(g['acc_mean']),
-                  _num(g['acc_std']), ' '.join(_num(a) for a in g['accs']),
-                  _num(g['global_sparsity']), _num(g['steps_per_sec'])] +
-                 [_num(g['active_pct'].get(l)) for l in layers])
+      w.writerow(
+          [
+              g['config'],
+              g['method'],
+              _num(g['sparsity']),
+              g['n'],
+              ' '.join(map(str, g['seeds'])),
+              _num(g['acc_mean']),
+              _num(g['acc_std']),
+              ' '.join(_num(a) for a in g['accs']),
+              _num(g['global_sparsity']),
+              _num(g['steps_per_sec']),
+          ]
+          + [_num(g['active_pct'].get(l)) for l in layers]
+      )
 
 
 def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
@@ -552,13 +627,33 @@ def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
   base = os.path.dirname(os.path.abspath(path))
   with open(path, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
-    w.writerow(['config', 'method', 'sparsity', 'seed', 'finished',
-                'accuracy', 'global_sparsity', 'steps_per_sec', 'workdir'])
+    w.writerow(
+        [
+            'config',
+            'method',
+            'sparsity',
+            'seed',
+            'finished',
+            'accuracy',
+            'global_sparsity',
+            'steps_per_sec',
+            'workdir',
+        ]
+    )
     for r in rows:
-      w.writerow([r['config'], r['method'], _num(r['sparsity']), r['seed'],
-                  int(r['finished']), _num(r.get('accuracy')),
-                  _num(r.get('global_sparsity')), _num(r.get('steps_per_sec')),
-                  os.path.relpath(r['workdir'], base)])
+      w.writerow(
+          [
+              r['config'],
+              r['method'],
+              _num(r['sparsity']),
+              r['seed'],
+              int(r['finished']),
+              _num(r.get('accuracy')),
+              _num(r.get('global_sparsity')),
+              _num(r.get('steps_per_sec')),
+              os.path.relpath(r['workdir'], base),
+          ]
+      )
 
 
 def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
@@ -571,6 +666,7 @@ def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
     The paths written.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 
@@ -589,15 +685,20 @@ def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
         g = mg[0]
         ax.axhline(g['acc_mean'], color='k', ls='--', lw=1, label='dense')
         if not math.isnan(g['acc_std']):
-          ax.axhspan(g['acc_mean'] - g['acc_std'], g['acc_mean'] + g['acc_std'],
-                     color='k', alpha=0.1)
+          ax.axhspan(
+              g['acc_mean'] - g['acc_std'], g['acc_mean'] + g['acc_std'], color='k', alpha=0.1
+          )
         continue
       mg.sort(key=lambda g: g['sparsity'])
-      ax.errorbar([xpos[g['sparsity']] for g in mg],
-                  [g['acc_mean'] for g in mg],
-                  yerr=[0.0 if math.isnan(g['acc_std']) else g['acc_std']
-                        for g in mg],
-                  marker='o', ms=4, capsize=3, label=m)
+      ax.errorbar(
+          [xpos[g['sparsity']] for g in mg],
+          [g['acc_mean'] for g in mg],
+          yerr=[0.0 if math.isnan(g['acc_std']) else g['acc_std'] for g in mg],
+          marker='o',
+          ms=4,
+          capsize=3,
+          label=m,
+      )
     ax.set_xticks(range(len(sps)))
     ax.set_xticklabels(labels)
     ax.set_xlabel('sparsity (%)')
@@ -614,19 +715,24 @@ def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
     nmethods = [m for m in methods if _is_neuron_method(m)]
     if not nmethods:
       continue
-    fig, axes = plt.subplots(1, len(nmethods),
-                             figsize=(4.5 * len(nmethods), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(nmethods), figsize=(4.5 * len(nmethods), 4), squeeze=False)
     for ax, m in zip(axes[0], nmethods):
-      mg = sorted((g for g in cg if g['method'] == m),
-                  key=lambda g: g['sparsity'])
+      mg = sorted((g for g in cg if g['method'] == m), key=lambda g: g['sparsity'])
       layers = _layer_names(g['active_pct'] for g in mg)
       for layer in layers:
         pts = [g for g in mg if layer in g['active_pct']]
-        ax.errorbar([xpos[g['sparsity']] for g in pts],
-                    [g['active_pct'][layer] for g in pts],
-                    yerr=[0.0 if math.isnan(g['active_pct_std'][layer])
-                          else g['active_pct_std'][layer] for g in pts],
-                    marker='o', ms=3, capsize=2, label=layer)
+        ax.errorbar(
+            [xpos[g['sparsity']] for g in pts],
+            [g['active_pct'][layer] for g in pts],
+            yerr=[
+                0.0 if math.isnan(g['active_pct_std'][layer]) else g['active_pct_std'][layer]
+                for g in pts
+            ],
+            marker='o',
+            ms=3,
+            capsize=2,
+            label=layer,
+        )
       ax.set_xticks(range(len(sps)))
       ax.set_xticklabels(labels)
       ax.set_ylim(0, 105)
@@ -660,8 +766,11 @@ def collect(out: str, plots: bool = True) -> list[dict[str, Any]]:
   if plots and groups:
     write_plots(groups, out)
   n_done = sum(r['finished'] for r in rows)
-  print(f'Collected {n_done} finished runs of {len(rows)} into '
-        f'{os.path.join(out, "results.md")} and results.csv.', flush=True)
+  print(
+      f'Collected {n_done} finished runs of {len(rows)} into '
+      f'{os.path.join(out, "results.md")} and results.csv.',
+      flush=True,
+  )
   return groups
 
 
@@ -675,9 +784,14 @@ def main(argv):
     raise app.UsageError('--out is required.')
   out = os.path.abspath(_OUT.value)
   if not _COLLECT_ONLY.value:
-    runs = expand_grid(_CONFIGS.value, _METHODS.value,
-                       [float(s) for s in _SPARSITIES.value],
-                       [int(s) for s in _SEEDS.value], out, _OVERRIDES.value)
+    runs = expand_grid(
+        _CONFIGS.value,
+        _METHODS.value,
+        [float(s) for s in _SPARSITIES.value],
+        [int(s) for s in _SEEDS.value],
+        out,
+        _OVERRIDES.value,
+    )
     if _DRY_RUN.value:
       for r in runs:
         state = 'done' if r.finished else 'todo'

@@ -41,36 +41,30 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
 import srigl_jax
-from srigl_jax import checkpointing
-from srigl_jax import checks
-from srigl_jax import config_lib
+from srigl_jax import checkpointing, checks, config_lib, faults, metric_writers, models
 from srigl_jax import data as data_lib
 from srigl_jax import export as export_lib
-from srigl_jax import faults
-from srigl_jax import metric_writers
-from srigl_jax import models
-# The parts of the trainer, under the names callers of `srigl_jax.train` use.
-from srigl_jax.reports import plot_metrics
-from srigl_jax.reports import write_summary_and_plots
-from srigl_jax.train_state import create_learning_rate_fn
-from srigl_jax.train_state import create_optimizer
-from srigl_jax.train_state import make_init_fn
-from srigl_jax.train_state import TrainState
-from srigl_jax.train_steps import cross_entropy
-from srigl_jax.train_steps import make_eval_step
-from srigl_jax.train_steps import make_train_step
-from srigl_jax.train_steps import sparsity_metrics
 
+# The parts of the trainer, under the names callers of `srigl_jax.train` use.
+from srigl_jax.reports import write_summary_and_plots
+from srigl_jax.train_state import (
+    TrainState,
+    create_learning_rate_fn,
+    create_optimizer,
+    make_init_fn,
+)
+from srigl_jax.train_steps import make_eval_step, make_train_step, sparsity_metrics
 
 # ------------------------------------------------------------------ helpers
 
@@ -82,16 +76,14 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if n == -1:
     n = len(devices)
   if not 1 <= n <= len(devices):
-    raise ValueError(f'mesh.data={config.mesh.data} but {len(devices)} devices '
-                     'are available.')
+    raise ValueError(f'mesh.data={config.mesh.data} but {len(devices)} devices ' 'are available.')
   if jax.process_count() > 1 and n != len(devices):
     raise ValueError('A multi-process run must use all devices (mesh.data=-1).')
   return jax.sharding.Mesh(np.asarray(devices[:n]), ('data',))
 
 
 def _to_global(batch, sharding):
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 class Progress:
@@ -154,8 +146,7 @@ class Progress:
     return self.timed_steps / self.train_time if self.train_time > 0 else None
 
 
-def _train_scalars(pending, monitor, last_checkpoint, progress, step,
-                   learning_rate):
+def _train_scalars(pending, monitor, last_checkpoint, progress, step, learning_rate):
   """Fetches the pending step metrics: NaN check, means, progress line.
 
   Args:
@@ -180,20 +171,29 @@ def _train_scalars(pending, monitor, last_checkpoint, progress, step,
   values = [v for v, ok in zip(values, applied) if ok]
   rate = progress.lap()
   scalars = {
-      'train_loss': (float(np.mean(np.array([v['loss'] for v in values],
-                                            np.float64)))
-                     if values else float('nan')),
-      'train_accuracy': (float(np.mean([v['accuracy'] for v in values]))
-                         if values else float('nan')),
-      'learning_rate': learning_rate}
+      'train_loss': (
+          float(np.mean(np.array([v['loss'] for v in values], np.float64)))
+          if values
+          else float('nan')
+      ),
+      'train_accuracy': (
+          float(np.mean([v['accuracy'] for v in values])) if values else float('nan')
+      ),
+      'learning_rate': learning_rate,
+  }
   if monitor.skip_bad_steps:
     scalars['skipped_steps'] = monitor.skipped_steps
   if rate is not None:
     scalars['steps_per_sec'] = rate
-  logging.info('step %d/%d  loss %.4f  train acc %.4f  %s steps/s  ETA %s',
-               step, progress.total_steps, scalars['train_loss'],
-               scalars['train_accuracy'], f'{rate:.2f}' if rate else '?',
-               progress.eta(step, rate))
+  logging.info(
+      'step %d/%d  loss %.4f  train acc %.4f  %s steps/s  ETA %s',
+      step,
+      progress.total_steps,
+      scalars['train_loss'],
+      scalars['train_accuracy'],
+      f'{rate:.2f}' if rate else '?',
+      progress.eta(step, rate),
+  )
   return scalars
 
 
@@ -240,8 +240,7 @@ class _Trainer:
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = _scalars(totals)
     count = max(totals['count'], 1.0)
-    return {'eval_accuracy': totals['correct'] / count,
-            'eval_loss': totals['loss'] / count}
+    return {'eval_accuracy': totals['correct'] / count, 'eval_loss': totals['loss'] / count}
 
 
 def _build(config: ml_collections.ConfigDict, mesh) -> _Trainer:
@@ -252,39 +251,53 @@ def _build(config: ml_collections.ConfigDict, mesh) -> _Trainer:
   fails here, before any compile.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec('data'))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   dataset = data_lib.create_dataset(
-      config.input, seed=config.seed, global_batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size or config.batch_size)
-  model = models.get_model(config.model.name, dataset.num_classes,
-                           dtype=jnp.dtype(config.model.dtype),
-                           **config.model.kwargs.to_dict())
-  init_key, sparse_key, reinit_key, dropout_key = jax.random.split(
-      jax.random.key(config.seed), 4)
-  lr_fn = create_learning_rate_fn(config.optim, dataset.steps_per_epoch,
-                                  int(config.num_train_steps))
+      config.input,
+      seed=config.seed,
+      global_batch_size=config.batch_size,
+      eval_batch_size=config.eval_batch_size or config.batch_size,
+  )
+  model = models.get_model(
+      config.model.name,
+      dataset.num_classes,
+      dtype=jnp.dtype(config.model.dtype),
+      **config.model.kwargs.to_dict(),
+  )
+  init_key, sparse_key, reinit_key, dropout_key = jax.random.split(jax.random.key(config.seed), 4)
+  lr_fn = create_learning_rate_fn(
+      config.optim, dataset.steps_per_epoch, int(config.num_train_steps)
+  )
   tx = create_optimizer(config, lr_fn, sparse_key)
   call_order: dict[str, int] = {}
-  init = make_init_fn(config, model, tx, tuple(dataset.image_shape), reinit_key,
-                      call_order)
+  init = make_init_fn(config, model, tx, tuple(dataset.image_shape), reinit_key, call_order)
   abstract_state = jax.eval_shape(init, init_key)
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   return _Trainer(
-      config=config, dataset=dataset, model=model, lr_fn=lr_fn, init=init,
-      init_key=init_key, abstract_state=abstract_state,
-      state_sharding=state_sharding, batch_sharding=batch_sharding,
+      config=config,
+      dataset=dataset,
+      model=model,
+      lr_fn=lr_fn,
+      init=init,
+      init_key=init_key,
+      abstract_state=abstract_state,
+      state_sharding=state_sharding,
+      batch_sharding=batch_sharding,
       call_order=call_order,
       train_step=jax.jit(
           make_train_step(model, config, dropout_key, batch_sharding),
           in_shardings=(state_sharding, batch_sharding),
-          out_shardings=(state_sharding, replicated), donate_argnums=(0,)),
-      eval_step=jax.jit(make_eval_step(model),
-                        in_shardings=(state_sharding, batch_sharding),
-                        out_shardings=replicated),
-      stats_fn=jax.jit(sparsity_metrics, in_shardings=(state_sharding,),
-                       out_shardings=replicated),
-      n_devices=mesh.devices.size)
+          out_shardings=(state_sharding, replicated),
+          donate_argnums=(0,),
+      ),
+      eval_step=jax.jit(
+          make_eval_step(model),
+          in_shardings=(state_sharding, batch_sharding),
+          out_shardings=replicated,
+      ),
+      stats_fn=jax.jit(sparsity_metrics, in_shardings=(state_sharding,), out_shardings=replicated),
+      n_devices=mesh.devices.size,
+  )
 
 
 def _initial_state(t: _Trainer, ckpt: checkpointing.Checkpointer) -> TrainState:
@@ -294,7 +307,9 @@ def _initial_state(t: _Trainer, ckpt: checkpointing.Checkpointer) -> TrainState:
     return jax.jit(t.init, out_shardings=t.state_sharding)(t.init_key)
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      t.abstract_state, t.state_sharding)
+      t.abstract_state,
+      t.state_sharding,
+  )
   state = ckpt.restore(latest, target)
   logging.info('Resumed from %s at step %d.', ckpt.directory, latest)
   return state
@@ -307,9 +322,9 @@ def _open_writer(workdir: str, config, start_step: int):
   jsonl_path = os.path.join(workdir, 'metrics.jsonl')
   metric_writers.truncate_jsonl(jsonl_path, start_step)
   _write_config(config, workdir)
-  return metric_writers.MultiWriter([
-      metric_writers.TensorBoardWriter(workdir),
-      metric_writers.JsonlWriter(jsonl_path)])
+  return metric_writers.MultiWriter(
+      [metric_writers.TensorBoardWriter(workdir), metric_writers.JsonlWriter(jsonl_path)]
+  )
 
 
 def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
@@ -320,11 +335,12 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
   """
   config = t.config
   monitor = faults.FaultMonitor(
-      faults.leaf_paths(t.abstract_state.params), t.call_order,
-      skip_bad_steps=bool(config.get('skip_bad_steps', False)))
+      faults.leaf_paths(t.abstract_state.params),
+      t.call_order,
+      skip_bad_steps=bool(config.get('skip_bad_steps', False)),
+  )
   method, _ = config_lib.optimizer_method(config)
-  dynamic, stop_step = method in ('set', 'rigl', 'srigl'), (
-      config_lib.resolve_stop_step(config))
+  dynamic, stop_step = method in ('set', 'rigl', 'srigl'), (config_lib.resolve_stop_step(config))
   log_every, eval_every = max(1, int(config.log_every)), int(config.eval_every)
   ckpt_every = int(config.checkpoint_every)
   end_step = t.num_train_steps
@@ -338,8 +354,7 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
   train_iter = t.dataset.train_batches(start_step=step)
   try:
     while step < end_step:
-      state, metrics = t.train_step(
-          state, _to_global(next(train_iter), t.batch_sharding))
+      state, metrics = t.train_step(state, _to_global(next(train_iter), t.batch_sharding))
       step += 1
       pending.append((step, metrics))
       progress.step_done(state.step)
@@ -348,14 +363,15 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
       preempted = not is_last and ckpt.reached_preemption(step)
       halting = (step == end_step and not is_last) or preempted
       do_eval = is_last or (eval_every > 0 and step % eval_every == 0)
-      do_ckpt = is_last or halting or (ckpt_every > 0 and
-                                       step % ckpt_every == 0)
-      mask_update = (dynamic and step % config.sparsity.update_every == 0
-                     and step < stop_step)
+      do_ckpt = is_last or halting or (ckpt_every > 0 and step % ckpt_every == 0)
+      mask_update = dynamic and step % config.sparsity.update_every == 0 and step < stop_step
       record = {}  # One metrics.jsonl line per step, all fields together.
       if step % log_every == 0 or do_eval or do_ckpt or mask_update:
-        record.update(_train_scalars(pending, monitor, ckpt.latest_step(),
-                                     progress, step, float(t.lr_fn(step - 1))))
+        record.update(
+            _train_scalars(
+                pending, monitor, ckpt.latest_step(), progress, step, float(t.lr_fn(step - 1))
+            )
+        )
         pending.clear()
       if mask_update or do_eval:
         progress.pause(state.step)
@@ -363,9 +379,13 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
       if do_eval:
         last_eval = t.evaluate(state)
         record.update(last_eval)
-        logging.info('step %d  eval accuracy %.4f  eval loss %.4f  global '
-                     'sparsity %.4f', step, last_eval['eval_accuracy'],
-                     last_eval['eval_loss'], record['global_sparsity'])
+        logging.info(
+            'step %d  eval accuracy %.4f  eval loss %.4f  global ' 'sparsity %.4f',
+            step,
+            last_eval['eval_accuracy'],
+            last_eval['eval_loss'],
+            record['global_sparsity'],
+        )
       if record:
         writer.write_scalars(step, record)
       if do_ckpt:
@@ -373,9 +393,11 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
         ckpt.save(step, state)
         writer.flush()
       if halting:
-        logging.info('%s after step %d, checkpoint saved; run the same '
-                     'command again to continue.', 'Preempted (SIGTERM)'
-                     if preempted else 'Halting (halt_after_step)', step)
+        logging.info(
+            '%s after step %d, checkpoint saved; run the same ' 'command again to continue.',
+            'Preempted (SIGTERM)' if preempted else 'Halting (halt_after_step)',
+            step,
+        )
         break
   finally:
     if hasattr(train_iter, 'close'):
@@ -396,33 +418,48 @@ def _finish(t: _Trainer, state, step, last_eval, workdir, progress):
   if config.get('export', True) and jax.process_count() > 1:
     # export_model runs on this process only, and its orbax save waits for
     # every process of the job: it would never return.
-    logging.warning('Multi-process run: not exported. Export the final '
-                    'checkpoint from one process: python -m srigl_jax.export '
-                    '--workdir=%s', workdir)
+    logging.warning(
+        'Multi-process run: not exported. Export the final '
+        'checkpoint from one process: python -m srigl_jax.export '
+        '--workdir=%s',
+        workdir,
+    )
   elif config.get('export', True):
     # The payoff of sparse training: a verified, faster inference model.
     try:
       inference = export_lib.export_model(
-          t.model, state.params, state.batch_stats,
-          srigl_jax.get_masks(state.opt_state), config,
-          os.path.join(workdir, 'inference'), step=step, workdir=workdir)
+          t.model,
+          state.params,
+          state.batch_stats,
+          srigl_jax.get_masks(state.opt_state),
+          config,
+          os.path.join(workdir, 'inference'),
+          step=step,
+          workdir=workdir,
+      )
     except Exception as e:  # pylint: disable=broad-except
       export_error = e
   write_summary_and_plots(
-      workdir, config, _scalars(t.stats_fn(state)), last_eval,
-      steps_per_sec=progress.steps_per_sec, n_devices=t.n_devices,
-      num_params=sum(int(np.prod(x.shape))
-                     for x in jax.tree.leaves(t.abstract_state.params)),
-      call_order=t.call_order, inference=inference)
+      workdir,
+      config,
+      _scalars(t.stats_fn(state)),
+      last_eval,
+      steps_per_sec=progress.steps_per_sec,
+      n_devices=t.n_devices,
+      num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.abstract_state.params)),
+      call_order=t.call_order,
+      inference=inference,
+  )
   if export_error is not None:
-    logging.error('Export failed; training finished and is checkpointed. '
-                  'Retry with: python -m srigl_jax.export --workdir=%s',
-                  workdir)
+    logging.error(
+        'Export failed; training finished and is checkpointed. '
+        'Retry with: python -m srigl_jax.export --workdir=%s',
+        workdir,
+    )
     raise export_error
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains and evaluates a (sparse) model, resuming from `workdir` if possible.
 
   Args:
@@ -440,7 +477,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise ValueError(
         f'workdir={workdir!r}: use a local or mounted path (e.g. a GCS bucket '
         'mounted with gcsfuse at /gcs/BUCKET); metrics and plots are written '
-        'with plain file I/O.')
+        'with plain file I/O.'
+    )
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -463,12 +501,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
 def _log_run(t: _Trainer) -> None:
   config = t.config
-  n_params = sum(int(np.prod(x.shape))
-                 for x in jax.tree.leaves(t.abstract_state.params))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.abstract_state.params))
   logging.info(
       'Model %s (%d params), %s at sparsity %.3f, %d devices, global batch %d, '
       '%d steps (%d per epoch), masks updated every %d steps until step %d.',
-      config.model.name, n_params, config.sparsity.method,
-      config.sparsity.sparsity, t.n_devices, config.batch_size,
-      t.num_train_steps, t.dataset.steps_per_epoch,
-      config.sparsity.update_every, config_lib.resolve_stop_step(config))
+      config.model.name,
+      n_params,
+      config.sparsity.method,
+      config.sparsity.sparsity,
+      t.n_devices,
+      config.batch_size,
+      t.num_train_steps,
+      t.dataset.steps_per_epoch,
+      config.sparsity.update_every,
+      config_lib.resolve_stop_step(config),
+  )

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
-from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax.training import train_state
 
 import srigl_jax
 from srigl_jax import config_lib
@@ -65,29 +66,30 @@ def create_learning_rate_fn(
   if optim.schedule == 'cosine':
     # decay_steps includes the warm-up: the cosine ends at num_train_steps.
     return optax.warmup_cosine_decay_schedule(
-        0.0, base, warmup, max(num_train_steps, warmup + 1), end_value=0.0)
+        0.0, base, warmup, max(num_train_steps, warmup + 1), end_value=0.0
+    )
   if optim.schedule == 'step':
     every = max(1, int(round(optim.decay_every_epochs * steps_per_epoch)))
     boundaries = list(range(every, num_train_steps + 1, every))
   elif optim.schedule == 'multistep':
-    boundaries = [int(round(e * steps_per_epoch))
-                  for e in optim.boundaries_epochs]
+    boundaries = [int(round(e * steps_per_epoch)) for e in optim.boundaries_epochs]
   elif optim.schedule == 'constant':
     boundaries = []
   else:
-    raise ValueError(f'Unknown optim.schedule {optim.schedule!r}; valid: '
-                     f'{list(config_lib.SCHEDULES)}.')
+    raise ValueError(
+        f'Unknown optim.schedule {optim.schedule!r}; valid: ' f'{list(config_lib.SCHEDULES)}.'
+    )
   factor = float(optim.decay_factor)
   # join_schedules starts the decay's count at the end of the warm-up, so its
   # boundaries move back by `warmup`; those inside the warm-up apply at once.
   scales = collections.Counter(b - warmup for b in boundaries if b > warmup)
   decay = optax.piecewise_constant_schedule(
       base * factor ** sum(b <= warmup for b in boundaries),
-      {b: factor ** n for b, n in scales.items()})
+      {b: factor**n for b, n in scales.items()},
+  )
   if warmup == 0:
     return decay
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, base, warmup), decay], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
 
 
 def _decay_mask(pattern: str | None):
@@ -97,8 +99,8 @@ def _decay_mask(pattern: str | None):
 
   def mask_fn(params):
     return jax.tree_util.tree_map_with_path(
-        lambda kp, _: bool(regex.search(srigl_jax.sparsity.layers.path_str(kp))),
-        params)
+        lambda kp, _: bool(regex.search(srigl_jax.sparsity.layers.path_str(kp))), params
+    )
 
   return mask_fn
 
@@ -131,15 +133,22 @@ def create_optimizer(
   if optim.name == 'sgd':
     if optim.weight_decay:
       parts.append(optax.add_decayed_weights(optim.weight_decay, mask=mask))
-    parts.append(optax.sgd(lr_fn, momentum=optim.momentum or None,
-                           nesterov=optim.nesterov))
+    parts.append(optax.sgd(lr_fn, momentum=optim.momentum or None, nesterov=optim.nesterov))
   elif optim.name == 'adamw':
-    parts.append(optax.adamw(lr_fn, b1=optim.momentum, b2=optim.b2,
-                             eps=optim.eps, weight_decay=optim.weight_decay,
-                             mask=mask))
+    parts.append(
+        optax.adamw(
+            lr_fn,
+            b1=optim.momentum,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=mask,
+        )
+    )
   else:
-    raise ValueError(f'Unknown optim.name {optim.name!r}; valid: '
-                     f'{list(config_lib.OPTIMIZERS)}.')
+    raise ValueError(
+        f'Unknown optim.name {optim.name!r}; valid: ' f'{list(config_lib.OPTIMIZERS)}.'
+    )
   inner = optax.chain(*parts)
   sp = config.sparsity
   method, gamma_sal = config_lib.optimizer_method(config)
@@ -161,8 +170,9 @@ def create_optimizer(
   )
 
 
-def make_init_fn(config, model, tx, image_shape, reinit_key,
-                 call_order: dict[str, int] | None = None):
+def make_init_fn(
+    config, model, tx, image_shape, reinit_key, call_order: dict[str, int] | None = None
+):
   """Builds `init(key) -> TrainState` (for `jax.eval_shape` and `jax.jit`).
 
   Args:
@@ -182,8 +192,9 @@ def make_init_fn(config, model, tx, image_shape, reinit_key,
     ValueError: an unknown `sparsity.init`.
   """
   if config.sparsity.init not in ('sparse_he', 'masked'):
-    raise ValueError("sparsity.init must be 'sparse_he' or 'masked', got "
-                     f'{config.sparsity.init!r}.')
+    raise ValueError(
+        "sparsity.init must be 'sparse_he' or 'masked', got " f'{config.sparsity.init!r}.'
+    )
   order = {} if call_order is None else call_order
 
   def record_call(next_fun, args, kwargs, context):
@@ -196,16 +207,21 @@ def make_init_fn(config, model, tx, image_shape, reinit_key,
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
     with flax.linen.intercept_methods(record_call):
       variables = model.init(
-          {'params': params_key, 'dropout': dropout_init_key}, dummy,
-          train=False)
+          {'params': params_key, 'dropout': dropout_init_key}, dummy, train=False
+      )
     params = variables['params']
     opt_state = tx.init(params)
     if config.sparsity.init == 'sparse_he':
       params = srigl_jax.sparse_init(params, opt_state, reinit_key)
     else:
       params = srigl_jax.apply_masks(params, opt_state)
-    return TrainState(step=jnp.zeros([], jnp.int32), apply_fn=model.apply,
-                      params=params, tx=tx, opt_state=opt_state,
-                      batch_stats=variables.get('batch_stats', {}))
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        apply_fn=model.apply,
+        params=params,
+        tx=tx,
+        opt_state=opt_state,
+        batch_stats=variables.get('batch_stats', {}),
+    )
 
   return init

@@ -34,8 +34,7 @@ def _hard_labels(labels):
 
 
 def _variables(params, batch_stats):
-  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {
-      'params': params}
+  return {'params': params, 'batch_stats': batch_stats} if batch_stats else {'params': params}
 
 
 def make_train_step(model, config, dropout_key, batch_sharding):
@@ -46,12 +45,14 @@ def make_train_step(model, config, dropout_key, batch_sharding):
 
   def loss_fn(params, batch_stats, batch, rng):
     logits, new_vars = model.apply(
-        _variables(params, batch_stats), batch['image'], train=True,
-        mutable=['batch_stats'], rngs={'dropout': rng})
+        _variables(params, batch_stats),
+        batch['image'],
+        train=True,
+        mutable=['batch_stats'],
+        rngs={'dropout': rng},
+    )
     loss = jnp.mean(cross_entropy(logits, batch['label'], smoothing))
-    correct = jnp.mean(
-        (jnp.argmax(logits, -1) == _hard_labels(batch['label'])).astype(
-            jnp.float32))
+    correct = jnp.mean((jnp.argmax(logits, -1) == _hard_labels(batch['label'])).astype(jnp.float32))
     return loss, (new_vars.get('batch_stats', batch_stats), correct)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -59,8 +60,7 @@ def make_train_step(model, config, dropout_key, batch_sharding):
   def train_step(state, batch):
     rng = jax.random.fold_in(dropout_key, state.step)
     if accum == 1:
-      (loss, (batch_stats, acc)), grads = grad_fn(
-          state.params, state.batch_stats, batch, rng)
+      (loss, (batch_stats, acc)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
     else:
       # Micro-batch i takes rows i, i + accum, ... so that every device holds
       # its share of every micro-batch (a contiguous split would put each
@@ -69,8 +69,11 @@ def make_train_step(model, config, dropout_key, batch_sharding):
         x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
         x = jnp.swapaxes(x, 0, 1)
         return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(
-                batch_sharding.mesh, jax.sharding.PartitionSpec(None, 'data')))
+            x,
+            jax.sharding.NamedSharding(
+                batch_sharding.mesh, jax.sharding.PartitionSpec(None, 'data')
+            ),
+        )
 
       micro = jax.tree.map(split, batch)
       zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -78,23 +81,19 @@ def make_train_step(model, config, dropout_key, batch_sharding):
       def body(carry, xs):
         g_sum, loss_sum, acc_sum, bs = carry
         mb, i = xs
-        (loss, (bs, acc)), g = grad_fn(
-            state.params, bs, mb, jax.random.fold_in(rng, i))
-        return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss,
-                acc_sum + acc, bs), None
+        (loss, (bs, acc)), g = grad_fn(state.params, bs, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, acc_sum + acc, bs), None
 
       (grads, loss, acc, batch_stats), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0, state.batch_stats),
-          (micro, jnp.arange(accum)))
+          body, (zeros, 0.0, 0.0, state.batch_stats), (micro, jnp.arange(accum))
+      )
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss, acc = loss / accum, acc / accum
     finite = faults.finite_flags(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     if skip_bad_steps:
-      new_state = faults.keep_if_finite(faults.step_ok(loss, finite),
-                                        new_state, state)
-    return new_state, {'loss': loss, 'accuracy': acc,
-                       faults.GRAD_FINITE: finite}
+      new_state = faults.keep_if_finite(faults.step_ok(loss, finite), new_state, state)
+    return new_state, {'loss': loss, 'accuracy': acc, faults.GRAD_FINITE: finite}
 
   return train_step
 
@@ -103,21 +102,22 @@ def make_eval_step(model):
   """Builds `eval_step(state, batch) -> sums` over the real (mask 1) rows."""
 
   def eval_step(state, batch):
-    logits = model.apply(_variables(state.params, state.batch_stats),
-                         batch['image'], train=False)
+    logits = model.apply(_variables(state.params, state.batch_stats), batch['image'], train=False)
     mask = batch['mask']
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     loss = cross_entropy(logits, batch['label'])
-    return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
-            'count': jnp.sum(mask)}
+    return {
+        'correct': jnp.sum(correct * mask),
+        'loss': jnp.sum(loss * mask),
+        'count': jnp.sum(mask),
+    }
 
   return eval_step
 
 
 def sparsity_metrics(state: TrainState) -> dict[str, jax.Array]:
   """Global sparsity and per-layer mask statistics as flat scalar metrics."""
-  out = {'global_sparsity': srigl_jax.global_sparsity(state.opt_state,
-                                                      state.params)}
+  out = {'global_sparsity': srigl_jax.global_sparsity(state.opt_state, state.params)}
   for path, stats in srigl_jax.layer_stats(state.opt_state).items():
     for field in _LAYER_FIELDS:
       out[f'{path}/{field}'] = stats[field]

@@ -14,21 +14,22 @@ from srigl_jax import train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
-HAVE_FMNIST = os.path.exists(
-    os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
+HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
 
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of `configs/<name>.py`, as the entry point loads it."""
   spec = importlib.util.spec_from_file_location(
-      f'_config_{name}', os.path.join(CONFIGS, f'{name}.py'))
+      f'_config_{name}', os.path.join(CONFIGS, f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def set_fields(config: ml_collections.ConfigDict,
-               overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+def set_fields(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any]
+) -> ml_collections.ConfigDict:
   """Sets dotted fields ('sparsity.sparsity': 0.8), as --config.* flags do."""
   for key, value in overrides.items():
     node = config
@@ -82,8 +83,7 @@ def compilation_cache(tmp_path_factory):
   pointed at the folder (JAX_COMPILATION_CACHE_DIR) reuse it.
   """
   path = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs')
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs')
   old = {n: getattr(jax.config, n) for n in names}
   jax.config.update(names[0], path)
   jax.config.update(names[1], 0.0)

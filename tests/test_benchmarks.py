@@ -15,10 +15,30 @@ from srigl_jax.benchmarks import condensed as bench
 def test_condensed_benchmark_writes_json_and_plot(tmp_path, capsys):
   out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
   impls = ["dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas"]
-  rc = bench.main([
-      "--in-features", "96", "--out-features", "40", "--sparsities", "0.9,0.99",
-      "--batch-sizes", "1,3", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
-      "--cache-bytes", "65536", "--json", str(out_json), "--plot", str(out_png)])
+  rc = bench.main(
+      [
+          "--in-features",
+          "96",
+          "--out-features",
+          "40",
+          "--sparsities",
+          "0.9,0.99",
+          "--batch-sizes",
+          "1,3",
+          "--impls",
+          ",".join(impls),
+          "--repeats",
+          "3",
+          "--budget",
+          "0",
+          "--cache-bytes",
+          "65536",
+          "--json",
+          str(out_json),
+          "--plot",
+          str(out_png),
+      ]
+  )
   assert rc == 0
   records = json.loads(out_json.read_text())
   ran = {"dense", "bcsr", "structured", "condensed_xla"}
@@ -51,24 +71,45 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
   impls = ["dense"] + [f"condensed_native_{i}" for i in isas]
   if C.native_available():
     impls.append("condensed_native_bf16w")
-  rc = bench.main([
-      "--in-features", "64", "--out-features", "24", "--sparsities", "0.9",
-      "--batch-sizes", "2", "--impls", ",".join(impls), "--repeats", "3", "--budget", "0",
-      "--cache", "warm", "--model", "--json", str(out_json)])
+  rc = bench.main(
+      [
+          "--in-features",
+          "64",
+          "--out-features",
+          "24",
+          "--sparsities",
+          "0.9",
+          "--batch-sizes",
+          "2",
+          "--impls",
+          ",".join(impls),
+          "--repeats",
+          "3",
+          "--budget",
+          "0",
+          "--cache",
+          "warm",
+          "--model",
+          "--json",
+          str(out_json),
+      ]
+  )
   assert rc == 0
   records = json.loads(out_json.read_text())
   # --model adds a converted ViT MLP block against the masked dense one.
   model = [r for r in records if r["impl"].startswith("model_")]
   assert {(r["impl"], r["batch"]) for r in model} == {
-      (i, b) for i in ("model_dense", "model_condensed") for b in (1, 256)}
+      (i, b) for i in ("model_dense", "model_condensed") for b in (1, 256)
+  }
   records = [r for r in records if not r["impl"].startswith("model_")]
   assert {r["impl"] for r in records} == set(impls)
   for r in records:
     assert r["cache"] == "warm" and r["copies"] == 1
     if r["impl"] == "condensed_native_bf16w":
       assert r["native_isa"] == C.native_isas()["auto"]
-      assert r["bytes_moved"] < next(q["bytes_moved"] for q in records
-                                     if q["impl"] == "condensed_native_avx2")
+      assert r["bytes_moved"] < next(
+          q["bytes_moved"] for q in records if q["impl"] == "condensed_native_avx2"
+      )
     elif r["impl"] != "dense":
       assert r["native_isa"] == r["impl"].rsplit("_", 1)[1]
 
@@ -77,8 +118,8 @@ def test_cold_cache_copies_exceed_the_cache():
   rng = np.random.default_rng(0)
   kernel, mask, bias = bench.make_layer(rng, 64, 32, 0.9, 0.1, np.float32)
   fns, nbytes, copies, _ = bench.build_impls(
-      ["dense", "condensed_xla"], kernel, mask, bias, np.float32, cache="cold",
-      cache_bytes=100_000)
+      ["dense", "condensed_xla"], kernel, mask, bias, np.float32, cache="cold", cache_bytes=100_000
+  )
   for impl in fns:
     assert copies[impl] * nbytes[impl] >= 2 * 100_000
   assert nbytes["dense"] == (64 * 32 + 32) * 4
@@ -105,12 +146,19 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   subprocess.run(["bash", "-n", str(script)], check=True)
   run = tmp_path / "train_srigl"
   run.mkdir()
-  (run / "summary.json").write_text(json.dumps(
-      {"steps_per_sec": 12.5, "final_step": 20, "model": "mlp", "method": "srigl"}))
-  env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STAGES="bench model collect",
-             GPU_CHECK_DTYPES="float32", JAX_PLATFORMS="cpu")
-  proc = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True,
-                        text=True, timeout=300)
+  (run / "summary.json").write_text(
+      json.dumps({"steps_per_sec": 12.5, "final_step": 20, "model": "mlp", "method": "srigl"})
+  )
+  env = dict(
+      os.environ,
+      PYTHON=sys.executable,
+      GPU_CHECK_STAGES="bench model collect",
+      GPU_CHECK_DTYPES="float32",
+      JAX_PLATFORMS="cpu",
+  )
+  proc = subprocess.run(
+      ["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "tiny=1" in proc.stdout
   records = json.loads((tmp_path / "condensed_fp32.json").read_text())

@@ -1,6 +1,5 @@
 """Tests of condensed inference: format, kernels, checkpointing, conversion."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +70,7 @@ def test_kernels_match_reference(shape):
   want = masked_dense(x, kernel, mask, bias)
   np.testing.assert_allclose(C.condensed_matmul_reference(x, layer), want, rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(C.condensed_matmul_xla(x, layer), want, rtol=1e-5, atol=1e-4)
-  got = C.condensed_matmul_pallas(x, layer, block_sizes=C.BlockSizes(16, 16),
-                                 interpret=INTERPRET)
+  got = C.condensed_matmul_pallas(x, layer, block_sizes=C.BlockSizes(16, 16), interpret=INTERPRET)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   for isa in native_isas():
     got = C.condensed_matmul_native(x, layer, isa=isa)
@@ -91,8 +89,11 @@ def test_native_large_batches_and_no_bias():
   for batch in (16, 31, 64, 129):
     x = jnp.asarray(rng.standard_normal((batch, 200)), jnp.float32)
     np.testing.assert_allclose(
-        C.condensed_matmul_native(x, layer), masked_dense(x, kernel, mask, None),
-        rtol=1e-5, atol=1e-4)
+        C.condensed_matmul_native(x, layer),
+        masked_dense(x, kernel, mask, None),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built, or not on CPU")
@@ -126,7 +127,10 @@ def test_dispatch_auto_and_leading_dims():
   for impl in ("auto", "xla", "reference"):
     np.testing.assert_allclose(
         jax.jit(lambda x, l, impl=impl: C.condensed_matmul(x, l, impl))(x, layer),
-        want, rtol=1e-5, atol=1e-4)
+        want,
+        rtol=1e-5,
+        atol=1e-4,
+    )
   with pytest.raises(ValueError, match="impl must be one of"):
     C.condensed_matmul(x, layer, "fast")
 
@@ -137,13 +141,16 @@ def test_xla_is_differentiable_and_bf16():
   layer = C.condense_dense(kernel, mask, bias)
   x = jnp.asarray(rng.standard_normal((4, 30)), jnp.float32)
   g = jax.grad(lambda v: C.condensed_matmul_xla(x, layer.replace(values=v)).sum())(layer.values)
-  g_ref = jax.grad(lambda v: C.condensed_matmul_reference(x, layer.replace(values=v)).sum())(layer.values)
+  g_ref = jax.grad(lambda v: C.condensed_matmul_reference(x, layer.replace(values=v)).sum())(
+      layer.values
+  )
   np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
   lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
   got = C.condensed_matmul_pallas(x.astype(jnp.bfloat16), lb, interpret=INTERPRET)
   assert got.dtype == jnp.bfloat16
-  np.testing.assert_allclose(got.astype(np.float32), C.condensed_matmul_reference(x, layer),
-                             rtol=5e-2, atol=5e-2)
+  np.testing.assert_allclose(
+      got.astype(np.float32), C.condensed_matmul_reference(x, layer), rtol=5e-2, atol=5e-2
+  )
 
 
 def test_condense_structure_and_compiles_once():
@@ -178,9 +185,11 @@ def test_condense_tree_conv_and_errors():
       "Conv_0": {"kernel": conv, "bias": np.zeros(4, np.float32)},
       "LayerNorm_0": {"scale": np.ones(6, np.float32)},
   }
-  masks = {"Dense_0": {"kernel": m_dense, "bias": None},
-           "Conv_0": {"kernel": conv_mask, "bias": None},
-           "LayerNorm_0": {"scale": None}}
+  masks = {
+      "Dense_0": {"kernel": m_dense, "bias": None},
+      "Conv_0": {"kernel": conv_mask, "bias": None},
+      "LayerNorm_0": {"scale": None},
+  }
   out = C.condense(params, masks)
   assert isinstance(out["Dense_0"], C.CondensedLayer)
   assert isinstance(out["Conv_0"], C.StructuredLayer)
@@ -195,7 +204,9 @@ def test_condense_tree_conv_and_errors():
     C.condense(params, {**masks, "Dense_0": {"kernel": ragged, "bias": None}})
   attn = {"query": {"kernel": np.ones((8, 2, 4), np.float32)}}
   attn_mask = {"query": {"kernel": np.ones((8, 2, 4), bool)}}
-  with pytest.raises(ValueError, match=r"'query' has a sparse kernel of rank 3.*on_unsupported='mask'"):
+  with pytest.raises(
+      ValueError, match=r"'query' has a sparse kernel of rank 3.*on_unsupported='mask'"
+  ):
     C.condense(attn, attn_mask)
   kept = C.condense(attn, attn_mask, on_unsupported="mask")
   assert kept["query"]["kernel"].shape == (8, 2, 4)
@@ -209,7 +220,8 @@ def test_condense_checkpoint_roundtrip(tmp_path):
   k1, m1, _ = make_layer(rng, 16, 8, 5, 6)
   tree = C.condense(
       {"a": {"kernel": k0, "bias": b0}, "b": {"kernel": k1}},
-      {"a": {"kernel": m0, "bias": None}, "b": {"kernel": m1}})
+      {"a": {"kernel": m0, "bias": None}, "b": {"kernel": m1}},
+  )
   path = tmp_path / "condensed"
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, tree)
@@ -218,5 +230,6 @@ def test_condense_checkpoint_roundtrip(tmp_path):
   assert restored["a"].indices.dtype == jnp.int32 and restored["b"].indices.dtype == jnp.int16
   assert restored["b"].bias is None and restored["a"].out_features == 3
   x = jnp.asarray(rng.standard_normal((3, 16)), jnp.float32)
-  np.testing.assert_array_equal(C.condensed_matmul_xla(x, restored["b"]),
-                                C.condensed_matmul_xla(x, tree["b"]))
+  np.testing.assert_array_equal(
+      C.condensed_matmul_xla(x, restored["b"]), C.condensed_matmul_xla(x, tree["b"])
+  )

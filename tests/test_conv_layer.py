@@ -21,14 +21,14 @@ def conv_mask(rng, kh, kw, cin, cout, k, n_active):
 
 # (kh, kw, cin, cout, k, n_active, strides, padding, (h, w), batch)
 CASES = [
-    (1, 1, 6, 5, 3, 4, (1, 1), "VALID", (5, 5), 1),            # 1x1
-    (1, 1, 6, 5, 2, 5, (2, 2), "VALID", (7, 6), 3),            # strided 1x1 (projection)
+    (1, 1, 6, 5, 3, 4, (1, 1), "VALID", (5, 5), 1),  # 1x1
+    (1, 1, 6, 5, 2, 5, (2, 2), "VALID", (7, 6), 3),  # strided 1x1 (projection)
     (3, 3, 8, 6, 10, 4, (2, 2), ((1, 1), (1, 1)), (9, 10), 1),  # 3x3 stride 2
-    (3, 3, 5, 7, 4, 7, (1, 1), "SAME", (9, 7), 3),              # odd sizes, compact
+    (3, 3, 5, 7, 4, 7, (1, 1), "SAME", (9, 7), 3),  # odd sizes, compact
     (7, 7, 3, 8, 20, 6, (2, 2), ((3, 3), (3, 3)), (15, 13), 2),  # the stem
-    (3, 3, 4, 4, 1, 4, (2, 1), "SAME", (8, 9), 5),              # k = 1, mixed strides
-    (5, 5, 3, 4, 7, 1, (1, 1), "VALID", (11, 11), 1),           # one active channel
-    (2, 3, 3, 4, 5, 3, (1, 2), ((0, 2), (1, 0)), (6, 7), 2),    # asymmetric padding
+    (3, 3, 4, 4, 1, 4, (2, 1), "SAME", (8, 9), 5),  # k = 1, mixed strides
+    (5, 5, 3, 4, 7, 1, (1, 1), "VALID", (11, 11), 1),  # one active channel
+    (2, 3, 3, 4, 5, 3, (1, 2), ((0, 2), (1, 0)), (6, 7), 2),  # asymmetric padding
 ]
 
 
@@ -44,15 +44,17 @@ def test_reference_and_xla_equal_flax_conv(case):
   np.testing.assert_array_equal(layer.to_dense(), kernel)
   x = jnp.asarray(rng.standard_normal((batch, *hw, cin)), jnp.float32)
   want = nn.Conv(cout, (kh, kw), strides, padding=padding).apply(
-      {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}, x)
+      {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}, x
+  )
   np.testing.assert_allclose(C.condensed_conv_reference(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv_xla(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv(x, layer, impl="auto"), want, rtol=1e-5, atol=1e-5)
   # What impl='auto' runs on a GPU (the densified kernel under cuDNN).
   np.testing.assert_allclose(dispatch._conv_densified(x, layer), want, rtol=1e-5, atol=1e-5)
   # A small tile forces several neuron blocks and grid chunks through the scans.
-  np.testing.assert_allclose(C.condensed_conv_xla(x, layer, tile_elements=64), want,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      C.condensed_conv_xla(x, layer, tile_elements=64), want, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_every_tap_is_one_contiguous_run_of_the_planes():
@@ -81,10 +83,13 @@ def test_xla_kernel_is_differentiable_and_takes_bf16():
   g = lambda x, v: C.condensed_conv_reference(x, layer.replace(values=v)).sum()
   for a, b in zip(jax.grad(f, (0, 1))(x, layer.values), jax.grad(g, (0, 1))(x, layer.values)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  y = C.condensed_conv_xla(x.astype(jnp.bfloat16), layer.replace(values=layer.values.astype(jnp.bfloat16)))
+  y = C.condensed_conv_xla(
+      x.astype(jnp.bfloat16), layer.replace(values=layer.values.astype(jnp.bfloat16))
+  )
   assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float32), C.condensed_conv_reference(x, layer),
-                             rtol=5e-2, atol=5e-2)
+  np.testing.assert_allclose(
+      np.asarray(y, np.float32), C.condensed_conv_reference(x, layer), rtol=5e-2, atol=5e-2
+  )
 
 
 def test_condense_conv_errors():

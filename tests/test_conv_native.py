@@ -2,7 +2,6 @@
 
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,7 +76,10 @@ def test_pointwise_through_either_kernel(monkeypatch, min_pixels):
     x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
     np.testing.assert_allclose(
         conv_native.condensed_conv_native(x, layer),
-        condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
+        condensed_conv_reference(x, layer),
+        rtol=1e-5,
+        atol=1e-5,
+    )
   conv_native.condensed_conv_native.clear_cache()
 
 
@@ -91,8 +93,7 @@ def test_bias_map_and_dtype():
   layer = layer.replace(bias_map=bias_map, input_hw=(9, 8))
   got = conv_native.condensed_conv_native(x, layer)
   assert got.dtype == jnp.float32  # promoted with the float32 values
-  np.testing.assert_allclose(
-      got, condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got, condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="per-position bias"):
     conv_native.condensed_conv_native(x[:, :7], layer)
 
@@ -138,8 +139,15 @@ def test_bad_isa():
 def test_layer_benchmark_smoke():
   from srigl_jax.benchmarks import conv as bench
 
-  records = bench.run(["c18_32_3x3"], [0.9], [1], ["dense", "condensed_native"],
-                      repeats=2, budget_s=0.0, log=lambda s: None)
+  records = bench.run(
+      ["c18_32_3x3"],
+      [0.9],
+      [1],
+      ["dense", "condensed_native"],
+      repeats=2,
+      budget_s=0.0,
+      log=lambda s: None,
+  )
   (rec,) = records
   assert set(rec["us"]) == {"dense", "condensed_native"}
   assert rec["speedup_vs_dense"]["dense"] == 1.0

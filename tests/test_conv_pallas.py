@@ -27,8 +27,19 @@ INTERPRET = jax.default_backend() != "gpu"
 SMALL = ConvBlockSizes(block_neurons=8, block_cols=16, unroll=3)
 
 
-def make_conv(rng, kernel_size, cin, cout, k, n_active, *, strides=(1, 1),
-              padding="SAME", bias=True, index_dtype=None):
+def make_conv(
+    rng,
+    kernel_size,
+    cin,
+    cout,
+    k,
+    n_active,
+    *,
+    strides=(1, 1),
+    padding="SAME",
+    bias=True,
+    index_dtype=None,
+):
   """A random CondensedConv: n_active of cout channels with k taps each."""
   kh, kw = kernel_size
   fan = kh * kw * cin
@@ -37,8 +48,14 @@ def make_conv(rng, kernel_size, cin, cout, k, n_active, *, strides=(1, 1),
     mask[rng.choice(fan, k, replace=False), j] = True
   kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
   b = rng.standard_normal(cout).astype(np.float32) if bias else None
-  return condense_conv(kernel, mask.reshape(kernel.shape), b, strides=strides,
-                       padding=padding, index_dtype=index_dtype)
+  return condense_conv(
+      kernel,
+      mask.reshape(kernel.shape),
+      b,
+      strides=strides,
+      padding=padding,
+      index_dtype=index_dtype,
+  )
 
 
 # (kernel_size, cin, cout, k, n_active, strides, padding, bias, batch, hw).
@@ -58,8 +75,18 @@ CASES = {
 def test_pallas_conv_matches_reference(case, index_dtype):
   kernel_size, cin, cout, k, n_active, strides, padding, bias, batch, hw = CASES[case]
   rng = np.random.default_rng(len(case) * 31 + k)
-  layer = make_conv(rng, kernel_size, cin, cout, k, n_active, strides=strides,
-                    padding=padding, bias=bias, index_dtype=index_dtype)
+  layer = make_conv(
+      rng,
+      kernel_size,
+      cin,
+      cout,
+      k,
+      n_active,
+      strides=strides,
+      padding=padding,
+      bias=bias,
+      index_dtype=index_dtype,
+  )
   assert layer.taps.dtype == index_dtype
   x = jnp.asarray(rng.standard_normal((batch, *hw, cin)), jnp.float32)
   want = condensed_conv_pallas_reference(x, layer)
@@ -80,14 +107,17 @@ def test_pallas_conv_default_blocks_bf16_and_bias_map():
   got = condensed_conv_pallas(x, layer, interpret=INTERPRET)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   # bf16 input and values: float32 accumulation, bf16 output.
-  layer16 = layer.replace(values=layer.values.astype(jnp.bfloat16),
-                          bias=layer.bias.astype(jnp.bfloat16),
-                          bias_map=layer.bias_map.astype(jnp.bfloat16))
+  layer16 = layer.replace(
+      values=layer.values.astype(jnp.bfloat16),
+      bias=layer.bias.astype(jnp.bfloat16),
+      bias_map=layer.bias_map.astype(jnp.bfloat16),
+  )
   x16 = x.astype(jnp.bfloat16)
   got16 = condensed_conv_pallas(x16, layer16, block_sizes=SMALL, interpret=INTERPRET)
   assert got16.dtype == jnp.bfloat16
-  want16 = condensed_conv_pallas_reference(x16.astype(jnp.float32), layer16.replace(
-      values=layer16.values.astype(jnp.float32)))
+  want16 = condensed_conv_pallas_reference(
+      x16.astype(jnp.float32), layer16.replace(values=layer16.values.astype(jnp.float32))
+  )
   np.testing.assert_allclose(got16.astype(jnp.float32), want16, rtol=3e-2, atol=6e-2)
 
 
@@ -99,13 +129,14 @@ def test_pallas_conv_empty_and_errors():
   np.testing.assert_allclose(got, condensed_conv_pallas_reference(x, layer), atol=1e-6)
   layer = make_conv(rng, (3, 3), 2, 4, 3, 4)
   with pytest.raises(ValueError, match="power of two"):
-    condensed_conv_pallas(x, layer, block_sizes=ConvBlockSizes(block_cols=24),
-                          interpret=INTERPRET)
+    condensed_conv_pallas(x, layer, block_sizes=ConvBlockSizes(block_cols=24), interpret=INTERPRET)
   with pytest.raises(ValueError, match="channels"):
     condensed_conv_pallas(x[..., :1], layer, interpret=INTERPRET)
   # Gather addresses are int32: a 2**31-element plane buffer is refused
   # (checked on shapes only, nothing is allocated).
   big = make_conv(rng, (1, 1), 256, 8, 4, 8)
   with pytest.raises(ValueError, match="int32"):
-    jax.eval_shape(lambda x: condensed_conv_pallas(x, big, interpret=INTERPRET),
-                   jax.ShapeDtypeStruct((2048, 64, 64, 256), jnp.bfloat16))
+    jax.eval_shape(
+        lambda x: condensed_conv_pallas(x, big, interpret=INTERPRET),
+        jax.ShapeDtypeStruct((2048, 64, 64, 256), jnp.bfloat16),
+    )

@@ -26,10 +26,14 @@ TINY = {
     "wrn22": (dict(depth=10, widen_factor=2, base_width=4), (3, 8, 8, 3), "erk"),
     "vit_tiny_test": (dict(num_layers=1), (3, 8, 8, 3), "uniform"),
     "mobilenet_v3_small": (
-        dict(width_multiplier=0.5, dropout_rate=0.0,
-             block_specs=((3, 16, 16, True, "relu", 2),
-                          (5, 48, 16, False, "hswish", 1))),
-        (3, 16, 16, 3), "erk"),
+        dict(
+            width_multiplier=0.5,
+            dropout_rate=0.0,
+            block_specs=((3, 16, 16, True, "relu", 2), (5, 48, 16, False, "hswish", 1)),
+        ),
+        (3, 16, 16, 3),
+        "erk",
+    ),
 }
 
 
@@ -41,8 +45,14 @@ def trained_like(name, sparsity=0.7, ablate=0.3, seed=0):
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   variables = model.init(jax.random.key(seed), x)
   tx = srigl_jax.srigl(
-      optax.sgd(0.1), sparsity=sparsity, distribution=dist, update_every=10,
-      stop_step=100, dense_layers=(".*depthwise.*",), key=jax.random.key(seed + 1))
+      optax.sgd(0.1),
+      sparsity=sparsity,
+      distribution=dist,
+      update_every=10,
+      stop_step=100,
+      dense_layers=(".*depthwise.*",),
+      key=jax.random.key(seed + 1),
+  )
   masks = srigl_jax.get_masks(tx.init(variables["params"]))
 
   def ablate_some(path, m):
@@ -68,8 +78,12 @@ def trained_like(name, sparsity=0.7, ablate=0.3, seed=0):
 
 
 def masked_logits(model, variables, masks, x):
-  params = jax.tree.map(lambda p, m: p if m is None else p * m, variables["params"], masks,
-                        is_leaf=lambda m: m is None)
+  params = jax.tree.map(
+      lambda p, m: p if m is None else p * m,
+      variables["params"],
+      masks,
+      is_leaf=lambda m: m is None,
+  )
   return model.apply({**variables, "params": params}, x)
 
 
@@ -96,8 +110,9 @@ def test_every_family_converts_exactly(name):
   for batch in (1, 3):
     want = masked_logits(model, variables, masks, x[:batch])
     for impl in IMPLS:
-      got = jax.jit(lambda v, x, impl=impl: converted.__class__(model, v, converted.plan).apply(x, impl))(
-          converted.variables, x[:batch])
+      got = jax.jit(
+          lambda v, x, impl=impl: converted.__class__(model, v, converted.plan).apply(x, impl)
+      )(converted.variables, x[:batch])
       assert got.shape == want.shape
       assert_close(got, want)
 
@@ -171,8 +186,9 @@ def test_structure_the_converter_cannot_follow_is_refused():
   model = SharedKernel()
   x = jnp.ones((2, 8))
   variables = model.init(jax.random.key(0), x)
-  masks = jax.tree.map(lambda p: np.ones(p.shape, bool) if p.ndim == 2 else None,
-                       variables["params"])
+  masks = jax.tree.map(
+      lambda p: np.ones(p.shape, bool) if p.ndim == 2 else None, variables["params"]
+  )
   with pytest.raises(ValueError, match="'shared' has a sparse kernel that is not consumed"):
     C.convert_model(model, variables, masks, x)
 
@@ -181,8 +197,15 @@ LONG = __import__("os").environ.get("SRIGL_LONG_TESTS") == "1"
 # Full-size families at their paper input sizes; the slow ones run with
 # SRIGL_LONG_TESTS=1 (the whole-model benchmark also checks each of them).
 FULL = {
-    "mlp": True, "cnn": True, "resnet18": LONG, "wrn22": LONG, "resnet50": LONG,
-    "vit_ti16": LONG, "vit_s16": LONG, "vit_b16": LONG, "mobilenet_v3_large": LONG,
+    "mlp": True,
+    "cnn": True,
+    "resnet18": LONG,
+    "wrn22": LONG,
+    "resnet50": LONG,
+    "vit_ti16": LONG,
+    "vit_s16": LONG,
+    "vit_b16": LONG,
+    "mobilenet_v3_large": LONG,
     "mobilenet_v3_small": LONG,
 }
 

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 import srigl_jax
-from srigl_jax import export
-from srigl_jax import train
+from srigl_jax import export, train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
@@ -40,9 +39,13 @@ def _compile_once(compilation_cache):
 
 
 def _env(cache, **extra):
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PLATFORMS='cpu', **extra)
+  return dict(
+      os.environ,
+      JAX_COMPILATION_CACHE_DIR=cache,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PLATFORMS='cpu',
+      **extra,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -53,13 +56,22 @@ def run(tmp_path_factory, compilation_cache):
     (workdir, the run's log lines).
   """
   workdir = str(tmp_path_factory.mktemp('run'))
-  cmd = [sys.executable, '-m', 'srigl_jax.main',
-         '--config=configs/fashion_mnist.py', f'--workdir={workdir}',
-         *cli_overrides(**EXPORT_OVERRIDES)]
+  cmd = [
+      sys.executable,
+      '-m',
+      'srigl_jax.main',
+      '--config=configs/fashion_mnist.py',
+      f'--workdir={workdir}',
+      *cli_overrides(**EXPORT_OVERRIDES),
+  ]
   out = subprocess.run(
-      cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=_env(compilation_cache,
-               XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+      cmd,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=_env(compilation_cache, XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert '8 devices' in out.stderr
   return workdir, out.stderr.strip().splitlines()
@@ -69,10 +81,13 @@ def raw_test_images(n):
   """Raw uint8 (n, 28, 28) eval images and labels, as a server receives them."""
   if HAVE_FMNIST:
     from srigl_jax.data import idx  # pylint: disable=g-import-not-at-top
+
     images, labels = idx.load_idx_split(
-        'fashion_mnist', '/usr/share/datasets/fashion-mnist', 'test')
+        'fashion_mnist', '/usr/share/datasets/fashion-mnist', 'test'
+    )
     return images[:n, :, :, 0], labels[:n]
   from srigl_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   images, labels = synthetic.make_synthetic('test', n, (28, 28, 1), 10, 0)
   return images[..., 0], labels
 
@@ -80,8 +95,7 @@ def raw_test_images(n):
 def masked_logits(workdir, x):
   """Logits of the masked model restored from the workdir's checkpoint."""
   _, model, state, _ = export.restore_run(workdir)
-  params = srigl_jax.apply_masks(state.params,
-                                 srigl_jax.get_masks(state.opt_state))
+  params = srigl_jax.apply_masks(state.params, srigl_jax.get_masks(state.opt_state))
   return np.asarray(model.apply({'params': params}, x, train=False))
 
 
@@ -89,8 +103,7 @@ def snapshot(folder, skip=('inference',)):
   """path -> md5 of every file (and every folder) under `folder`."""
   out = {}
   for root, dirs, files in os.walk(folder):
-    dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(root, d),
-                                                  folder) not in skip]
+    dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(root, d), folder) not in skip]
     for name in dirs + files:
       path = os.path.join(root, name)
       rel = os.path.relpath(path, folder)
@@ -116,8 +129,7 @@ def test_trainer_exports_verifies_and_reports(run):
   assert inf['masked_accuracy'] == pytest.approx(summary['eval_accuracy'])
   assert inf['max_abs_logit_diff'] < 1e-4
   assert [r['batch'] for r in inf['latency']] == [1, 32]
-  assert all(r['dense_us'] > 0 and r['condensed_us'] > 0
-             for r in inf['latency'])
+  assert all(r['dense_us'] > 0 and r['condensed_us'] > 0 for r in inf['latency'])
   # The payoff line is the last thing the run says.
   last = log[-1].split('] ', 1)[-1]
   assert last.startswith('condensed model: '), log[-3:]
@@ -129,9 +141,12 @@ def test_trainer_exports_verifies_and_reports(run):
   with open(os.path.join(path, 'report.json')) as f:
     report = json.load(f)
   assert report['condensed_accuracy'] == inf['condensed_accuracy']
-  assert manifest['model'] == {'name': 'mlp', 'num_classes': 10,
-                               'dtype': 'float32',
-                               'kwargs': {'hidden_sizes': [64, 64]}}
+  assert manifest['model'] == {
+      'name': 'mlp',
+      'num_classes': 10,
+      'dtype': 'float32',
+      'kwargs': {'hidden_sizes': [64, 64]},
+  }
   assert manifest['input'] == {'shape': [28, 28, 1], 'dtype': 'float32'}
   assert manifest['preprocessing']['mean'] == [0.286]
   assert manifest['source']['checkpoint_step'] == 20
@@ -140,13 +155,13 @@ def test_trainer_exports_verifies_and_reports(run):
   layers = manifest['layers']
   assert set(layers) >= {'dense_0', 'dense_1', 'head'}
   for rec in layers.values():
-    assert set(rec) == {'format', 'kind', 'density', 'neurons',
-                        'active_neurons', 'fan_in'}
+    assert set(rec) == {'format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in'}
   assert layers['dense_0']['format'] == 'condensed'
   # gamma_sal 0.95 ablates neurons, and the artefact knows it.
   assert layers['dense_0']['active_neurons'] < layers['dense_0']['neurons']
   assert summary['layers']['dense_0/kernel']['active_neurons'] == (
-      layers['dense_0']['active_neurons'])
+      layers['dense_0']['active_neurons']
+  )
 
 
 # ------------------------------------------------------------ load, serve
@@ -163,10 +178,8 @@ def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
   assert x.shape == (50, 28, 28, 1) and x.dtype == np.float32
   logits = model(x)
   assert logits.shape == (50, 10) and logits.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(logits), masked_logits(workdir, x),
-                             atol=1e-4, rtol=1e-4)
-  np.testing.assert_array_equal(model.predict(raw),
-                                np.asarray(logits).argmax(-1))
+  np.testing.assert_allclose(np.asarray(logits), masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(model.predict(raw), np.asarray(logits).argmax(-1))
   model(x)
   assert model._fn._cache_size() == 1  # Jitted once for this shape.
   assert model.layers['dense_0']['format'] == 'condensed'
@@ -178,8 +191,7 @@ def test_bad_input_to_the_loaded_model_names_the_fix(run):
   raw, _ = raw_test_images(4)
   with pytest.raises(ValueError, match=r'uint8.*call model\.preprocess'):
     model(raw[..., None])
-  with pytest.raises(ValueError,
-                     match=r'shape \(4, 28, 28\).*\(N, 28, 28, 1\)'):
+  with pytest.raises(ValueError, match=r'shape \(4, 28, 28\).*\(N, 28, 28, 1\)'):
     model(model.preprocess(raw)[..., 0])
   with pytest.raises(ValueError, match='dtype float64'):
     model(model.preprocess(raw).astype(np.float64))
@@ -192,8 +204,7 @@ def test_bad_input_to_the_loaded_model_names_the_fix(run):
 # ------------------------------------------------------------ export
 
 
-def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(
-    run, tmp_path):
+def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(run, tmp_path):
   workdir, _ = run
   before = snapshot(workdir)
   out = str(tmp_path / 'again')
@@ -203,8 +214,7 @@ def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(
   assert report['condensed_accuracy'] == report['masked_accuracy']
   # Exporting over its own artefact replaces it; over anything else, refuses.
   export.export_inference_model(workdir, out, verify=False)
-  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json',
-                                     'variables']
+  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json', 'variables']
   assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]
   with pytest.raises(export.ExportError, match='is not an inference folder'):
     export.export_inference_model(workdir, os.path.join(workdir, 'checkpoints'))
@@ -221,8 +231,7 @@ def test_workdir_without_a_complete_checkpoint_is_a_clear_error(run, tmp_path):
   shutil.copy(os.path.join(run[0], 'config.json'), workdir)
   # What a kill during the first checkpoint write leaves behind.
   os.makedirs(workdir / 'checkpoints' / '10.orbax-checkpoint-tmp-123')
-  with pytest.raises(export.ExportError,
-                     match=r'no complete checkpoint.*Train first'):
+  with pytest.raises(export.ExportError, match=r'no complete checkpoint.*Train first'):
     export.export_inference_model(str(workdir))
 
 
@@ -236,20 +245,22 @@ def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
     return path
 
   cases = {
-      'manifest.json is missing': lambda p: os.remove(
-          os.path.join(p, 'manifest.json')),
-      'manifest.json is corrupted': lambda p: open(
-          os.path.join(p, 'manifest.json'), 'w').write('{"kind": "cond'),
-      'variables/ is missing': lambda p: shutil.rmtree(
-          os.path.join(p, 'variables')),
+      'manifest.json is missing': lambda p: os.remove(os.path.join(p, 'manifest.json')),
+      'manifest.json is corrupted': lambda p: open(os.path.join(p, 'manifest.json'), 'w').write(
+          '{"kind": "cond'
+      ),
+      'variables/ is missing': lambda p: shutil.rmtree(os.path.join(p, 'variables')),
       'variables/ cannot be read': lambda p: [
           os.remove(os.path.join(r, f))
-          for r, _, fs in os.walk(os.path.join(p, 'variables')) for f in fs],
+          for r, _, fs in os.walk(os.path.join(p, 'variables'))
+          for f in fs
+      ],
   }
   for i, (message, damage) in enumerate(cases.items()):
-    with pytest.raises(export.ArtefactError,
-                       match=f'not a complete inference artefact: {message}'
-                       r'.*python -m srigl_jax\.export'):
+    with pytest.raises(
+        export.ArtefactError,
+        match=f'not a complete inference artefact: {message}' r'.*python -m srigl_jax\.export',
+    ):
       export.load_inference_model(broken(f'c{i}', damage))
 
   def wrong_shape(p):
@@ -271,20 +282,20 @@ def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
   masks = jax.tree.map(lambda _: None, state.params)
   out = str(tmp_path / 'dense')
   with caplog.at_level(logging.INFO):
-    report = export.export_model(model, state.params, {}, masks, config, out,
-                                 step=20, timing_s=0.02)
+    report = export.export_model(
+        model, state.params, {}, masks, config, out, step=20, timing_s=0.02
+    )
   assert 'nothing to condense' in caplog.text
   assert report['kind'] == 'dense'
   assert report['condensed_accuracy'] == report['masked_accuracy']
-  assert export.summary_line(report).startswith(
-      'dense model (nothing to condense)')
+  assert export.summary_line(report).startswith('dense model (nothing to condense)')
   served = export.load_inference_model(out)
   assert served.kind == 'dense'
   assert {r['format'] for r in served.layers.values()} == {'dense'}
   x = served.preprocess(raw_test_images(3)[0])
   np.testing.assert_allclose(
-      np.asarray(served(x)),
-      np.asarray(model.apply({'params': state.params}, x)), atol=1e-5)
+      np.asarray(served(x)), np.asarray(model.apply({'params': state.params}, x)), atol=1e-5
+  )
 
 
 def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
@@ -301,8 +312,9 @@ def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
 
   monkeypatch.setattr(export.condensed, 'convert_model', wrong_head)
   out = str(tmp_path / 'wrong')
-  with pytest.raises(export.VerificationError,
-                     match=r'predictions differ.*No artefact was written'):
+  with pytest.raises(
+      export.VerificationError, match=r'predictions differ.*No artefact was written'
+  ):
     export.export_inference_model(workdir, out)
   assert not os.path.exists(out)
 
@@ -321,17 +333,26 @@ print(json.dumps({'devices': jax.device_count(),
 """
 
 
-def test_eight_device_workdir_exports_and_serves_on_one_device(
-    run, tmp_path, compilation_cache):
+def test_eight_device_workdir_exports_and_serves_on_one_device(run, tmp_path, compilation_cache):
   # `run` trained on 8 devices; export from the command line and serve, each
   # in a one-device process of its own.
   workdir, _ = run
   out = str(tmp_path / 'cli')
   done = subprocess.run(
-      [sys.executable, '-m', 'srigl_jax.export', f'--workdir={workdir}',
-       f'--out={out}', '--timing_s=0.05'],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=_env(compilation_cache))
+      [
+          sys.executable,
+          '-m',
+          'srigl_jax.export',
+          f'--workdir={workdir}',
+          f'--out={out}',
+          '--timing_s=0.05',
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=_env(compilation_cache),
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'batch   dense (us)' in done.stdout
   assert done.stdout.strip().splitlines()[-1].startswith('condensed model: ')
@@ -340,29 +361,41 @@ def test_eight_device_workdir_exports_and_serves_on_one_device(
   np.save(tmp_path / 'raw.npy', raw)
   served = subprocess.run(
       [sys.executable, '-c', _SERVE, out, str(tmp_path / 'raw.npy')],
-      cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-      env=_env(compilation_cache))
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=_env(compilation_cache),
+  )
   assert served.returncode == 0, served.stderr[-3000:]
   result = json.loads(served.stdout.strip().splitlines()[-1])
   assert result['devices'] == 1
   x = export.apply_preprocessing(
-      json.load(open(os.path.join(out, 'manifest.json')))['preprocessing'], raw)
-  np.testing.assert_allclose(np.array(result['logits']),
-                             masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
+      json.load(open(os.path.join(out, 'manifest.json')))['preprocessing'], raw
+  )
+  np.testing.assert_allclose(
+      np.array(result['logits']), masked_logits(workdir, x), atol=1e-4, rtol=1e-4
+  )
 
 
-def test_failed_export_keeps_the_summary_and_fails_the_run(tmp_path,
-                                                           monkeypatch):
+def test_failed_export_keeps_the_summary_and_fails_the_run(tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise ValueError("convert_model: layer 'dense_0' cannot be followed")
 
   monkeypatch.setattr(export.condensed, 'convert_model', broken)
   workdir = str(tmp_path / 'wd')
-  config = small_config(**{**EXPORT_OVERRIDES, 'mesh.data': 1,
-                           'num_train_steps': 4, 'eval_every': 4,
-                           'checkpoint_every': 4, 'log_every': 4,
-                           'sparsity.update_every': 2,
-                           'model.kwargs.hidden_sizes': (16, 16)})
+  config = small_config(
+      **{
+          **EXPORT_OVERRIDES,
+          'mesh.data': 1,
+          'num_train_steps': 4,
+          'eval_every': 4,
+          'checkpoint_every': 4,
+          'log_every': 4,
+          'sparsity.update_every': 2,
+          'model.kwargs.hidden_sizes': (16, 16),
+      }
+  )
   with pytest.raises(ValueError, match="layer 'dense_0' cannot be followed"):
     train.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
@@ -374,18 +407,17 @@ def test_failed_export_keeps_the_summary_and_fails_the_run(tmp_path,
 def test_preprocessing_record_replays_the_eval_pipeline():
   # Fashion-MNIST: what the data pipeline feeds the network at eval time.
   from srigl_jax.data import augment  # pylint: disable=g-import-not-at-top
+
   config = small_config()
   spec = export.preprocessing_spec(config.input)
   assert spec['output_shape'] == [28, 28, 1] and spec['resize'] is None
   raw = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
   np.testing.assert_array_equal(
-      export.apply_preprocessing(spec, raw),
-      augment.normalize(raw[..., None], (0.2860,), (0.3530,)))
+      export.apply_preprocessing(spec, raw), augment.normalize(raw[..., None], (0.2860,), (0.3530,))
+  )
   # ImageNet-style: images of any size, centre-cropped and resized.
-  spec = export.preprocessing_spec(srigl_jax.data.default_input_config(
-      'imagenet2012'))
+  spec = export.preprocessing_spec(srigl_jax.data.default_input_config('imagenet2012'))
   assert spec['resize'] == 224 and len(spec['mean']) == 3
-  images = [np.full((300, 400, 3), 128, np.uint8),
-            np.full((256, 256, 3), 128, np.uint8)]
+  images = [np.full((300, 400, 3), 128, np.uint8), np.full((256, 256, 3), 128, np.uint8)]
   out = export.apply_preprocessing(spec, images)
   assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32

@@ -34,9 +34,11 @@ def _dense_case(dtype, index_dtype, batch):
     mask[rng.choice(fan_in, k, replace=False), j] = True
   kernel = rng.standard_normal((fan_in, out)).astype(np.float32)
   layer = C.condense_dense(kernel, mask, rng.standard_normal(out).astype(np.float32))
-  layer = layer.replace(values=layer.values.astype(dtype),
-                        indices=layer.indices.astype(index_dtype),
-                        bias=layer.bias.astype(dtype))
+  layer = layer.replace(
+      values=layer.values.astype(dtype),
+      indices=layer.indices.astype(index_dtype),
+      bias=layer.bias.astype(dtype),
+  )
   x = jnp.asarray(rng.standard_normal((batch, fan_in)), dtype)
   return (lambda x, layer: C.condensed_matmul(x, layer, impl="pallas")), (x, layer)
 
@@ -51,9 +53,14 @@ def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
   for j in rng.choice(cout, n_active, replace=False):
     mask[rng.choice(fan, max(1, fan // 10), replace=False), j] = True
   kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
-  layer = condense_conv(kernel, mask.reshape(kernel.shape),
-                        rng.standard_normal(cout).astype(np.float32),
-                        strides=strides, padding="SAME", index_dtype=index_dtype)
+  layer = condense_conv(
+      kernel,
+      mask.reshape(kernel.shape),
+      rng.standard_normal(cout).astype(np.float32),
+      strides=strides,
+      padding="SAME",
+      index_dtype=index_dtype,
+  )
   layer = layer.replace(values=layer.values.astype(dtype), bias=layer.bias.astype(dtype))
   x = jnp.asarray(rng.standard_normal((batch, 15, 15, cin)), dtype)
   return (lambda x, layer: condensed_conv_pallas(x, layer)), (x, layer)

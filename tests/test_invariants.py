@@ -58,19 +58,16 @@ class Case:
 CI_KINDS = (('conv', 'attention'), ('dense',), ('dense',))
 
 
-def _draw_shapes(rng: np.random.Generator,
-                 kinds=None) -> dict[str, tuple[int, ...]]:
+def _draw_shapes(rng: np.random.Generator, kinds=None) -> dict[str, tuple[int, ...]]:
   shapes = {}
   if kinds is None:
     kinds = rng.choice(['dense', 'conv', 'attention'], size=rng.integers(1, 4))
   for i, kind in enumerate(kinds):
     if kind == 'dense':
-      shapes[f'dense_{i}/kernel'] = (int(rng.integers(8, 97)),
-                                     int(rng.integers(4, 65)))
+      shapes[f'dense_{i}/kernel'] = (int(rng.integers(8, 97)), int(rng.integers(4, 65)))
     elif kind == 'conv':
       k = int(rng.choice([1, 3]))
-      shapes[f'conv_{i}/kernel'] = (k, k, int(rng.integers(2, 17)),
-                                    int(rng.integers(4, 33)))
+      shapes[f'conv_{i}/kernel'] = (k, k, int(rng.integers(2, 17)), int(rng.integers(4, 33)))
     else:
       embed, heads = int(rng.integers(8, 33)), int(rng.integers(1, 5))
       head_dim = int(rng.integers(2, 9))
@@ -95,8 +92,11 @@ def _params(shapes) -> dict:
 
 def _specs(case: Case, sparsity: float):
   return srigl_jax.build_layer_specs(
-      _params(case.shapes), sparsity=sparsity, distribution=case.distribution,
-      constant_fan_in=case.method == 'srigl')
+      _params(case.shapes),
+      sparsity=sparsity,
+      distribution=case.distribution,
+      constant_fan_in=case.method == 'srigl',
+  )
 
 
 def _clip_sparsity(case: Case) -> float:
@@ -113,39 +113,49 @@ def _clip_sparsity(case: Case) -> float:
 
 def draw_case(index: int) -> Case:
   rng = np.random.default_rng([SEED, index])
-  method = ['srigl', 'srigl', 'rigl', 'set'][index % 4] if LONG else [
-      'srigl', 'srigl', 'rigl'][index % 3]
+  method = (
+      ['srigl', 'srigl', 'rigl', 'set'][index % 4]
+      if LONG
+      else ['srigl', 'srigl', 'rigl'][index % 3]
+  )
   update_every = int(rng.integers(1, 5))
   # CI: the second SRigL case (and odd long cases) accumulates gradients.
-  accum = (int(rng.integers(2, update_every + 2)) if index % 2 else 1)
+  accum = int(rng.integers(2, update_every + 2)) if index % 2 else 1
   update_every = max(update_every, accum)
   case = Case(
       shapes=_draw_shapes(rng, None if LONG else CI_KINDS[index]),
       method=method,
       # Half the draws near the top of the range, where fan-ins are 1-3.
-      sparsity=float(rng.uniform(0.5, 0.995) if rng.random() < 0.5
-                     else rng.uniform(0.97, 0.995)),
+      sparsity=float(rng.uniform(0.5, 0.995) if rng.random() < 0.5 else rng.uniform(0.97, 0.995)),
       distribution=str(rng.choice(['erk', 'uniform'])),
-      gamma_sal=(0.0 if index % 5 == 4 else
-                 float(rng.uniform(0.3 if index == 0 else 0.0, 1.0))),
-      grad_accumulation=accum, update_every=update_every, seed=index)
+      gamma_sal=(0.0 if index % 5 == 4 else float(rng.uniform(0.3 if index == 0 else 0.0, 1.0))),
+      grad_accumulation=accum,
+      update_every=update_every,
+      seed=index,
+  )
   return dataclasses.replace(case, sparsity=_clip_sparsity(case))
 
 
 def _make_run(case: Case):
   """The optimizer, its initial state and params, and one jitted step."""
   tx = srigl_jax.sparse_optimizer(
-      optax.sgd(0.5, momentum=0.9), method=case.method,
-      sparsity=case.sparsity, key=jax.random.key(case.seed),
-      stop_step=10**9, distribution=case.distribution,
-      update_every=case.update_every, drop_fraction=0.5,
-      gamma_sal=case.gamma_sal, grad_accumulation=case.grad_accumulation)
+      optax.sgd(0.5, momentum=0.9),
+      method=case.method,
+      sparsity=case.sparsity,
+      key=jax.random.key(case.seed),
+      stop_step=10**9,
+      distribution=case.distribution,
+      update_every=case.update_every,
+      drop_fraction=0.5,
+      gamma_sal=case.gamma_sal,
+      grad_accumulation=case.grad_accumulation,
+  )
+
   @jax.jit
   def init(params):
     # One compile instead of one per eager op of the mask draw.
     opt_state = tx.init(params)
-    return srigl_jax.sparse_init(params, opt_state,
-                                 jax.random.key(case.seed + 1)), opt_state
+    return srigl_jax.sparse_init(params, opt_state, jax.random.key(case.seed + 1)), opt_state
 
   params, opt_state = init(_params(case.shapes))
   specs = opt_state.layers.by_path()
@@ -155,12 +165,13 @@ def _make_run(case: Case):
     # and gradients small, so SRigL ablates them.
     def leaf(kp, p):
       path = srigl_jax.sparsity.layers.path_str(kp)
-      g = jax.random.normal(jax.random.fold_in(key, zlib.crc32(path.encode())),
-                            p.shape, jnp.float32)
+      g = jax.random.normal(
+          jax.random.fold_in(key, zlib.crc32(path.encode())), p.shape, jnp.float32
+      )
       if path in specs:
-        g = upd.from_matrix(upd.to_matrix(g, specs[path]) * scales[path][None],
-                            specs[path])
+        g = upd.from_matrix(upd.to_matrix(g, specs[path]) * scales[path][None], specs[path])
       return g
+
     return jax.tree_util.tree_map_with_path(leaf, params)
 
   @jax.jit
@@ -174,14 +185,14 @@ def _make_run(case: Case):
 
 def _matrix(x, spec) -> np.ndarray:
   """numpy twin of `updates.to_matrix` (eager jnp would compile per shape)."""
-  return np.transpose(np.asarray(x), spec.perm).reshape(spec.fan_in,
-                                                         spec.num_neurons)
+  return np.transpose(np.asarray(x), spec.perm).reshape(spec.fan_in, spec.num_neurons)
 
 
 def check_invariants(case: Case, params, opt_state, specs, where: str) -> int:
   """Asserts the invariants of the module doc; returns ablated neurons."""
   params, masks, trace = jax.device_get(
-      (params, srigl_jax.get_masks(opt_state), opt_state.inner_state[0].trace))
+      (params, srigl_jax.get_masks(opt_state), opt_state.inner_state[0].trace)
+  )
   masks = dict(jax.tree_util.tree_leaves_with_path(masks))
   flat_params = dict(jax.tree_util.tree_leaves_with_path(params))
   trace = dict(jax.tree_util.tree_leaves_with_path(trace))
@@ -207,8 +218,9 @@ def check_invariants(case: Case, params, opt_state, specs, where: str) -> int:
       k = per[active]
       assert np.all(k == k[0]), f'{at}: fan-in not constant: {np.unique(k)}'
       k = int(k[0])
-      assert k * n_active <= b < (k + 1) * n_active, (
-          f'{at}: fan-in {k} x {n_active} active neurons vs budget {b}')
+      assert (
+          k * n_active <= b < (k + 1) * n_active
+      ), f'{at}: fan-in {k} x {n_active} active neurons vs budget {b}'
       assert k <= spec.fan_in
       assert np.all(w[:, ~active] == 0.0), f'{at}: ablated neuron not empty'
       if not spec.ablation or case.gamma_sal == 0.0:
@@ -222,24 +234,30 @@ def check_invariants(case: Case, params, opt_state, specs, where: str) -> int:
 CASES = [draw_case(i) for i in range(N_CASES)]
 
 
-@pytest.mark.parametrize('case', CASES, ids=[
-    f'{c.method}-s{c.sparsity:.3f}-g{c.gamma_sal:.2f}-acc{c.grad_accumulation}'
-    f'-{len(c.shapes)}layers' for c in CASES])
+@pytest.mark.parametrize(
+    'case',
+    CASES,
+    ids=[
+        f'{c.method}-s{c.sparsity:.3f}-g{c.gamma_sal:.2f}-acc{c.grad_accumulation}'
+        f'-{len(c.shapes)}layers'
+        for c in CASES
+    ],
+)
 def test_invariants_hold_after_every_update(case):
   params, opt_state, specs, step = _make_run(case)
   assert specs, case
   check_invariants(case, params, opt_state, specs, 'init')
   rng = np.random.default_rng(case.seed)
-  scales = {p: jnp.asarray(10.0 ** rng.uniform(-4, 0, s.num_neurons),
-                           jnp.float32) for p, s in specs.items()}
+  scales = {
+      p: jnp.asarray(10.0 ** rng.uniform(-4, 0, s.num_neurons), jnp.float32)
+      for p, s in specs.items()
+  }
   key = jax.random.key(case.seed + 2)
   ablated = 0
   for i in range(N_UPDATES * case.update_every):
-    params, opt_state = step(params, opt_state, jax.random.fold_in(key, i),
-                             scales)
+    params, opt_state = step(params, opt_state, jax.random.fold_in(key, i), scales)
     if (i + 1) % case.update_every == 0:
-      ablated += check_invariants(case, params, opt_state, specs,
-                                  f'{case} after step {i + 1}')
+      ablated += check_invariants(case, params, opt_state, specs, f'{case} after step {i + 1}')
   assert int(opt_state.count) == N_UPDATES * case.update_every
   assert step._cache_size() == 1  # pylint: disable=protected-access
   if case.method == 'srigl' and case.gamma_sal >= 0.3:

@@ -1,7 +1,6 @@
 """Tests for srigl_jax.models: one jitted train step per family on tiny shapes, and
 parameter counts / module names of the full-size networks via `jax.eval_shape`."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,16 +16,22 @@ TINY = {
     'resnet18': (dict(width=4, stage_sizes=(1, 1)), (2, 8, 8, 3), 10),
     'resnet50': (dict(width=4, stage_sizes=(1, 1)), (2, 16, 16, 3), 10),
     'wrn22': (dict(depth=10, widen_factor=2, base_width=4), (2, 8, 8, 3), 10),
-    'vit_tiny_test': (dict(num_layers=1, dropout_rate=0.1,
-                           attention_dropout_rate=0.1), (2, 8, 8, 3), 10),
+    'vit_tiny_test': (
+        dict(num_layers=1, dropout_rate=0.1, attention_dropout_rate=0.1),
+        (2, 8, 8, 3),
+        10,
+    ),
     # Two blocks covering every block variant (with and without expansion, SE,
     # ReLU and hard-swish, stride 2, residual); the full tables are checked by
     # eval_shape below.
     'mobilenet_v3_small': (
-        dict(width_multiplier=0.5,
-             block_specs=((3, 16, 16, True, 'relu', 2),
-                          (5, 48, 16, False, 'hswish', 1))),
-        (2, 16, 16, 3), 10),
+        dict(
+            width_multiplier=0.5,
+            block_specs=((3, 16, 16, True, 'relu', 2), (5, 48, 16, False, 'hswish', 1)),
+        ),
+        (2, 16, 16, 3),
+        10,
+    ),
 }
 HAS_BATCH_STATS = {'resnet18', 'resnet50', 'wrn22', 'mobilenet_v3_small'}
 
@@ -47,8 +52,7 @@ FULL_SIZE = {
 
 def _abstract_variables(name, num_classes, shape, **kwargs):
   model = models.get_model(name, num_classes, **kwargs)
-  return jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
 
 
 def _fake_init(abstract_variables, seed=0):
@@ -76,8 +80,7 @@ def _num_params(params):
 
 
 def _paths(tree):
-  return ['/'.join(k.key for k in path)
-          for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  return ['/'.join(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
 
 
 @pytest.mark.parametrize('name', sorted(TINY))
@@ -94,13 +97,16 @@ def test_train_step(name):
   def train_step(params, batch_stats, rng):
     def loss_fn(params):
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': batch_stats}, x, train=True,
-          mutable=['batch_stats'], rngs={'dropout': rng})
+          {'params': params, 'batch_stats': batch_stats},
+          x,
+          train=True,
+          mutable=['batch_stats'],
+          rngs={'dropout': rng},
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return loss.mean(), (logits, updates.get('batch_stats', {}))
 
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     new_params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
     # Eval mode in the same program: one compile per model keeps the file fast.
     eval_vars = {'params': new_params}
@@ -110,7 +116,8 @@ def test_train_step(name):
     return loss, logits, grads, new_params, new_stats, eval_logits
 
   loss, logits, grads, new_params, new_stats, eval_logits = train_step(
-      params, batch_stats, jax.random.key(2))
+      params, batch_stats, jax.random.key(2)
+  )
 
   assert logits.shape == (shape[0], num_classes)
   assert logits.dtype == jnp.float32
@@ -118,13 +125,17 @@ def test_train_step(name):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   # The loss reaches the whole network: the first layer's kernel gets a gradient.
   assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0
-  assert not all(bool(jnp.array_equal(a, b)) for a, b in zip(
-      jax.tree.leaves(params), jax.tree.leaves(new_params)))
+  assert not all(
+      bool(jnp.array_equal(a, b))
+      for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new_params))
+  )
   assert jax.tree.structure(new_params) == jax.tree.structure(params)
   if name in HAS_BATCH_STATS:
     assert jax.tree.structure(new_stats) == jax.tree.structure(batch_stats)
-    assert any(not bool(jnp.allclose(a, b)) for a, b in zip(
-        jax.tree.leaves(batch_stats), jax.tree.leaves(new_stats)))
+    assert any(
+        not bool(jnp.allclose(a, b))
+        for a, b in zip(jax.tree.leaves(batch_stats), jax.tree.leaves(new_stats))
+    )
   else:
     assert not batch_stats and not new_stats
   # Eval mode is deterministic and needs no rng.
@@ -170,8 +181,9 @@ def test_vit_b16_attention_kernels():
 @pytest.mark.parametrize('name', ['mobilenet_v3_small', 'mobilenet_v3_large'])
 def test_mobilenet_depthwise_naming(name):
   params = _abstract_variables(name, 1000, (1, 224, 224, 3))['params']
-  kernels = {p: x.shape for p, x in zip(_paths(params), jax.tree.leaves(params))
-             if p.endswith('kernel')}
+  kernels = {
+      p: x.shape for p, x in zip(_paths(params), jax.tree.leaves(params)) if p.endswith('kernel')
+  }
   depthwise = {p: s for p, s in kernels.items() if 'depthwise' in p}
   assert len(depthwise) == (11 if name.endswith('small') else 15)
   for p, s in kernels.items():
@@ -195,8 +207,7 @@ def test_real_init_and_bfloat16_compute():
 @pytest.mark.parametrize('name', ['resnet18', 'vit_tiny_test', 'mobilenet_v3_small'])
 def test_bfloat16_params_stay_float32(name):
   kwargs, shape, num_classes = TINY[name]
-  variables = _abstract_variables(name, num_classes, shape, dtype=jnp.bfloat16,
-                                  **kwargs)
+  variables = _abstract_variables(name, num_classes, shape, dtype=jnp.bfloat16, **kwargs)
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
 
 

@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import srigl_jax
-from srigl_jax import config_lib
-from srigl_jax import models
-from srigl_jax import train
-from srigl_jax.sparsity import layers as layers_lib
-
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 from conftest import load_config
+
+import srigl_jax
+from srigl_jax import config_lib, models, train
+from srigl_jax.sparsity import layers as layers_lib
 
 _IMAGENET = 1_281_167
 # name -> (input shape, classes, paper sparsities).
@@ -36,15 +34,15 @@ _CONFIGS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build(name):
   """The config (SRigL, 90%) and its abstract train state, as the trainer."""
   shape, classes, _ = _CONFIGS[name]
   config = load_config(name, 'method=srigl,sparsity=0.9')
-  model = models.get_model(config.model.name, classes, dtype=jnp.float32,
-                           **config.model.kwargs.to_dict())
-  lr_fn = train.create_learning_rate_fn(config.optim, 100,
-                                        config.num_train_steps)
+  model = models.get_model(
+      config.model.name, classes, dtype=jnp.float32, **config.model.kwargs.to_dict()
+  )
+  lr_fn = train.create_learning_rate_fn(config.optim, 100, config.num_train_steps)
   tx = train.create_optimizer(config, lr_fn, jax.random.key(1))
   order = {}
   init = train.make_init_fn(config, model, tx, shape, jax.random.key(2), order)
@@ -60,16 +58,23 @@ def _trainer_specs(config, params, sparsity):
   """Layer specs at `sparsity` with the arguments the trainer passes."""
   sp = config.sparsity
   return srigl_jax.build_layer_specs(
-      params, sparsity=sparsity, distribution=sp.distribution,
-      erk_power_scale=float(sp.erk_power_scale), sparse_rule=sp.sparse_rule,
-      dense_layers=tuple(sp.dense_layers), no_ablation=tuple(sp.no_ablation),
-      constant_fan_in=True)
+      params,
+      sparsity=sparsity,
+      distribution=sp.distribution,
+      erk_power_scale=float(sp.erk_power_scale),
+      sparse_rule=sp.sparse_rule,
+      dense_layers=tuple(sp.dense_layers),
+      no_ablation=tuple(sp.no_ablation),
+      constant_fan_in=True,
+  )
 
 
 def _kernels(params):
-  return {layers_lib.path_str(kp): tuple(x.shape)
-          for kp, x in jax.tree_util.tree_leaves_with_path(params)
-          if layers_lib.path_str(kp).endswith('/kernel')}
+  return {
+      layers_lib.path_str(kp): tuple(x.shape)
+      for kp, x in jax.tree_util.tree_leaves_with_path(params)
+      if layers_lib.path_str(kp).endswith('/kernel')
+  }
 
 
 def _first_layer(order, kernels):
@@ -84,8 +89,7 @@ def _candidates(config, kernels):
   """Kernels the config lets be sparse (ERK may still make some dense)."""
   rule = layers_lib.resolve_sparse_rule(config.sparsity.sparse_rule)
   dense = tuple(config.sparsity.dense_layers)
-  return {p for p, s in kernels.items()
-          if rule(p, s) and not any(re.search(d, p) for d in dense)}
+  return {p for p, s in kernels.items() if rule(p, s) and not any(re.search(d, p) for d in dense)}
 
 
 @pytest.mark.parametrize('name', sorted(_CONFIGS))
@@ -123,17 +127,16 @@ def test_layers_at_full_size(name):
     left_dense = candidates - set(ss)
     if left_dense:
       assert config.sparsity.distribution == 'erk', (s, left_dense)
-      erk = srigl_jax.erk_densities({p: kernels[p] for p in candidates}, s,
-                                    config.sparsity.erk_power_scale)
+      erk = srigl_jax.erk_densities(
+          {p: kernels[p] for p in candidates}, s, config.sparsity.erk_power_scale
+      )
       assert all(erk[p] >= 1.0 for p in left_dense), (s, left_dense)
       assert spec.ablation == (path != head), (s, path)
     # Global sparsity of the sparse layers (ERK's dense ones count at
     # density 1, inside the budget): the notes' total sum_i floor((1-s) N_i),
     # less at most one weight per layer from flooring each layer's budget.
-    target = sum(layers_lib.budget(math.prod(kernels[p]), 1 - s)
-                 for p in candidates)
-    nonzero = sum(ss[p].budget if p in ss else math.prod(kernels[p])
-                  for p in candidates)
+    target = sum(layers_lib.budget(math.prod(kernels[p]), 1 - s) for p in candidates)
+    nonzero = sum(ss[p].budget if p in ss else math.prod(kernels[p]) for p in candidates)
     assert target - len(candidates) <= nonzero <= target, (s, name)
     total = sum(math.prod(kernels[p]) for p in candidates)
     assert 1 - nonzero / total == pytest.approx(s, abs=1e-5)
@@ -169,8 +172,7 @@ def test_mobilenet_depthwise_dense():
 
 
 def _lr(config, steps_per_epoch, step):
-  fn = train.create_learning_rate_fn(config.optim, steps_per_epoch,
-                                     config.num_train_steps)
+  fn = train.create_learning_rate_fn(config.optim, steps_per_epoch, config.num_train_steps)
   return float(fn(step))
 
 
@@ -185,8 +187,7 @@ def test_cifar_schedule(name):
   assert config.sparsity.grad_accumulation == 1
   assert config.optim.grad_accum_steps == 1
   o = config.optim
-  assert (o.name, o.momentum, o.learning_rate, o.weight_decay) == (
-      'sgd', 0.9, 0.1, 5e-4)
+  assert (o.name, o.momentum, o.learning_rate, o.weight_decay) == ('sgd', 0.9, 0.1, 5e-4)
   assert o.label_smoothing == 0.0
   assert _lr(config, spe, 77 * spe - 1) == pytest.approx(0.1)
   assert _lr(config, spe, 77 * spe) == pytest.approx(0.02)
@@ -202,8 +203,7 @@ def test_resnet50_schedule():
   assert config.sparsity.update_every == 800
   assert config.sparsity.grad_accumulation == 8
   o = config.optim
-  assert (o.name, o.momentum, o.learning_rate, o.weight_decay) == (
-      'sgd', 0.9, 0.2, 1e-4)
+  assert (o.name, o.momentum, o.learning_rate, o.weight_decay) == ('sgd', 0.9, 0.2, 1e-4)
   assert o.label_smoothing == 0.1
   assert _lr(config, spe, 0) == 0.0
   assert _lr(config, spe, 5 * spe) == pytest.approx(0.2)
@@ -221,8 +221,7 @@ def test_vit_schedule():
   assert config_lib.resolve_stop_step(config) == int(0.75 * 150 * spe)
   assert config.sparsity.update_every == 100
   o = config.optim
-  assert (o.name, o.learning_rate, o.weight_decay, o.grad_clip_norm) == (
-      'adamw', 3e-3, 0.3, 1.0)
+  assert (o.name, o.learning_rate, o.weight_decay, o.grad_clip_norm) == ('adamw', 3e-3, 0.3, 1.0)
   assert o.schedule == 'cosine' and o.warmup_epochs == 16.0
   assert o.label_smoothing == 0.11
   assert config.input.randaugment == (2, 9)
@@ -234,8 +233,7 @@ def test_vit_schedule():
 def test_mobilenet_schedule():
   config = load_config('imagenet_mobilenet_v3', None)
   assert config.batch_size == 1024
-  assert config_lib.resolve_stop_step(config) == int(
-      0.75 * config.num_train_steps)
+  assert config_lib.resolve_stop_step(config) == int(0.75 * config.num_train_steps)
   assert config.sparsity.update_every == 100
   assert config.sparsity.distribution == 'erk'
   assert config_lib.optimizer_method(config) == ('srigl', 0.3)

@@ -15,8 +15,7 @@ def _blocks():
 
 
 def _run(code):
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   return out.stdout
 
@@ -43,6 +42,7 @@ def _write_idx_images(path, images):
   """uint8 (N, 28, 28) images as a gzipped IDX file, as Debian ships them."""
   import gzip  # pylint: disable=g-import-not-at-top
   import struct  # pylint: disable=g-import-not-at-top
+
   with gzip.open(path, "wb") as f:
     f.write(struct.pack(">HBBIII", 0, 8, 3, *images.shape))
     f.write(images.tobytes())
@@ -52,8 +52,10 @@ def test_readme_deploy_example_serves_an_exported_model(tmp_path):
   """The Deploy snippet loads a freshly exported artefact and predicts."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   import srigl_jax  # pylint: disable=g-import-not-at-top
   from srigl_jax import export, train  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from test_train import small_config  # pylint: disable=g-import-not-at-top
 
@@ -62,19 +64,24 @@ def test_readme_deploy_example_serves_an_exported_model(tmp_path):
   config = small_config(**{"sparsity.gamma_sal": 0.95})
   model, image_shape, _ = export._build_model(config)  # pylint: disable=protected-access
   tx = train.create_optimizer(config, lambda _: 0.1, jax.random.key(0))
-  state = train.make_init_fn(config, model, tx, image_shape,
-                             jax.random.key(1))(jax.random.key(2))
+  state = train.make_init_fn(config, model, tx, image_shape, jax.random.key(1))(jax.random.key(2))
   workdir = tmp_path / "workdir" / "fashion_mnist"
-  export.export_model(model, state.params, state.batch_stats,
-                      srigl_jax.get_masks(state.opt_state), config,
-                      str(workdir / "inference"), step=0, verify=False)
+  export.export_model(
+      model,
+      state.params,
+      state.batch_stats,
+      srigl_jax.get_masks(state.opt_state),
+      config,
+      str(workdir / "inference"),
+      step=0,
+      verify=False,
+  )
 
   code = _deploy_block().replace("workdir/fashion_mnist", str(workdir))
   images = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
   if not pathlib.Path(images).exists():
     fake = tmp_path / "t10k-images-idx3-ubyte.gz"
-    _write_idx_images(fake, np.random.default_rng(0).integers(
-        0, 256, (8, 28, 28), dtype=np.uint8))
+    _write_idx_images(fake, np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
     code = code.replace(images, str(fake))
   stdout = _run(code)
   classes = re.search(r"^classes \[(.*)\]$", stdout, re.M).group(1)

@@ -32,19 +32,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from conftest import CONFIGS, FMNIST_DIR, HAVE_FMNIST, REPO, cli_flags, load_config, set_fields
 from flax.training import train_state
 
 import srigl_jax
-from srigl_jax import checkpointing
-from srigl_jax import checks
+from srigl_jax import checkpointing, checks, faults, metric_writers, train
 from srigl_jax import data as data_lib
-from srigl_jax import faults
-from srigl_jax import metric_writers
-from srigl_jax import train
-
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from conftest import (CONFIGS, FMNIST_DIR, HAVE_FMNIST, REPO, cli_flags,
-                      load_config, set_fields)
 
 CONFIG_FILE = os.path.join(CONFIGS, 'fashion_mnist.py')
 SEED = int(os.environ.get('SRIGL_RELIABILITY_SEED', str(random.randrange(10**6))))
@@ -67,8 +62,9 @@ TINY = {
     'mesh.data': -1,
 }
 needs_fmnist = pytest.mark.skipif(
-    not HAVE_FMNIST, reason='the command-line runs use Fashion-MNIST '
-    '(Debian package dataset-fashion-mnist)')
+    not HAVE_FMNIST,
+    reason='the command-line runs use Fashion-MNIST ' '(Debian package dataset-fashion-mnist)',
+)
 
 
 # ------------------------------------------------------------------ helpers
@@ -77,20 +73,31 @@ needs_fmnist = pytest.mark.skipif(
 def launch(workdir, *, n_devices=8, extra=None, env=None, cache_dir=None):
   """Starts the entry point on the tiny run; returns the Popen."""
   e = dict(os.environ)
-  e.update({'XLA_FLAGS': f'--xla_force_host_platform_device_count={n_devices}',
-            'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': REPO})
+  e.update(
+      {
+          'XLA_FLAGS': f'--xla_force_host_platform_device_count={n_devices}',
+          'JAX_PLATFORMS': 'cpu',
+          'PYTHONPATH': REPO,
+      }
+  )
   if cache_dir:
     # Restarts reuse the executables of the first run: same bits, less time.
     e['JAX_COMPILATION_CACHE_DIR'] = cache_dir
     e['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   e.update(env or {})
-  cmd = [sys.executable, '-m', 'srigl_jax.main', f'--config={CONFIG_FILE}',
-         f'--workdir={workdir}'] + cli_flags({**TINY, **(extra or {})})
-  log = open(os.path.join(os.path.dirname(workdir),
-                          os.path.basename(workdir) + f'.{time.time_ns()}.log'),
-             'w', encoding='utf-8')
-  proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+      sys.executable,
+      '-m',
+      'srigl_jax.main',
+      f'--config={CONFIG_FILE}',
+      f'--workdir={workdir}',
+  ] + cli_flags({**TINY, **(extra or {})})
+  log = open(
+      os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + f'.{time.time_ns()}.log'),
+      'w',
+      encoding='utf-8',
+  )
+  proc = subprocess.Popen(cmd, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True)
   proc.log_path = log.name
   return proc
 
@@ -120,19 +127,19 @@ def restore(workdir, step=None):
   tree = checkpointer.metadata(path).item_metadata.tree
   # Saved on 8 devices, read here on one.
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
   return checkpointer.restore(path, target)
 
 
 def leaves(tree):
   """keystr -> numpy value; PRNG keys as their raw bits."""
+
   def raw(v):
     if jnp.issubdtype(v.dtype, jax.dtypes.prng_key):
       v = jax.random.key_data(v)
     return np.asarray(v)
-  return {jax.tree_util.keystr(kp): raw(v)
-          for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+  return {jax.tree_util.keystr(kp): raw(v) for kp, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def comparable_records(workdir):
@@ -183,8 +190,7 @@ def _kill(proc):
 
 
 @needs_fmnist
-def test_sigkill_anywhere_then_resume_is_bitwise_identical(
-    reference, tmp_path, cache_dir):
+def test_sigkill_anywhere_then_resume_is_bitwise_identical(reference, tmp_path, cache_dir):
   rng = random.Random(SEED)
   workdir = str(tmp_path / 'run')
   kills = []
@@ -203,8 +209,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(
   proc = launch(workdir, cache_dir=cache_dir)
   half_written = None
   while half_written is None:
-    assert proc.poll() is None, (
-        f'no checkpoint write was caught in flight (seed {SEED})')
+    assert proc.poll() is None, f'no checkpoint write was caught in flight (seed {SEED})'
     tmp = [n for n in ckpt_entries(workdir) if 'tmp' in n]
     if tmp:
       _kill(proc)
@@ -231,22 +236,21 @@ def test_sigkill_anywhere_then_resume_is_bitwise_identical(
 
 def _preempted_step(out):
   """The step a run saved at when it stopped on SIGTERM (from its log)."""
-  found = re.findall(r'Preempted \(SIGTERM\) after step (\d+), checkpoint '
-                     r'saved', out)
+  found = re.findall(r'Preempted \(SIGTERM\) after step (\d+), checkpoint ' r'saved', out)
   assert len(found) == 1, out[-3000:]
   return int(found[0])
 
 
 def _wait_for_first_checkpoint(procs, workdir):
   while not finished_steps(workdir):
-    assert all(p.poll() is None for p in procs), (
-        'the run ended before its first checkpoint')
+    assert all(p.poll() is None for p in procs), 'the run ended before its first checkpoint'
     time.sleep(0.005)
 
 
 @needs_fmnist
 def test_sigterm_saves_the_step_exits_0_and_resumes_bitwise_identical(
-    reference, tmp_path, cache_dir):
+    reference, tmp_path, cache_dir
+):
   rng = random.Random(SEED)
   workdir = str(tmp_path / 'run')
   proc = launch(workdir, cache_dir=cache_dir)
@@ -279,10 +283,18 @@ def launch_two(workdir, cache_dir=None):
   """Starts the tiny run as 2 processes of 4 CPU devices; returns the Popens."""
   port = _free_port()
   return [
-      launch(workdir, n_devices=4, cache_dir=cache_dir, env={
-          'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
-          'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': str(i)})
-      for i in range(2)]
+      launch(
+          workdir,
+          n_devices=4,
+          cache_dir=cache_dir,
+          env={
+              'JAX_COORDINATOR_ADDRESS': f'localhost:{port}',
+              'JAX_NUM_PROCESSES': '2',
+              'JAX_PROCESS_ID': str(i),
+          },
+      )
+      for i in range(2)
+  ]
 
 
 @pytest.fixture(scope='module')
@@ -294,8 +306,7 @@ def two_process_reference(tmp_path_factory, cache_dir):
 
 
 @needs_fmnist
-def test_two_processes_of_four_devices_match_one_process_of_eight(
-    reference, two_process_reference):
+def test_two_processes_of_four_devices_match_one_process_of_eight(reference, two_process_reference):
   workdir, outs = two_process_reference
   assert 'JAX process 0 of 2, 4 local / 8 global devices' in outs[0]
   assert 'JAX process 1 of 2, 4 local / 8 global devices' in outs[1]
@@ -316,13 +327,13 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(
       if '/' in key or key in ('step', 'global_sparsity', 'eval_accuracy'):
         assert a[key] == b[key], (a['step'], key)  # Mask statistics: exact.
       else:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-5,
-                                   err_msg=f'step {a["step"]} {key}')
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f'step {a["step"]} {key}')
 
 
 @needs_fmnist
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(
-    two_process_reference, tmp_path, cache_dir):
+    two_process_reference, tmp_path, cache_dir
+):
   # SIGTERM reaches process 1 only: JAX's preemption sync service must tell
   # process 0, and both must save the same step (a home-made flag would
   # leave process 0 waiting in a collective, or save two different steps).
@@ -352,8 +363,7 @@ def small_config(**extra):
   config = load_config('fashion_mnist')
   config.input = data_lib.default_input_config('synthetic')
   config.input.image_shape = (28, 28, 1)
-  return set_fields(config, {**TINY, 'mesh.data': 1, 'input.name': 'synthetic',
-                             **extra})
+  return set_fields(config, {**TINY, 'mesh.data': 1, 'input.name': 'synthetic', **extra})
 
 
 class _CompileLog(logging.Handler):
@@ -382,26 +392,31 @@ def compile_log():
 
 
 def _trainer_compiled(names):
-  return [n for n in names if any(
-      f in n for f in ('init', 'train_step', 'eval_step', 'sparsity_metrics'))]
+  return [
+      n
+      for n in names
+      if any(f in n for f in ('init', 'train_step', 'eval_step', 'sparsity_metrics'))
+  ]
 
 
 BAD_CONFIGS = {
     # name: (overrides, error type, message regex)
     'sparsity_1': ({'sparsity.sparsity': 1.0}, ValueError, r'outside \[0, 1\)'),
-    'sparsity_negative': ({'sparsity.sparsity': -0.1}, ValueError,
-                          r'outside \[0, 1\)'),
-    'gamma_sal_negative': ({'sparsity.gamma_sal': -0.5}, ValueError,
-                           r'gamma_sal.*(>= 0|negative)'),
+    'sparsity_negative': ({'sparsity.sparsity': -0.1}, ValueError, r'outside \[0, 1\)'),
+    'gamma_sal_negative': ({'sparsity.gamma_sal': -0.5}, ValueError, r'gamma_sal.*(>= 0|negative)'),
     'delta_0': ({'sparsity.update_every': 0}, ValueError, r'update_every'),
     'stop_step_0': ({'sparsity.stop_step': 0}, ValueError, r'stop_step'),
-    'stop_step_negative': ({'sparsity.stop_step': -5}, ValueError,
-                           r'stop_step'),
-    'fan_in_0': ({'sparsity.sparsity': 0.9995}, ValueError,
-                 r"Layer 'dense_\d/kernel'.*largest sparsity this layer can "
-                 r'take is 0\.9'),
-    'batch_not_divisible': ({'batch_size': 30, 'optim.grad_accum_steps': 4},
-                            ValueError, r'batch_size.*divisible'),
+    'stop_step_negative': ({'sparsity.stop_step': -5}, ValueError, r'stop_step'),
+    'fan_in_0': (
+        {'sparsity.sparsity': 0.9995},
+        ValueError,
+        r"Layer 'dense_\d/kernel'.*largest sparsity this layer can " r'take is 0\.9',
+    ),
+    'batch_not_divisible': (
+        {'batch_size': 30, 'optim.grad_accum_steps': 4},
+        ValueError,
+        r'batch_size.*divisible',
+    ),
 }
 
 
@@ -417,8 +432,7 @@ def test_bad_config_fails_before_compiling(name, tmp_path, compile_log):
 
 @needs_fmnist
 @pytest.mark.parametrize('damage', ['missing', 'truncated'])
-def test_missing_or_truncated_dataset_fails_before_compiling(
-    damage, tmp_path, compile_log):
+def test_missing_or_truncated_dataset_fails_before_compiling(damage, tmp_path, compile_log):
   data_dir = tmp_path / 'data'
   data_dir.mkdir()
   for name in os.listdir(FMNIST_DIR):
@@ -431,8 +445,7 @@ def test_missing_or_truncated_dataset_fails_before_compiling(
   config.input = data_lib.default_input_config('fashion_mnist')
   config.input.data_dir = str(data_dir)
   config.input.num_train_examples = 512
-  error = (data_lib.DatasetNotFoundError if damage == 'missing' else
-           data_lib.DataFormatError)
+  error = data_lib.DatasetNotFoundError if damage == 'missing' else data_lib.DataFormatError
   with pytest.raises(error, match='train-images') as info:
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   print(f'{damage}: {info.value}')
@@ -443,24 +456,24 @@ def test_unknown_key_and_wrong_type_are_named():
   config = small_config()
   # The schema is a locked ConfigDict: ml_collections refuses a typo at once,
   # with its suggestion, and a value of the wrong type.
-  with pytest.raises(AttributeError,
-                     match=r'Did you mean "gamma_sal" instead of "gama_sal"'):
+  with pytest.raises(AttributeError, match=r'Did you mean "gamma_sal" instead of "gama_sal"'):
     config.sparsity.gama_sal = 0.5
   with pytest.raises(TypeError):
     config.sparsity.sparsity = 'high'
   # A config file that builds its own groups is checked against the schema.
-  config.sparsity = ml_collections.ConfigDict(
-      {**config.sparsity.to_dict(), 'gama_sal': 0.5})
-  with pytest.raises(checks.ConfigError,
-                     match=r"Unknown config key 'sparsity.gama_sal'.*"
-                     r'Did you mean "gamma_sal"'):
+  config.sparsity = ml_collections.ConfigDict({**config.sparsity.to_dict(), 'gama_sal': 0.5})
+  with pytest.raises(
+      checks.ConfigError,
+      match=r"Unknown config key 'sparsity.gama_sal'.*" r'Did you mean "gamma_sal"',
+  ):
     checks.validate_config(config, n_devices=1)
   config = small_config()
-  config.optim = ml_collections.ConfigDict(
-      {**config.optim.to_dict(), 'learning_rate': '0.1'})
-  with pytest.raises(checks.ConfigError,
-                     match=r"'optim.learning_rate' has the wrong type.*0.1 is "
-                     r"of original type <class 'str'>.*--config.optim"):
+  config.optim = ml_collections.ConfigDict({**config.optim.to_dict(), 'learning_rate': '0.1'})
+  with pytest.raises(
+      checks.ConfigError,
+      match=r"'optim.learning_rate' has the wrong type.*0.1 is "
+      r"of original type <class 'str'>.*--config.optim",
+  ):
     checks.validate_config(config, n_devices=1)
 
 
@@ -487,11 +500,11 @@ def test_max_global_sparsity_is_the_limit():
   config = small_config()
   params = checks.abstract_params(config)
   best = checks.max_global_sparsity(params, config)
-  checks.check_layer_fan_in(small_config(**{'sparsity.sparsity': best}),
-                            params)
+  checks.check_layer_fan_in(small_config(**{'sparsity.sparsity': best}), params)
   with pytest.raises(checks.ConfigError, match=f'{best:.4f}'):
     checks.check_layer_fan_in(
-        small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), params)
+        small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), params
+    )
 
 
 def save_checkpoint(workdir, config, step=25):
@@ -507,16 +520,15 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
   # The checkpoint's own metadata decides, not the readable copy.
   os.remove(os.path.join(workdir, checkpointing.FINGERPRINT_FILE))
   checks.check_workdir(workdir, small_config(**{'num_train_steps': 400}))
-  with pytest.raises(checks.WorkdirMismatchError,
-                     match=r'sparsity.sparsity: checkpoint 0.8 vs config 0.9'):
+  with pytest.raises(
+      checks.WorkdirMismatchError, match=r'sparsity.sparsity: checkpoint 0.8 vs config 0.9'
+  ):
     checks.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
   with pytest.raises(checks.WorkdirMismatchError, match=r'model.kwargs'):
-    checks.check_workdir(workdir, small_config(
-        **{'model.kwargs.hidden_sizes': (64, 64)}))
+    checks.check_workdir(workdir, small_config(**{'model.kwargs.hidden_sizes': (64, 64)}))
 
 
-def test_checkpoint_without_metadata_is_checked_against_fingerprint_json(
-    tmp_path):
+def test_checkpoint_without_metadata_is_checked_against_fingerprint_json(tmp_path):
   # The layout of older versions: fingerprint.json and plain checkpoints.
   workdir = str(tmp_path)
   checks.check_workdir(workdir, small_config())  # Writes fingerprint.json.
@@ -531,15 +543,13 @@ def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   workdir = str(tmp_path)
   save_checkpoint(workdir, small_config())  # A run at sparsity 0.8.
   with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
-    train.train_and_evaluate(
-        small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
+    train.train_and_evaluate(small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
   assert not _trainer_compiled(compile_log)
 
 
 def test_trainer_refuses_an_unknown_key(tmp_path, compile_log):
   config = small_config()
-  config.sparsity = ml_collections.ConfigDict(
-      {**config.sparsity.to_dict(), 'gama_sal': 0.5})
+  config.sparsity = ml_collections.ConfigDict({**config.sparsity.to_dict(), 'gama_sal': 0.5})
   with pytest.raises(checks.ConfigError, match='gama_sal'):
     train.train_and_evaluate(config, str(tmp_path))
   assert not _trainer_compiled(compile_log)
@@ -557,14 +567,18 @@ def _tiny_problem():
   """
   model = train.models.get_model('mlp', 10, hidden_sizes=(16, 16))
   tx = srigl_jax.sparse_optimizer(
-      optax.sgd(0.1, momentum=0.9), method='srigl', sparsity=0.5,
-      key=jax.random.key(1), stop_step=100, update_every=2)
+      optax.sgd(0.1, momentum=0.9),
+      method='srigl',
+      sparsity=0.5,
+      key=jax.random.key(1),
+      stop_step=100,
+      update_every=2,
+  )
 
   @jax.jit
   def init():  # One compile instead of one per eager op.
     params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
-    return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                         tx=tx)
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
   state = init()
 
@@ -573,11 +587,11 @@ def _tiny_problem():
     def loss_fn(p):
       logits = model.apply({'params': p}, x, train=True)
       return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     flags = faults.finite_flags(grads)
     new = state.apply_gradients(grads=grads)
-    new = faults.keep_if_finite(faults.step_ok(loss, flags) | ~skip, new,
-                                state)
+    new = faults.keep_if_finite(faults.step_ok(loss, flags) | ~skip, new, state)
     return new, {'loss': loss, faults.GRAD_FINITE: flags}
 
   return state, step
@@ -595,10 +609,11 @@ def test_non_finite_gradient_names_step_and_layer():
   state, tiny_step = _tiny_problem()
   step = lambda *a: tiny_step(*a, False)
   monitor = faults.FaultMonitor(faults.leaf_paths(state.params))
-  with pytest.raises(faults.NonFiniteError,
-                     match=r'at step 3.*first non-finite gradient in layer '
-                     r"'dense_0/(bias|kernel)'.*latest checkpoint \(step 2\)"
-                     ) as info:
+  with pytest.raises(
+      faults.NonFiniteError,
+      match=r'at step 3.*first non-finite gradient in layer '
+      r"'dense_0/(bias|kernel)'.*latest checkpoint \(step 2\)",
+  ) as info:
     for i in range(1, 6):
       state, metrics = step(state, *_batch(i, bad_steps={3}))
       monitor.check([i], [jax.device_get(metrics)], last_checkpoint=i - 1)
@@ -608,19 +623,21 @@ def test_non_finite_gradient_names_step_and_layer():
 def test_skip_bad_steps_keeps_the_state_and_the_schedule():
   state, tiny_step = _tiny_problem()
   step = lambda *a: tiny_step(*a, True)
-  monitor = faults.FaultMonitor(faults.leaf_paths(state.params),
-                                skip_bad_steps=True, max_consecutive_skips=2)
+  monitor = faults.FaultMonitor(
+      faults.leaf_paths(state.params), skip_bad_steps=True, max_consecutive_skips=2
+  )
   applied = []
   for i in range(1, 7):
     before = jax.device_get(state)
     state, metrics = step(state, *_batch(i, bad_steps={2, 4}))
     applied += monitor.check([i], [jax.device_get(metrics)], None)
     if i in (2, 4):  # Mask update due at 2 and 4: skipped with the step.
-      jax.tree.map(np.testing.assert_array_equal,
-                   jax.device_get(state.params), before.params)
-      jax.tree.map(np.testing.assert_array_equal,
-                   jax.device_get(srigl_jax.get_masks(state)),
-                   srigl_jax.get_masks(before))
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before.params)
+      jax.tree.map(
+          np.testing.assert_array_equal,
+          jax.device_get(srigl_jax.get_masks(state)),
+          srigl_jax.get_masks(before),
+      )
   assert applied == [True, False, True, False, True, True]
   assert monitor.skipped_steps == 2
   assert int(state.step) == 6 and int(state.opt_state.count) == 6
@@ -637,45 +654,53 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # The learning rate jumps x1e30 at step 16 (epoch 1 of 16 steps): the loss
   # becomes non-finite a step or two later.
   workdir = str(tmp_path)
-  blowup = {'num_train_steps': 30, 'checkpoint_every': 10, 'eval_every': 0,
-            'optim.schedule': 'multistep', 'optim.boundaries_epochs': (1.0,),
-            'optim.decay_factor': 1e30}
+  blowup = {
+      'num_train_steps': 30,
+      'checkpoint_every': 10,
+      'eval_every': 0,
+      'optim.schedule': 'multistep',
+      'optim.boundaries_epochs': (1.0,),
+      'optim.decay_factor': 1e30,
+  }
   with pytest.raises(FloatingPointError, match=r'at step (1[7-9]|2\d)') as info:
     train.train_and_evaluate(small_config(**blowup), workdir)
   print(f'diverged: {info.value}')
   assert finished_steps(workdir) == [10]
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
-    assert manager.metadata(10).custom_metadata == checkpointing.fingerprint(
-        small_config(**blowup))
+    assert manager.metadata(10).custom_metadata == checkpointing.fingerprint(small_config(**blowup))
   # The kept checkpoint is whole and finite: rerunning with a sane schedule
   # resumes from it (resuming itself is the kill test's subject).
   kept = leaves(restore(workdir, 10))
-  assert all(np.all(np.isfinite(v)) for k, v in kept.items()
-             if np.issubdtype(v.dtype, np.floating))
+  assert all(np.all(np.isfinite(v)) for k, v in kept.items() if np.issubdtype(v.dtype, np.floating))
 
 
 def test_a_torn_metrics_line_from_a_kill_is_dropped_on_resume(tmp_path):
   # A SIGKILL while buffered writes reach the disk leaves half a line.
   path = str(tmp_path / 'metrics.jsonl')
   with open(path, 'w', encoding='utf-8') as f:
-    f.write('{"step": 1, "train_loss": 2.3}\n{"step": 2, "train_loss": 2.2}\n'
-            '{"step": 3, "train_lo')
+    f.write(
+        '{"step": 1, "train_loss": 2.3}\n{"step": 2, "train_loss": 2.2}\n' '{"step": 3, "train_lo'
+    )
   metric_writers.truncate_jsonl(path, 2)
   writer = metric_writers.JsonlWriter(path)
   writer.write_scalars(3, {'train_loss': 2.1})
   writer.close()
   assert metric_writers.read_jsonl(path) == [
-      {'step': 1, 'train_loss': 2.3}, {'step': 2, 'train_loss': 2.2},
-      {'step': 3, 'train_loss': 2.1}]
+      {'step': 1, 'train_loss': 2.3},
+      {'step': 2, 'train_loss': 2.2},
+      {'step': 3, 'train_loss': 2.1},
+  ]
 
 
 def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, nan_batches):
   nan_batches({7})
   config = small_config(num_train_steps=20, checkpoint_every=5, eval_every=0)
-  with pytest.raises(faults.NonFiniteError,
-                     match=r"at step 7; first non-finite gradient in layer "
-                     r"'dense_0/(kernel|bias)' and \d more; stopping: the latest "
-                     r'checkpoint \(step 5\)') as info:
+  with pytest.raises(
+      faults.NonFiniteError,
+      match=r'at step 7; first non-finite gradient in layer '
+      r"'dense_0/(kernel|bias)' and \d more; stopping: the latest "
+      r'checkpoint \(step 5\)',
+  ) as info:
     train.train_and_evaluate(config, str(tmp_path))
   print(f'nan batch: {info.value}')
   assert finished_steps(str(tmp_path)) == [5]
@@ -683,12 +708,10 @@ def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, nan_batches):
 
 def test_trainer_skip_bad_steps_finishes_the_run(tmp_path, nan_batches):
   nan_batches({7, 12})
-  config = small_config(num_train_steps=20, checkpoint_every=10, eval_every=0,
-                        skip_bad_steps=True)
+  config = small_config(num_train_steps=20, checkpoint_every=10, eval_every=0, skip_bad_steps=True)
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 20
   for leaf in jax.tree.leaves(state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
   recs = metric_writers.read_jsonl(str(tmp_path / 'metrics.jsonl'))
-  assert [r['skipped_steps'] for r in recs if r['step'] in (6, 7, 12, 20)] == [
-      0, 1, 2, 2]
+  assert [r['skipped_steps'] for r in recs if r['step'] in (6, 7, 12, 20)] == [0, 1, 2, 2]

@@ -79,8 +79,11 @@ def test_uniform_budget_and_default_rules():
       params, sparsity=0.9, distribution="uniform", constant_fan_in=False
   )
   assert set(specs) == {
-      "Dense_0/kernel", "Conv_0/kernel", "attn/query/kernel",
-      "attn/out/kernel", "head/kernel",
+      "Dense_0/kernel",
+      "Conv_0/kernel",
+      "attn/query/kernel",
+      "attn/out/kernel",
+      "head/kernel",
   }
   assert specs["Dense_0/kernel"].budget == 1  # floor(10 * 0.1), not 0
   assert specs["Conv_0/kernel"].fan_in_axes == (0, 1, 2)
@@ -91,7 +94,10 @@ def test_uniform_budget_and_default_rules():
   assert not specs["head/kernel"].ablation
   assert specs["Conv_0/kernel"].ablation
   dense = layers_lib.build_layer_specs(
-      params, sparsity=0.9, distribution="uniform", dense_layers=["Conv_0"],
+      params,
+      sparsity=0.9,
+      distribution="uniform",
+      dense_layers=["Conv_0"],
       constant_fan_in=False,
   )
   assert "Conv_0/kernel" not in dense
@@ -253,8 +259,10 @@ def _random_params(rng):
   h = int(rng.integers(8, 48))
   heads, hd = 2, int(rng.integers(4, 8))
   return {
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, h)), jnp.float32),
-               "bias": jnp.zeros((h,))},
+      "conv": {
+          "kernel": jnp.asarray(rng.normal(size=(3, 3, 4, h)), jnp.float32),
+          "bias": jnp.zeros((h,)),
+      },
       "dense": {"kernel": jnp.asarray(rng.normal(size=(d_in, h)), jnp.float32)},
       "attn": {
           "query": {"kernel": jnp.asarray(rng.normal(size=(h, heads, hd)), jnp.float32)},
@@ -292,15 +300,18 @@ def _check_invariants(state, params, method):
 
 def _sparse_leaves(params, masks):
   out = []
-  jax.tree.map(lambda m, p: out.append(p) if m is not None else None,
-               masks, params, is_leaf=lambda x: x is None)
+  jax.tree.map(
+      lambda m, p: out.append(p) if m is not None else None,
+      masks,
+      params,
+      is_leaf=lambda x: x is None,
+  )
   return out
 
 
 @pytest.mark.parametrize(
     "method,gamma,acc",
-    [("srigl", 0.3, 1), ("srigl", 0.95, 2), ("srigl", 0.0, 1), ("rigl", 0.0, 2),
-     ("set", 0.0, 1)],
+    [("srigl", 0.3, 1), ("srigl", 0.95, 2), ("srigl", 0.0, 1), ("rigl", 0.0, 2), ("set", 0.0, 1)],
 )
 def test_invariants_over_many_updates(method, gamma, acc):
   # A fixed seed per case (hash() of a str is salted per process).
@@ -309,22 +320,27 @@ def test_invariants_over_many_updates(method, gamma, acc):
     params = _random_params(rng)
     # Up to the largest sparsity every layer can take with fan-in >= 1.
     min_fan_in = min(
-        s.fan_in for s in layers_lib.build_layer_specs(
-            params, sparsity=0.5, distribution="uniform").values())
+        s.fan_in
+        for s in layers_lib.build_layer_specs(params, sparsity=0.5, distribution="uniform").values()
+    )
     sparsity = float(rng.uniform(0.5, min(0.97, 1 - 1 / min_fan_in - 1e-3)))
     tx = srigl_jax.sparse_optimizer(
-        optax.adam(1e-2), method=method, sparsity=sparsity,
-        key=jax.random.key(trial), stop_step=60, update_every=acc * 2,
-        gamma_sal=gamma, grad_accumulation=acc, distribution="uniform",
+        optax.adam(1e-2),
+        method=method,
+        sparsity=sparsity,
+        key=jax.random.key(trial),
+        stop_step=60,
+        update_every=acc * 2,
+        gamma_sal=gamma,
+        grad_accumulation=acc,
+        distribution="uniform",
     )
     state = tx.init(params)
     params = srigl_jax.apply_masks(params, state)
 
     @jax.jit
     def step(params, state, k):
-      g = jax.tree.map(
-          lambda p: jax.random.normal(k, p.shape) * (1 + jnp.abs(p)), params
-      )
+      g = jax.tree.map(lambda p: jax.random.normal(k, p.shape) * (1 + jnp.abs(p)), params)
       u, state = tx.update(g, state, params)
       return optax.apply_updates(params, u), state
 
@@ -338,8 +354,7 @@ def test_invariants_over_many_updates(method, gamma, acc):
 def test_masks_change_only_on_schedule():
   params = {"Dense_0": {"kernel": jnp.ones((16, 8))}}
   # stop_step=12: the last update (step 9) still prunes floor(32 * 0.044) = 1.
-  tx = _tx("rigl", sparsity=0.75, update_every=3, stop_step=12,
-           inner=optax.sgd(0.1))
+  tx = _tx("rigl", sparsity=0.75, update_every=3, stop_step=12, inner=optax.sgd(0.1))
   state = tx.init(params)
   step = jax.jit(tx.update)
   prev = np.asarray(srigl_jax.get_masks(state)["Dense_0"]["kernel"])
@@ -375,11 +390,11 @@ def test_moments_reset_where_mask_changed(inner_name):
   inner = {
       "sgd_momentum": optax.sgd(0.1, momentum=0.9),
       "adam": optax.adam(0.1),
-      "chain": optax.chain(optax.clip_by_global_norm(1.0),
-                           optax.add_decayed_weights(1e-4), optax.adam(0.1)),
+      "chain": optax.chain(
+          optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4), optax.adam(0.1)
+      ),
   }[inner_name]
-  params = {"Dense_0": {"kernel": jax.random.normal(KEY, (12, 6)),
-                        "bias": jnp.zeros((6,))}}
+  params = {"Dense_0": {"kernel": jax.random.normal(KEY, (12, 6)), "bias": jnp.zeros((6,))}}
   tx = _tx("srigl", sparsity=0.7, update_every=3, inner=inner, no_ablation=())
   state = tx.init(params)
   params = srigl_jax.apply_masks(params, state)
@@ -420,10 +435,8 @@ def test_masked_weights_zero_whatever_the_user_did():
 
 
 def test_get_masks_inside_chain_and_sparse_init():
-  params = {"Dense_0": {"kernel": jnp.ones((64, 32))},
-            "head": {"kernel": jnp.ones((32, 4))}}
-  sp = srigl_jax.srigl(optax.sgd(0.1), sparsity=0.9, key=KEY, stop_step=100,
-                       distribution="uniform")
+  params = {"Dense_0": {"kernel": jnp.ones((64, 32))}, "head": {"kernel": jnp.ones((32, 4))}}
+  sp = srigl_jax.srigl(optax.sgd(0.1), sparsity=0.9, key=KEY, stop_step=100, distribution="uniform")
   tx = optax.chain(optax.clip_by_global_norm(1.0), sp)
   state = tx.init(params)
   masks = srigl_jax.get_masks(state)
@@ -439,8 +452,9 @@ def test_get_masks_inside_chain_and_sparse_init():
 
 def test_dense_method_is_a_passthrough():
   params = {"Dense_0": {"kernel": jnp.ones((4, 4))}}
-  tx = srigl_jax.sparse_optimizer(optax.sgd(0.5), method="dense", sparsity=0.9,
-                                  key=KEY, stop_step=10)
+  tx = srigl_jax.sparse_optimizer(
+      optax.sgd(0.5), method="dense", sparsity=0.9, key=KEY, stop_step=10
+  )
   state = tx.init(params)
   assert srigl_jax.get_masks(state)["Dense_0"]["kernel"] is None
   u, _ = tx.update({"Dense_0": {"kernel": jnp.ones((4, 4))}}, state, params)
@@ -475,13 +489,17 @@ def test_bad_arguments(kwargs, match):
 
 def test_layer_whose_fan_in_would_reach_zero():
   params = {"Dense_0": {"kernel": jnp.zeros((1000, 10))}}
-  tx = srigl_jax.srigl(optax.sgd(0.1), sparsity=0.9995, key=KEY, stop_step=10,
-                       distribution="uniform")
-  with pytest.raises(ValueError, match=r"Dense_0/kernel.*largest sparsity this layer can take is 0\.9990"):
+  tx = srigl_jax.srigl(
+      optax.sgd(0.1), sparsity=0.9995, key=KEY, stop_step=10, distribution="uniform"
+  )
+  with pytest.raises(
+      ValueError, match=r"Dense_0/kernel.*largest sparsity this layer can take is 0\.9990"
+  ):
     tx.init(params)
   # RigL has no per-neuron constraint and accepts it.
-  srigl_jax.rigl(optax.sgd(0.1), sparsity=0.9995, key=KEY, stop_step=10,
-                 distribution="uniform").init(params)
+  srigl_jax.rigl(
+      optax.sgd(0.1), sparsity=0.9995, key=KEY, stop_step=10, distribution="uniform"
+  ).init(params)
 
 
 # --------------------------------------------------------------------------
@@ -522,6 +540,7 @@ _SHARDED = textwrap.dedent("""
 
 def test_sharded_update_equals_single_device():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True,
-                       text=True, env=env, timeout=300)
+  out = subprocess.run(
+      [sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, timeout=300
+  )
   assert "SHARDED_OK" in out.stdout, out.stderr[-3000:]

@@ -22,7 +22,11 @@ def test_grid_dense_once_per_seed_and_gamma_spec(tmp_path):
   runs = sweep.expand_grid(
       ['configs/fashion_mnist.py:model=mlp'],
       ['dense', 'rigl', 'srigl', 'srigl@gamma_sal=0.95'],
-      [0.9, 0.99], [0, 1], str(tmp_path), ['num_train_steps=20'])
+      [0.9, 0.99],
+      [0, 1],
+      str(tmp_path),
+      ['num_train_steps=20'],
+  )
   dense = [r for r in runs if r.method == 'dense']
   assert [(r.sparsity, r.seed) for r in dense] == [(0.0, 0), (0.0, 1)]
   assert len(runs) == 2 + 3 * 2 * 2
@@ -32,43 +36,53 @@ def test_grid_dense_once_per_seed_and_gamma_spec(tmp_path):
   assert r.config_arg == 'model=mlp,method=srigl,sparsity=0.9'
   assert r.overrides == ('num_train_steps=20', 'sparsity.gamma_sal=0.95')
   assert r.workdir == os.path.join(
-      str(tmp_path), 'fashion_mnist-model=mlp', 'srigl@gamma_sal=0.95',
-      's0.9', 'seed0')
+      str(tmp_path), 'fashion_mnist-model=mlp', 'srigl@gamma_sal=0.95', 's0.9', 'seed0'
+  )
   cmd = r.command('py')
   assert cmd[:3] == ['py', '-m', 'srigl_jax.main']
-  assert ('--config=configs/fashion_mnist.py:model=mlp,method=srigl,'
-          'sparsity=0.9') in cmd
+  assert ('--config=configs/fashion_mnist.py:model=mlp,method=srigl,' 'sparsity=0.9') in cmd
   assert '--config.seed=0' in cmd
   # Later overrides win on the command line: global, config, method.
-  assert cmd[-2:] == ['--config.num_train_steps=20',
-                      '--config.sparsity.gamma_sal=0.95']
+  assert cmd[-2:] == ['--config.num_train_steps=20', '--config.sparsity.gamma_sal=0.95']
   assert dense[0].config_arg == 'model=mlp,method=dense,sparsity=0'
   assert dense[0].workdir.endswith(os.path.join('dense', 's0', 'seed0'))
 
 
 def test_grid_config_spec_overrides_and_errors(tmp_path):
   runs = sweep.expand_grid(
-      ['configs/fashion_mnist.py:model=cnn@num_train_steps=7;'
-       'model.kwargs.features=(8,16)', 'configs/fashion_mnist.py'],
-      ['static'], [0.8], [3], str(tmp_path), ['num_train_steps=5'])
-  assert [r.config_name for r in runs] == ['fashion_mnist-model=cnn',
-                                           'fashion_mnist']
-  assert runs[0].overrides == ('num_train_steps=5', 'num_train_steps=7',
-                               'model.kwargs.features=(8,16)')
+      [
+          'configs/fashion_mnist.py:model=cnn@num_train_steps=7;' 'model.kwargs.features=(8,16)',
+          'configs/fashion_mnist.py',
+      ],
+      ['static'],
+      [0.8],
+      [3],
+      str(tmp_path),
+      ['num_train_steps=5'],
+  )
+  assert [r.config_name for r in runs] == ['fashion_mnist-model=cnn', 'fashion_mnist']
+  assert runs[0].overrides == (
+      'num_train_steps=5',
+      'num_train_steps=7',
+      'model.kwargs.features=(8,16)',
+  )
   assert runs[1].config_arg == 'method=static,sparsity=0.8'
   with pytest.raises(ValueError, match='unknown method'):
-    sweep.expand_grid(['configs/fashion_mnist.py'], ['nope'], [0.9], [0],
-                      str(tmp_path))
+    sweep.expand_grid(['configs/fashion_mnist.py'], ['nope'], [0.9], [0], str(tmp_path))
   with pytest.raises(ValueError, match='share the directory'):
-    sweep.expand_grid(['configs/fashion_mnist.py',
-                       'configs/fashion_mnist.py@seed=1'], ['dense'], [0.9],
-                      [0], str(tmp_path))
+    sweep.expand_grid(
+        ['configs/fashion_mnist.py', 'configs/fashion_mnist.py@seed=1'],
+        ['dense'],
+        [0.9],
+        [0],
+        str(tmp_path),
+    )
   with pytest.raises(ValueError, match='come from'):
-    sweep.expand_grid(['configs/fashion_mnist.py:sparsity=0.5'], ['dense'],
-                      [0.9], [0], str(tmp_path))
+    sweep.expand_grid(
+        ['configs/fashion_mnist.py:sparsity=0.5'], ['dense'], [0.9], [0], str(tmp_path)
+    )
   with pytest.raises(ValueError, match=r'\(0, 1\)'):
-    sweep.expand_grid(['configs/fashion_mnist.py'], ['rigl'], [1.0], [0],
-                      str(tmp_path))
+    sweep.expand_grid(['configs/fashion_mnist.py'], ['rigl'], [1.0], [0], str(tmp_path))
 
 
 # ----------------------------------------------------------------- resume
@@ -76,15 +90,21 @@ def test_grid_config_spec_overrides_and_errors(tmp_path):
 
 def _fake_summary(workdir, acc, layers=None, sparsity=0.9):
   os.makedirs(workdir, exist_ok=True)
-  summary = {'final_step': 20, 'eval_accuracy': acc, 'steps_per_sec': 10.0,
-             'global_sparsity': sparsity, 'layers': layers or {}}
+  summary = {
+      'final_step': 20,
+      'eval_accuracy': acc,
+      'steps_per_sec': 10.0,
+      'global_sparsity': sparsity,
+      'layers': layers or {},
+  }
   with open(os.path.join(workdir, 'summary.json'), 'w') as f:
     json.dump(summary, f)
 
 
 def test_finished_runs_are_skipped_and_failures_reported(tmp_path):
-  runs = sweep.expand_grid(['configs/fashion_mnist.py'], ['dense', 'static'],
-                           [0.9], [0, 1], str(tmp_path))
+  runs = sweep.expand_grid(
+      ['configs/fashion_mnist.py'], ['dense', 'static'], [0.9], [0, 1], str(tmp_path)
+  )
   _fake_summary(runs[0].workdir, 0.5)
   # A run started before (checkpoint, no summary) is trained again; the
   # trainer resumes it from its checkpoint.
@@ -97,12 +117,12 @@ def test_finished_runs_are_skipped_and_failures_reported(tmp_path):
       'for a in "$@"; do case "$a" in --workdir=*) w="${a#--workdir=}";; '
       'esac; done\n'
       'case "$w" in *static*seed1) echo boom; exit 3;; esac\n'
-      'echo \'{"eval_accuracy": 0.7, "layers": {}}\' > "$w/summary.json"\n')
+      'echo \'{"eval_accuracy": 0.7, "layers": {}}\' > "$w/summary.json"\n'
+  )
   fake_python.chmod(0o755)
   result = sweep.run_grid(runs, jobs=2, python=str(fake_python))
   assert result['skipped'] == [runs[0]]
-  assert sorted(r.workdir for r in result['done']) == sorted(
-      [runs[1].workdir, runs[2].workdir])
+  assert sorted(r.workdir for r in result['done']) == sorted([runs[1].workdir, runs[2].workdir])
   assert [r.workdir for r in result['failed']] == [runs[3].workdir]
   assert 'boom' in (open(os.path.join(runs[3].workdir, 'run.log')).read())
   # Second pass: only the failed run is tried again.
@@ -114,22 +134,26 @@ def test_finished_runs_are_skipped_and_failures_reported(tmp_path):
 
 
 def _layers(pcts):
-  return {f'dense_{i}/kernel': {'active_neurons': p, 'neurons': 100,
-                                'density': 0.1, 'fan_in': 3, 'min_fan_in': 1,
-                                'active_neurons_pct': float(p)}
-          for i, p in enumerate(pcts)}
+  return {
+      f'dense_{i}/kernel': {
+          'active_neurons': p,
+          'neurons': 100,
+          'density': 0.1,
+          'fan_in': 3,
+          'min_fan_in': 1,
+          'active_neurons_pct': float(p),
+      }
+      for i, p in enumerate(pcts)
+  }
 
 
 def _fabricate(out):
   c = os.path.join(out, 'cfg')
   for seed, acc in enumerate([0.80, 0.82, 0.84]):
-    _fake_summary(os.path.join(c, 'dense', 's0', f'seed{seed}'), acc,
-                  sparsity=0.0)
+    _fake_summary(os.path.join(c, 'dense', 's0', f'seed{seed}'), acc, sparsity=0.0)
   for seed, (acc, p0) in enumerate([(0.70, 50), (0.74, 70)]):
-    _fake_summary(os.path.join(c, 'rigl', 's0.9', f'seed{seed}'), acc,
-                  _layers([p0, 100]))
-  _fake_summary(os.path.join(c, 'srigl@gamma_sal=0.95', 's0.99', 'seed0'),
-                0.6, _layers([40, 100]))
+    _fake_summary(os.path.join(c, 'rigl', 's0.9', f'seed{seed}'), acc, _layers([p0, 100]))
+  _fake_summary(os.path.join(c, 'srigl@gamma_sal=0.95', 's0.99', 'seed0'), 0.6, _layers([40, 100]))
   # Unfinished: listed, not aggregated.
   os.makedirs(os.path.join(c, 'rigl', 's0.99', 'seed0'))
 
@@ -140,8 +164,7 @@ def test_collect_aggregates_exactly(tmp_path):
   rows = sweep.scan_runs(out)
   assert len(rows) == 7 and sum(r['finished'] for r in rows) == 6
   groups = {(g['method'], g['sparsity']): g for g in sweep.aggregate(rows)}
-  assert set(groups) == {('dense', 0.0), ('rigl', 0.9),
-                         ('srigl@gamma_sal=0.95', 0.99)}
+  assert set(groups) == {('dense', 0.0), ('rigl', 0.9), ('srigl@gamma_sal=0.95', 0.99)}
   d = groups[('dense', 0.0)]
   assert d['n'] == 3 and d['seeds'] == [0, 1, 2]
   assert d['acc_mean'] == pytest.approx(82.0)
@@ -149,8 +172,7 @@ def test_collect_aggregates_exactly(tmp_path):
   r = groups[('rigl', 0.9)]
   assert r['acc_mean'] == pytest.approx(72.0)
   assert r['acc_std'] == pytest.approx(math.sqrt(8.0))
-  assert r['active_pct'] == {'dense_0': pytest.approx(60.0),
-                             'dense_1': pytest.approx(100.0)}
+  assert r['active_pct'] == {'dense_0': pytest.approx(60.0), 'dense_1': pytest.approx(100.0)}
   assert r['active_pct_std']['dense_0'] == pytest.approx(math.sqrt(200.0))
   s = groups[('srigl@gamma_sal=0.95', 0.99)]
   assert s['n'] == 1 and math.isnan(s['acc_std'])
@@ -158,16 +180,14 @@ def test_collect_aggregates_exactly(tmp_path):
 
 
 def test_mean_std():
-  assert sweep.mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx(
-      (2.5, math.sqrt(5.0 / 3.0)))
+  assert sweep.mean_std([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, math.sqrt(5.0 / 3.0)))
   m, s = sweep.mean_std([])
   assert math.isnan(m) and math.isnan(s)
 
 
 def test_active_pct_from_counts_without_pct_field(tmp_path):
   # A neuron without weights is inactive: 30 of 120 active is 25 %.
-  _fake_summary(str(tmp_path), 0.5, {'a/kernel': {'active_neurons': 30,
-                                                  'neurons': 120}})
+  _fake_summary(str(tmp_path), 0.5, {'a/kernel': {'active_neurons': 30, 'neurons': 120}})
   assert sweep.read_run(str(tmp_path))['active_pct'] == {'a': 25.0}
 
 
@@ -213,29 +233,42 @@ def test_markdown_csv_and_plots(tmp_path):
 # ------------------------------------------------------------ end to end
 
 
-@pytest.mark.skipif(not os.path.isdir(_FMNIST),
-                    reason='Fashion-MNIST (Debian dataset-fashion-mnist) '
-                    'is not installed.')
+@pytest.mark.skipif(
+    not os.path.isdir(_FMNIST),
+    reason='Fashion-MNIST (Debian dataset-fashion-mnist) ' 'is not installed.',
+)
 def test_real_sweep_of_two_runs(tmp_path):
   out = str(tmp_path / 'sweep')
-  tiny = ('num_train_steps=12;batch_size=32;eval_batch_size=100;log_every=6;'
-          'eval_every=12;checkpoint_every=12;write_plots=False;'
-          'input.num_train_examples=256;input.num_eval_examples=200;'
-          'model.kwargs.hidden_sizes=(32,32);sparsity.update_every=4')
+  tiny = (
+      'num_train_steps=12;batch_size=32;eval_batch_size=100;log_every=6;'
+      'eval_every=12;checkpoint_every=12;write_plots=False;'
+      'input.num_train_examples=256;input.num_eval_examples=200;'
+      'model.kwargs.hidden_sizes=(32,32);sparsity.update_every=4'
+  )
   env = dict(os.environ)
   env['PYTHONPATH'] = _REPO + os.pathsep + env.get('PYTHONPATH', '')
   env['JAX_PLATFORMS'] = 'cpu'
-  cmd = [sys.executable, '-m', 'srigl_jax.sweep', f'--out={out}',
-         '--configs=configs/fashion_mnist.py:model=mlp',
-         '--methods=dense,srigl', '--sparsities=0.9', '--seeds=0',
-         f'--overrides={tiny}', '--jobs=2']
-  proc = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
+  cmd = [
+      sys.executable,
+      '-m',
+      'srigl_jax.sweep',
+      f'--out={out}',
+      '--configs=configs/fashion_mnist.py:model=mlp',
+      '--methods=dense,srigl',
+      '--sparsities=0.9',
+      '--seeds=0',
+      f'--overrides={tiny}',
+      '--jobs=2',
+  ]
+  proc = subprocess.run(
+      cmd, cwd=_REPO, env=env, capture_output=True, text=True, timeout=300, check=False
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   base = os.path.join(out, 'fashion_mnist-model=mlp')
   for run in ('dense/s0/seed0', 'srigl/s0.9/seed0'):
-    assert os.path.exists(os.path.join(base, run, 'summary.json')), (
-        open(os.path.join(base, run, 'run.log')).read())
+    assert os.path.exists(os.path.join(base, run, 'summary.json')), open(
+        os.path.join(base, run, 'run.log')
+    ).read()
   rows = {(r['method'], r['sparsity']): r for r in sweep.scan_runs(out)}
   srigl = rows[('srigl', 0.9)]
   assert srigl['finished'] and 0.0 <= srigl['accuracy'] <= 100.0
@@ -245,8 +278,9 @@ def test_real_sweep_of_two_runs(tmp_path):
     assert {r['method'] for r in csv.DictReader(f)} == {'dense', 'srigl'}
   assert os.path.exists(os.path.join(out, 'accuracy_fashion_mnist-model=mlp.png'))
   # Resume: everything is finished, so a rerun would train nothing.
-  runs = sweep.expand_grid(['configs/fashion_mnist.py:model=mlp'],
-                           ['dense', 'srigl'], [0.9], [0], out, [tiny])
+  runs = sweep.expand_grid(
+      ['configs/fashion_mnist.py:model=mlp'], ['dense', 'srigl'], [0.9], [0], out, [tiny]
+  )
   assert len(runs) == 2 and all(r.finished for r in runs)
 
 

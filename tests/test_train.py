@@ -12,24 +12,27 @@ import struct
 import subprocess
 import sys
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from conftest import CONFIGS, HAVE_FMNIST, REPO, cli_flags, load_config, set_fields
 from ml_collections import config_flags
 
 import srigl_jax
-from srigl_jax import config_lib
-from srigl_jax import metric_writers
-from srigl_jax import train
+from srigl_jax import config_lib, metric_writers, train
 
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from conftest import (CONFIGS, HAVE_FMNIST, REPO, cli_flags, load_config,
-                      set_fields)
-
-CONFIG_NAMES = ('fashion_mnist', 'cifar10_resnet18', 'cifar10_wrn22',
-                'imagenet_resnet50', 'imagenet_vit_b16', 'imagenet_mobilenet_v3')
+CONFIG_NAMES = (
+    'fashion_mnist',
+    'cifar10_resnet18',
+    'cifar10_wrn22',
+    'imagenet_resnet50',
+    'imagenet_vit_b16',
+    'imagenet_mobilenet_v3',
+)
 
 # Small run: MLP 784-64-64-10 at 80% SRigL, 20 steps of batch 32 (two
 # micro-batches of 16), masks updated every 5 steps until step 15, on one
@@ -73,6 +76,7 @@ def _compile_once(compilation_cache):
 def tensorboard_scalars(workdir):
   """(tag, step) -> value from the TFRecord event files of workdir."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   out = {}
   for name in os.listdir(workdir):
     if not name.startswith('events.out.tfevents'):
@@ -81,8 +85,8 @@ def tensorboard_scalars(workdir):
       data = f.read()
     i = 0
     while i < len(data):
-      (length,) = struct.unpack('<Q', data[i:i + 8])
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      (length,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
       i += 12 + length + 4  # length, its crc, payload, payload crc
       for v in event.summary.value:
         out[(v.tag, event.step)] = v.simple_value
@@ -103,13 +107,14 @@ def test_every_config_defaults_to_srigl_90(name):
   assert config.sparsity.sparsity == 0.9
   assert config.sparsity.no_ablation == (r'(^|/)head/kernel$',)
   assert set(config.keys()) >= {'input', 'model', 'sparsity', 'optim'}
-  assert config_lib.resolve_stop_step(config) == int(
-      0.75 * config.num_train_steps)
+  assert config_lib.resolve_stop_step(config) == int(0.75 * config.num_train_steps)
 
 
 _SHAPES = {  # Input shape and classes of each config's dataset.
-    'fashion_mnist': ((28, 28, 1), 10), 'cifar10_resnet18': ((32, 32, 3), 10),
-    'cifar10_wrn22': ((32, 32, 3), 10), 'imagenet_resnet50': ((224, 224, 3), 1000),
+    'fashion_mnist': ((28, 28, 1), 10),
+    'cifar10_resnet18': ((32, 32, 3), 10),
+    'cifar10_wrn22': ((32, 32, 3), 10),
+    'imagenet_resnet50': ((224, 224, 3), 1000),
     'imagenet_vit_b16': ((224, 224, 3), 1000),
     'imagenet_mobilenet_v3': ((224, 224, 3), 1000),
 }
@@ -120,19 +125,18 @@ def test_config_builds_a_valid_sparse_model(name):
   """Model, optimizer and masks of the full-size config, traced abstractly."""
   config = load_config(name)
   shape, classes = _SHAPES[name]
-  model = train.models.get_model(config.model.name, classes,
-                                 **config.model.kwargs.to_dict())
+  model = train.models.get_model(config.model.name, classes, **config.model.kwargs.to_dict())
   tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
   order = {}
   init = train.make_init_fn(config, model, tx, shape, jax.random.key(1), order)
   state = jax.eval_shape(init, jax.random.key(2))
   masks = srigl_jax.get_masks(state)
-  sparse = {'/'.join(str(k.key) for k in kp)
-            for kp, _ in jax.tree_util.tree_leaves_with_path(masks)}
+  sparse = {
+      '/'.join(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_leaves_with_path(masks)
+  }
   assert len(sparse) >= 2
   assert order and next(iter(order)) == ''  # the model itself is called first
-  specs = srigl_jax.sparsity.transform.find_sparse_state(
-      state.opt_state).layers.by_path()
+  specs = srigl_jax.sparsity.transform.find_sparse_state(state.opt_state).layers.by_path()
   if 'head/kernel' in specs:
     assert not specs['head/kernel'].ablation
   if name == 'imagenet_mobilenet_v3':
@@ -154,13 +158,16 @@ def test_arg_selects_method_and_sparsity(method):
     assert inner_method == method
 
 
-@pytest.mark.parametrize('arg, match', [
-    ('methd=rigl', 'Unknown config arg key'),
-    ('method=magic', 'Invalid value'),
-    ('sparsity=lots', 'expected a float'),
-    ('sparsity=1.5', r'\[0, 1\)'),
-    ('rigl', 'not key=value'),
-])
+@pytest.mark.parametrize(
+    'arg, match',
+    [
+        ('methd=rigl', 'Unknown config arg key'),
+        ('method=magic', 'Invalid value'),
+        ('sparsity=lots', 'expected a float'),
+        ('sparsity=1.5', r'\[0, 1\)'),
+        ('rigl', 'not key=value'),
+    ],
+)
 def test_bad_arg_is_a_clear_error(arg, match):
   with pytest.raises(ValueError, match=match):
     load_config('cifar10_resnet18', arg)
@@ -168,18 +175,30 @@ def test_bad_arg_is_a_clear_error(arg, match):
 
 def test_paper_hyperparameters():
   r18 = load_config('cifar10_resnet18')
-  assert (r18.batch_size, r18.optim.learning_rate, r18.optim.weight_decay,
-          r18.optim.decay_factor, r18.optim.decay_every_epochs) == (
-              128, 0.1, 5e-4, 0.2, 77.0)
+  assert (
+      r18.batch_size,
+      r18.optim.learning_rate,
+      r18.optim.weight_decay,
+      r18.optim.decay_factor,
+      r18.optim.decay_every_epochs,
+  ) == (128, 0.1, 5e-4, 0.2, 77.0)
   assert r18.num_train_steps == 250 * (50_000 // 128)
   r50 = load_config('imagenet_resnet50')
-  assert (r50.batch_size, r50.num_train_steps, r50.sparsity.update_every,
-          r50.sparsity.grad_accumulation, r50.optim.label_smoothing) == (
-              512, 256_000, 800, 8, 0.1)
+  assert (
+      r50.batch_size,
+      r50.num_train_steps,
+      r50.sparsity.update_every,
+      r50.sparsity.grad_accumulation,
+      r50.optim.label_smoothing,
+  ) == (512, 256_000, 800, 8, 0.1)
   vit = load_config('imagenet_vit_b16')
-  assert (vit.optim.name, vit.sparsity.distribution, vit.sparsity.gamma_sal,
-          vit.optim.grad_clip_norm, vit.optim.label_smoothing) == (
-              'adamw', 'uniform', 0.95, 1.0, 0.11)
+  assert (
+      vit.optim.name,
+      vit.sparsity.distribution,
+      vit.sparsity.gamma_sal,
+      vit.optim.grad_clip_norm,
+      vit.optim.label_smoothing,
+  ) == ('adamw', 'uniform', 0.95, 1.0, 0.11)
   mnv3 = load_config('imagenet_mobilenet_v3')
   assert mnv3.sparsity.dense_layers == ('depthwise',)
 
@@ -187,23 +206,31 @@ def test_paper_hyperparameters():
 def _parse_flags(argv):
   fv = flags.FlagValues()
   argv = ['prog'] + argv
-  config_flags.DEFINE_config_file('config', None, flag_values=fv,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file('config', None, flag_values=fv, lock_config=True, sys_argv=argv)
   fv(argv)
   return fv.config
 
 
 def test_command_line_overrides_and_stop_step_follows_num_train_steps():
   path = os.path.join(CONFIGS, 'cifar10_resnet18.py')
-  config = _parse_flags([
-      f'--config={path}:method=rigl,sparsity=0.8',
-      '--config.num_train_steps=200', '--config.batch_size=64',
-      '--config.seed=1', '--config.checkpoint_every=100',
-      '--config.sparsity.gamma_sal=0.5'])
+  config = _parse_flags(
+      [
+          f'--config={path}:method=rigl,sparsity=0.8',
+          '--config.num_train_steps=200',
+          '--config.batch_size=64',
+          '--config.seed=1',
+          '--config.checkpoint_every=100',
+          '--config.sparsity.gamma_sal=0.5',
+      ]
+  )
   assert (config.sparsity.method, config.sparsity.sparsity) == ('rigl', 0.8)
-  assert (config.num_train_steps, config.batch_size, config.seed,
-          config.checkpoint_every, config.sparsity.gamma_sal) == (
-              200, 64, 1, 100, 0.5)
+  assert (
+      config.num_train_steps,
+      config.batch_size,
+      config.seed,
+      config.checkpoint_every,
+      config.sparsity.gamma_sal,
+  ) == (200, 64, 1, 100, 0.5)
   assert config_lib.resolve_stop_step(config) == 150
   pinned = _parse_flags([f'--config={path}', '--config.sparsity.stop_step=42'])
   assert config_lib.resolve_stop_step(pinned) == 42
@@ -217,19 +244,16 @@ def test_unknown_override_field_is_an_error():
 
 def test_learning_rate_schedules():
   config = load_config('cifar10_resnet18')
-  lr = train.create_learning_rate_fn(config.optim, steps_per_epoch=10,
-                                     num_train_steps=2500)
+  lr = train.create_learning_rate_fn(config.optim, steps_per_epoch=10, num_train_steps=2500)
   assert np.isclose(lr(0), 0.1) and np.isclose(lr(769), 0.1)
   assert np.isclose(lr(770), 0.02) and np.isclose(lr(1540), 0.004)
   r50 = load_config('imagenet_resnet50').optim
-  lr = train.create_learning_rate_fn(r50, steps_per_epoch=10,
-                                     num_train_steps=1000)
+  lr = train.create_learning_rate_fn(r50, steps_per_epoch=10, num_train_steps=1000)
   assert np.isclose(lr(0), 0.0) and np.isclose(lr(25), 0.1)
   assert np.isclose(lr(50), 0.2) and np.isclose(lr(299), 0.2)
   assert np.isclose(lr(300), 0.02) and np.isclose(lr(900), 0.0002)
   vit = load_config('imagenet_vit_b16').optim
-  lr = train.create_learning_rate_fn(vit, steps_per_epoch=1,
-                                     num_train_steps=116)
+  lr = train.create_learning_rate_fn(vit, steps_per_epoch=1, num_train_steps=116)
   assert np.isclose(lr(8), 1.5e-3) and np.isclose(lr(16), 3e-3)
   assert np.isclose(lr(66), 1.5e-3) and np.isclose(lr(116), 0.0, atol=1e-9)
 
@@ -246,8 +270,7 @@ def full_run(tmp_path_factory):
 
 def test_run_leaves_checkpoints_metrics_events_plots(full_run):
   workdir, _ = full_run
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-                 if d.isdigit())
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert steps == [10, 20]
   tb = tensorboard_scalars(workdir)
   for name in ('accuracy.png', 'active_neurons.png'):
@@ -304,25 +327,30 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
   state = train.train_and_evaluate(small_config(), workdir)
   assert int(state.step) == 20
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(state.params), jax.device_get(state_full.params))
-  jax.tree.map(np.testing.assert_array_equal,
-               jax.device_get(srigl_jax.get_masks(state)),
-               jax.device_get(srigl_jax.get_masks(state_full)))
+  jax.tree.map(
+      np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(state_full.params)
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      jax.device_get(srigl_jax.get_masks(state)),
+      jax.device_get(srigl_jax.get_masks(state_full)),
+  )
 
   def comparable(recs):
     # The halted run logs the train loss of steps 11-12 at 12, so the resumed
     # record at 15 covers 13-15 only; evals and mask statistics must match.
-    return [{k: v for k, v in r.items() if k != 'steps_per_sec'} for r in recs
-            if 'global_sparsity' in r or r['step'] <= 10]
+    return [
+        {k: v for k, v in r.items() if k != 'steps_per_sec'}
+        for r in recs
+        if 'global_sparsity' in r or r['step'] <= 10
+    ]
 
   assert comparable(records(workdir)) == comparable(records(workdir_full))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path, nan_batches):
   nan_batches({7})
-  with pytest.raises(FloatingPointError,
-                     match=r'Non-finite training loss \(nan\) at step 7;'):
+  with pytest.raises(FloatingPointError, match=r'Non-finite training loss \(nan\) at step 7;'):
     train.train_and_evaluate(small_config(), str(tmp_path))
   # The checkpoint of step 10 was never written.
   assert not os.path.exists(tmp_path / 'checkpoints' / '10')
@@ -338,8 +366,10 @@ def test_grad_accumulation_matches_one_batch_and_steps_compile_once():
   state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   state = state.replace(step=jnp.zeros([], jnp.int32))  # as train.py's init
   rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
-           'label': rng.integers(0, 10, 32).astype(np.int32)}
+  batch = {
+      'image': rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
+      'label': rng.integers(0, 10, 32).astype(np.int32),
+  }
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -348,28 +378,34 @@ def test_grad_accumulation_matches_one_batch_and_steps_compile_once():
   outs = []
   for accum in (1, 4):
     config.optim.grad_accum_steps = accum
-    step = jax.jit(train.make_train_step(model, config, jax.random.key(2),
-                                         sharding),
-                   in_shardings=(replicated, sharding),
-                   out_shardings=(replicated, replicated))
+    step = jax.jit(
+        train.make_train_step(model, config, jax.random.key(2), sharding),
+        in_shardings=(replicated, sharding),
+        out_shardings=(replicated, replicated),
+    )
     outs.append(step(state, batch))
     step(outs[-1][0], batch)
     assert step._cache_size() == 1  # pylint: disable=protected-access
   (s1, m1), (s4, m4) = outs
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               s1.params, s4.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1.params, s4.params)
 
 
 def _run_cli(workdir, n_devices, extra=()):
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
   env['JAX_PLATFORMS'] = 'cpu'
-  cmd = [sys.executable, '-m', 'srigl_jax.main',
-         f'--config={os.path.join(CONFIGS, "fashion_mnist.py")}',
-         f'--workdir={workdir}', *cli_overrides(**dict(extra))]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  cmd = [
+      sys.executable,
+      '-m',
+      'srigl_jax.main',
+      f'--config={os.path.join(CONFIGS, "fashion_mnist.py")}',
+      f'--workdir={workdir}',
+      *cli_overrides(**dict(extra)),
+  ]
+  return subprocess.Popen(
+      cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
 
 
 def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
@@ -397,6 +433,7 @@ def test_one_and_eight_devices_give_the_same_metrics(full_run, tmp_path):
 def test_keep_freed_memory_on_glibc(monkeypatch):
   # The entry point's process-wide setting (the library never calls it).
   from srigl_jax import main  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setenv('SRIGL_JAX_SYSTEM_MALLOC', '1')
   assert not main.keep_freed_memory()  # Opted out: glibc defaults stay.
   monkeypatch.delenv('SRIGL_JAX_SYSTEM_MALLOC')

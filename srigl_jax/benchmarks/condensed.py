@@ -37,7 +37,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -163,8 +163,9 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
     n = 1 if cache == "warm" else int(min(4096, max(2, -(-budget // max(1, nbytes)))))
     copies[name] = n
     # Fresh buffers, so that no two copies share memory.
-    sets = [weights] + [jax.tree.map(lambda a: jnp.array(a, copy=True), weights)
-                        for _ in range(n - 1)]
+    sets = [weights] + [
+        jax.tree.map(lambda a: jnp.array(a, copy=True), weights) for _ in range(n - 1)
+    ]
     if n == 1:
       return lambda x: jitted(x, *weights)
     counter = iter(range(2**62))
@@ -178,9 +179,14 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
       fns[impl] = bind(impl, lambda x, m, b: (m @ x.T).T + b, m, b)
     elif impl == "structured":
       s = C.structured_from_mask(np.asarray(w), mask, bias)
-      fns[impl] = bind(impl,
+      fns[impl] = bind(
+          impl,
           lambda x, wa, ids, b, sl: scatter_to_outputs(x @ wa + b[ids], sl),
-          s.kernel, s.neuron_ids, b, layer)
+          s.kernel,
+          s.neuron_ids,
+          b,
+          layer,
+      )
     elif impl == "condensed_xla":
       fns[impl] = bind(impl, C.condensed_matmul_xla, layer)
     elif impl == "condensed_native":
@@ -227,12 +233,12 @@ def available_impls(requested):
   backend = jax.default_backend()
   out, skipped = [], []
   for impl in requested:
-    if impl in ("condensed_native", NATIVE_BF16) and (
-        backend != "cpu" or not C.native_available()):
+    if impl in ("condensed_native", NATIVE_BF16) and (backend != "cpu" or not C.native_available()):
       skipped.append((impl, C.native_error() or f"not on {backend}"))
     elif impl in NATIVE_VARIANTS and (
-        backend != "cpu" or impl.rsplit("_", 1)[1] not in C.native_isas()):
-      skipped.append((impl, C.native_error() or f"that kernel variant is not available here"))
+        backend != "cpu" or impl.rsplit("_", 1)[1] not in C.native_isas()
+    ):
+      skipped.append((impl, C.native_error() or "that kernel variant is not available here"))
     elif impl == "condensed_pallas" and backend != "gpu":
       skipped.append((impl, "needs a GPU (interpret mode is not a benchmark)"))
     else:
@@ -257,14 +263,20 @@ def model_latency(args, rng, dtype, device):
     abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
     params = model.init(jax.random.key(0), jnp.ones((1, args.out_features), dtype))["params"]
     masks = {}
-    for name, (fi, fo) in (("Dense_0", (args.out_features, args.in_features)),
-                           ("Dense_1", (args.in_features, args.out_features))):
+    for name, (fi, fo) in (
+        ("Dense_0", (args.out_features, args.in_features)),
+        ("Dense_1", (args.in_features, args.out_features)),
+    ):
       kernel, mask, bias = make_layer(rng, fi, fo, s, abl if name == "Dense_0" else 0.0, dtype)
       params[name] = {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}
       masks[name] = {"kernel": mask, "bias": None}
-    masked = {n: {"kernel": p["kernel"] * masks[n]["kernel"], "bias": p["bias"]} for n, p in params.items()}
-    converted = C.convert_model(model, {"params": params}, masks,
-                                jnp.ones((1, args.out_features), dtype))
+    masked = {
+        n: {"kernel": p["kernel"] * masks[n]["kernel"], "bias": p["bias"]}
+        for n, p in params.items()
+    }
+    converted = C.convert_model(
+        model, {"params": params}, masks, jnp.ones((1, args.out_features), dtype)
+    )
     dense_fn = jax.jit(lambda p, x: model.apply({"params": p}, x))
     cond_fn = jax.jit(lambda v, x: C.condensed_apply(model, v, converted.plan, x))
     fns = {
@@ -276,13 +288,24 @@ def model_latency(args, rng, dtype, device):
       res = time_round_robin(fns, x, args.repeats, args.budget)
       paired = paired_ratio(res, "model_dense", "model_condensed")
       for impl, (us, n, _) in res.items():
-        records.append(dict(impl=impl, sparsity=s, batch=batch, median_us=us, repeats=n,
-                            device=device, dtype=args.dtype,
-                            x_vs_dense_paired=paired if impl == "model_condensed" else 1.0))
+        records.append(
+            dict(
+                impl=impl,
+                sparsity=s,
+                batch=batch,
+                median_us=us,
+                repeats=n,
+                device=device,
+                dtype=args.dtype,
+                x_vs_dense_paired=paired if impl == "model_condensed" else 1.0,
+            )
+        )
       d, c = res["model_dense"][0], res["model_condensed"][0]
-      print(f"model MLP block {args.out_features}->{args.in_features}->{args.out_features} "
-            f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us "
-            f"({d / c:.2f}x, paired {paired:.2f}x)")
+      print(
+          f"model MLP block {args.out_features}->{args.in_features}->{args.out_features} "
+          f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us "
+          f"({d / c:.2f}x, paired {paired:.2f}x)"
+      )
   return records
 
 
@@ -290,8 +313,10 @@ def print_table(records, impls):
   keys = sorted({(r["sparsity"], r["batch"]) for r in records if r["impl"] in impls})
   cond = [i for i in impls if i.startswith("condensed")]
   head = f"{'sparsity':>8} {'batch':>6} " + " ".join(f"{i:>16}" for i in impls)
-  head += (f" {'best_condensed':>16} {'x_vs_dense':>10} {'x_vs_bcsr':>10} {'x_vs_struct':>11}"
-           f" {'paired_dense':>12} {'paired_bcsr':>11}")
+  head += (
+      f" {'best_condensed':>16} {'x_vs_dense':>10} {'x_vs_bcsr':>10} {'x_vs_struct':>11}"
+      f" {'paired_dense':>12} {'paired_bcsr':>11}"
+  )
   print(head)
   for s, b in keys:
     t = {r["impl"]: r["median_us"] for r in records if r["sparsity"] == s and r["batch"] == b}
@@ -301,8 +326,10 @@ def print_table(records, impls):
       ratio = lambda ref: f"{t[ref] / t[best]:.2f}" if ref in t else "-"
       rec = next(r for r in records if r["impl"] == best and r["sparsity"] == s and r["batch"] == b)
       pr = lambda ref: f"{rec[f'x_vs_{ref}_paired']:.2f}" if f"x_vs_{ref}_paired" in rec else "-"
-      row += (f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
-              f" {pr('dense'):>12} {pr('bcsr'):>11}")
+      row += (
+          f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
+          f" {pr('dense'):>12} {pr('bcsr'):>11}"
+      )
     print(row)
 
 
@@ -318,8 +345,17 @@ def plot(records, impls, path, title):
   width = 0.8 / max(1, len(impls))
   for ax, s in zip(axes[0], sparsities):
     for i, impl in enumerate(impls):
-      ys = [next((r["median_us"] for r in records if r["impl"] == impl and r["sparsity"] == s
-                  and r["batch"] == b), np.nan) for b in batches]
+      ys = [
+          next(
+              (
+                  r["median_us"]
+                  for r in records
+                  if r["impl"] == impl and r["sparsity"] == s and r["batch"] == b
+              ),
+              np.nan,
+          )
+          for b in batches
+      ]
       ax.bar(np.arange(len(batches)) + (i - (len(impls) - 1) / 2) * width, ys, width, label=impl)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(batches)), [str(b) for b in batches])
@@ -342,21 +378,40 @@ def main(argv=None) -> int:
   p.add_argument("--batch-sizes", type=_ints, default=[1, 16, 256, 2048])
   p.add_argument("--impls", type=lambda s: s.split(","), default=list(ALL_IMPLS))
   p.add_argument("--repeats", type=int, default=50)
-  p.add_argument("--budget", type=float, default=3.0,
-                 help="seconds per (sparsity, batch) point after which repeats stop (min 3)")
-  p.add_argument("--ablation", type=float, default=None,
-                 help=f"fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION})")
+  p.add_argument(
+      "--budget",
+      type=float,
+      default=3.0,
+      help="seconds per (sparsity, batch) point after which repeats stop (min 3)",
+  )
+  p.add_argument(
+      "--ablation",
+      type=float,
+      default=None,
+      help=f"fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION})",
+  )
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--model", action="store_true", help="also time a whole ViT MLP block")
-  p.add_argument("--async-dispatch", action="store_true",
-                 help="keep JAX's asynchronous CPU dispatch (off by default: a latency "
-                      "benchmark waits for every call, and the hand-off to a worker "
-                      "thread only adds to every impl's time)")
-  p.add_argument("--cache", default="cold", choices=["cold", "warm"],
-                 help="cold: cycle through copies of the weights that together exceed the "
-                      "last-level cache; warm: one layer timed repeatedly (the paper's setup)")
-  p.add_argument("--cache-bytes", type=int, default=None,
-                 help="last-level cache size for --cache=cold (default: read from the CPU)")
+  p.add_argument(
+      "--async-dispatch",
+      action="store_true",
+      help="keep JAX's asynchronous CPU dispatch (off by default: a latency "
+      "benchmark waits for every call, and the hand-off to a worker "
+      "thread only adds to every impl's time)",
+  )
+  p.add_argument(
+      "--cache",
+      default="cold",
+      choices=["cold", "warm"],
+      help="cold: cycle through copies of the weights that together exceed the "
+      "last-level cache; warm: one layer timed repeatedly (the paper's setup)",
+  )
+  p.add_argument(
+      "--cache-bytes",
+      type=int,
+      default=None,
+      help="last-level cache size for --cache=cold (default: read from the CPU)",
+  )
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", help="write the records to this JSON file")
   p.add_argument("--plot", help="write a PNG of grouped bars per batch size")
@@ -389,34 +444,57 @@ def _run(args) -> int:
   for impl, why in skipped:
     print(f"skipping {impl}: {why}", file=sys.stderr)
   extra = f" native={C.native_isas().get('auto', '-')}" if "condensed_native" in impls else ""
-  print(f"device {device} ({cpu}){extra}, {args.in_features}->{args.out_features} {args.dtype}, "
-        f"{'async' if args.async_dispatch else 'sync'} dispatch, {args.cache} cache "
-        f"(LLC {cache_bytes / 2**20:.0f} MiB)")
+  print(
+      f"device {device} ({cpu}){extra}, {args.in_features}->{args.out_features} {args.dtype}, "
+      f"{'async' if args.async_dispatch else 'sync'} dispatch, {args.cache} cache "
+      f"(LLC {cache_bytes / 2**20:.0f} MiB)"
+  )
   rng = np.random.default_rng(args.seed)
   records = []
   for s in args.sparsities:
     abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
     kernel, mask, bias = make_layer(rng, args.in_features, args.out_features, s, abl, dtype)
     fns, weight_bytes, copies, layer = build_impls(
-        impls, kernel, mask, bias, dtype, cache=args.cache, cache_bytes=cache_bytes)
+        impls, kernel, mask, bias, dtype, cache=args.cache, cache_bytes=cache_bytes
+    )
     nnz = layer.n_active * layer.fan_in
     for batch in args.batch_sizes:
       x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
       io_bytes = x.nbytes + batch * args.out_features * dtype.itemsize
       res = time_round_robin(fns, x, args.repeats, args.budget)
       for name, (us, n, _) in res.items():
-        paired = {f"x_vs_{ref}_paired": paired_ratio(res, ref, name)
-                  for ref in ("dense", "bcsr") if ref in res}
+        paired = {
+            f"x_vs_{ref}_paired": paired_ratio(res, ref, name)
+            for ref in ("dense", "bcsr")
+            if ref in res
+        }
         moved = weight_bytes[name] + io_bytes
-        records.append(dict(impl=name, sparsity=s, batch=batch, median_us=us, repeats=n, **paired,
-                            device=device, cpu=cpu, native_isa=_native_isa(name),
-                            cache=args.cache, cache_bytes=cache_bytes, copies=copies[name],
-                            bytes_moved=moved, bandwidth_gb_s=moved / us * 1e-3,
-                            useful_gflop_s=2 * nnz * batch / us * 1e-3,
-                            dtype=args.dtype, in_features=args.in_features,
-                            out_features=args.out_features, n_active=layer.n_active,
-                            fan_in=layer.fan_in, ablation=abl,
-                            dispatch="async" if args.async_dispatch else "sync"))
+        records.append(
+            dict(
+                impl=name,
+                sparsity=s,
+                batch=batch,
+                median_us=us,
+                repeats=n,
+                **paired,
+                device=device,
+                cpu=cpu,
+                native_isa=_native_isa(name),
+                cache=args.cache,
+                cache_bytes=cache_bytes,
+                copies=copies[name],
+                bytes_moved=moved,
+                bandwidth_gb_s=moved / us * 1e-3,
+                useful_gflop_s=2 * nnz * batch / us * 1e-3,
+                dtype=args.dtype,
+                in_features=args.in_features,
+                out_features=args.out_features,
+                n_active=layer.n_active,
+                fan_in=layer.fan_in,
+                ablation=abl,
+                dispatch="async" if args.async_dispatch else "sync",
+            )
+        )
       print(f"  done sparsity {s} batch {batch}", file=sys.stderr, flush=True)
   print_table(records, impls)
   if args.model:
@@ -425,9 +503,13 @@ def _run(args) -> int:
     with open(args.json, "w") as f:
       json.dump(records, f, indent=1)
   if args.plot:
-    plot(records, impls, args.plot,
-         f"{args.in_features}->{args.out_features} {args.dtype}, {args.cache} cache, "
-         f"on {device} ({cpu})")
+    plot(
+        records,
+        impls,
+        args.plot,
+        f"{args.in_features}->{args.out_features} {args.dtype}, {args.cache} cache, "
+        f"on {device} ({cpu})",
+    )
   return 0
 
 

@@ -70,7 +70,8 @@ def build_impls(impls, kernel, mask, bias, stride, padding, x_shape):
   layer = condense_conv(kernel, mask, bias, strides=(stride, stride), padding=padding)
   lo = plane_layout(x_shape, layer.kernel_size, layer.strides, layer.padding)
   conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), lo.pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x, w, (stride, stride), lo.pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   masked = jnp.asarray(np.where(mask, kernel, 0))
   b = jnp.asarray(bias)
   ids = np.asarray(layer.neuron_ids)
@@ -119,8 +120,9 @@ def run(layers, sparsities, batches, impls, repeats, budget_s, seed=0, log=print
         x = jnp.asarray(rng.standard_normal((batch, h, w, cin)), jnp.float32)
         fns = build_impls(impls, kernel, mask, bias, stride, padding, x.shape)
         med = time_point(fns, x, repeats, budget_s)
-        rec = dict(layer=name, sparsity=sp, batch=batch,
-                   us={n: round(t * 1e6, 1) for n, t in med.items()})
+        rec = dict(
+            layer=name, sparsity=sp, batch=batch, us={n: round(t * 1e6, 1) for n, t in med.items()}
+        )
         if "dense" in med:
           rec["speedup_vs_dense"] = {n: round(med["dense"] / t, 2) for n, t in med.items()}
         records.append(rec)
@@ -149,8 +151,12 @@ def main(argv=None):
   p.add_argument("--batches", default="1,64")
   p.add_argument("--impls", default=",".join(ALL_IMPLS))
   p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--budget", type=float, default=2.0,
-                 help="seconds of timing per point before stopping early (>= 3 repeats)")
+  p.add_argument(
+      "--budget",
+      type=float,
+      default=2.0,
+      help="seconds of timing per point before stopping early (>= 3 repeats)",
+  )
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   saved = jax.config.values["jax_cpu_enable_async_dispatch"]
@@ -161,12 +167,19 @@ def main(argv=None):
         [float(s) for s in args.sparsities.split(",") if s],
         [int(s) for s in args.batches.split(",") if s],
         [s for s in args.impls.split(",") if s],
-        args.repeats, args.budget, log=lambda s: print(s, file=sys.stderr))
+        args.repeats,
+        args.budget,
+        log=lambda s: print(s, file=sys.stderr),
+    )
   finally:
     jax.config.update("jax_cpu_enable_async_dispatch", saved)
   isas = conv_native.conv_native_isas()
-  meta = dict(cpu=cpu_model(), native_isa=isas.get("auto", "unavailable"),
-              devices=len(jax.devices()), jax=jax.__version__)
+  meta = dict(
+      cpu=cpu_model(),
+      native_isa=isas.get("auto", "unavailable"),
+      devices=len(jax.devices()),
+      jax=jax.__version__,
+  )
   print(f"# {meta['cpu']}, native kernel: {meta['native_isa']}")
   print(format_table(records))
   if args.json:

@@ -72,15 +72,22 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
   x = jnp.zeros((1, *shape), jnp.float32)
   variables = jax.jit(model.init)(jax.random.key(seed), x)
   tx = srigl_jax.srigl(
-      optax.sgd(0.1), sparsity=sparsity, distribution=dist, update_every=100,
-      stop_step=1000, dense_layers=dense_layers, key=jax.random.key(seed + 1))
+      optax.sgd(0.1),
+      sparsity=sparsity,
+      distribution=dist,
+      update_every=100,
+      stop_step=1000,
+      dense_layers=dense_layers,
+      key=jax.random.key(seed + 1),
+  )
   params = variables["params"]
 
   # The optimizer decides which layers are sparse and their density (ERK);
   # the redraw keeps each layer's density and adds the ablation.
   tx_masks = srigl_jax.get_masks(tx.init(params))
-  dens = jax.tree.map(lambda m: None if m is None else float(np.mean(m)), tx_masks,
-                      is_leaf=lambda m: m is None)
+  dens = jax.tree.map(
+      lambda m: None if m is None else float(np.mean(m)), tx_masks, is_leaf=lambda m: m is None
+  )
 
   def layer_mask(path, m, p, d):
     if m is None:
@@ -88,7 +95,8 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
     return _redraw_density(rng, path, p, d, ablation)
 
   masks = jax.tree_util.tree_map_with_path(
-      layer_mask, tx_masks, params, dens, is_leaf=lambda m: m is None)
+      layer_mask, tx_masks, params, dens, is_leaf=lambda m: m is None
+  )
 
   def perturb(path, a):
     leaf = jax.tree_util.keystr(path)
@@ -152,13 +160,28 @@ def time_interleaved(fns, x, repeats, budget_s):
   return times
 
 
-def bench_model(name, model, variables, masks, shape, sparsity, batches, repeats, budget_s,
-                impls=IMPLS, log=print):
+def bench_model(
+    name,
+    model,
+    variables,
+    masks,
+    shape,
+    sparsity,
+    batches,
+    repeats,
+    budget_s,
+    impls=IMPLS,
+    log=print,
+):
   """Records of one model at every batch size."""
   rng = np.random.default_rng(0)
   sample = jnp.asarray(rng.standard_normal((2, *shape)), jnp.float32)
-  params = jax.tree.map(lambda p, m: p if m is None else p * m, variables["params"], masks,
-                        is_leaf=lambda m: m is None)
+  params = jax.tree.map(
+      lambda p, m: p if m is None else p * m,
+      variables["params"],
+      masks,
+      is_leaf=lambda m: m is None,
+  )
   masked = {**variables, "params": params}
   fns = {}
   t0 = time.perf_counter()
@@ -229,12 +252,22 @@ def plot(records, path):
     for i, impl in enumerate(impls):
       ys = []
       for b in batches:
-        rs = [r for r in records if (r["model"], r["sparsity"], r["batch"], r["impl"]) == (model, s, b, impl)]
-        dense = [r for r in records if (r["model"], r["sparsity"], r["batch"], r["impl"]) == (model, s, b, "dense")]
+        rs = [
+            r
+            for r in records
+            if (r["model"], r["sparsity"], r["batch"], r["impl"]) == (model, s, b, impl)
+        ]
+        dense = [
+            r
+            for r in records
+            if (r["model"], r["sparsity"], r["batch"], r["impl"]) == (model, s, b, "dense")
+        ]
         ys.append(dense[0]["median_us"] / rs[0]["median_us"] if rs and dense else 0)
       ax.bar(np.arange(len(batches)) + i * width, ys, width, label=impl)
     ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xticks(np.arange(len(batches)) + width * (len(impls) - 1) / 2, [f"b={b}" for b in batches])
+    ax.set_xticks(
+        np.arange(len(batches)) + width * (len(impls) - 1) / 2, [f"b={b}" for b in batches]
+    )
     ax.set_title(f"{model}, {int(round(s * 100))}% sparse")
     ax.set_ylabel("speed-up vs dense (x)")
   axes[0][0].legend()
@@ -247,16 +280,28 @@ def _run(args, names, impls, batches):
   if args.workdir:
     model, variables, masks, shape = trained_model(args.workdir)
     sp = float(1 - np.mean([np.mean(m) for m in jax.tree.leaves(masks)]))
-    return bench_model(args.workdir, model, variables, masks, shape, sp, batches,
-                       args.repeats, args.budget_s, impls)
+    return bench_model(
+        args.workdir,
+        model,
+        variables,
+        masks,
+        shape,
+        sp,
+        batches,
+        args.repeats,
+        args.budget_s,
+        impls,
+    )
   records = []
   for name in names:
     for s in _floats(args.sparsity):
       abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
       model, variables, masks, shape = synthetic_model(
-          name, s, abl, **json.loads(args.model_kwargs))
-      recs = bench_model(name, model, variables, masks, shape, s, batches,
-                         args.repeats, args.budget_s, impls)
+          name, s, abl, **json.loads(args.model_kwargs)
+      )
+      recs = bench_model(
+          name, model, variables, masks, shape, s, batches, args.repeats, args.budget_s, impls
+      )
       for r in recs:
         r["ablation"] = abl
       records += recs
@@ -268,8 +313,12 @@ def main(argv=None):
   ap.add_argument("--model", default="resnet50,resnet18,vit_s16")
   ap.add_argument("--sparsity", default="0.9")
   ap.add_argument("--batch-sizes", default="1,64")
-  ap.add_argument("--ablation", type=float, default=None,
-                  help="fraction of neurons ablated per layer (default: by sparsity)")
+  ap.add_argument(
+      "--ablation",
+      type=float,
+      default=None,
+      help="fraction of neurons ablated per layer (default: by sparsity)",
+  )
   ap.add_argument("--impls", default=",".join(IMPLS))
   ap.add_argument("--repeats", type=int, default=15)
   ap.add_argument("--budget-s", type=float, default=30.0, help="time budget per point")

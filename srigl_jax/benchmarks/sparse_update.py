@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 import srigl_jax
 from srigl_jax import models
@@ -73,8 +73,12 @@ def bench_resnet50(repeats: int, sparsity: float, train_batch: int) -> dict:
   delta = 100
   inner = optax.sgd(0.1, momentum=0.9)
   tx = srigl_jax.srigl(
-      inner, sparsity=sparsity, key=jax.random.key(0), stop_step=10**6,
-      update_every=delta, distribution="erk",
+      inner,
+      sparsity=sparsity,
+      key=jax.random.key(0),
+      stop_step=10**6,
+      update_every=delta,
+      distribution="erk",
   )
   state = tx.init(params)
   params = srigl_jax.apply_masks(params, state)
@@ -102,9 +106,11 @@ def bench_resnet50(repeats: int, sparsity: float, train_batch: int) -> dict:
     @jax.jit
     def train_step(p, s):
       def loss_fn(p):
-        logits, _ = model.apply({"params": p, "batch_stats": bstats}, xb, train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply(
+            {"params": p, "batch_stats": bstats}, xb, train=True, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
       g = jax.grad(loss_fn)(p)
       u, s = inner.update(g, s, p)
       return optax.apply_updates(p, u)
@@ -132,18 +138,22 @@ def bench_cnn_overhead(repeats: int, sparsity: float, delta: int) -> dict:
   y = jnp.asarray(rng.integers(0, 10, size=(128,)), jnp.int32)
   params = model.init(jax.random.key(0), x[:1])["params"]
   inner = optax.sgd(0.05, momentum=0.9)
-  tx = srigl_jax.srigl(inner, sparsity=sparsity, key=jax.random.key(1),
-                       stop_step=10**6, update_every=delta)
+  tx = srigl_jax.srigl(
+      inner, sparsity=sparsity, key=jax.random.key(1), stop_step=10**6, update_every=delta
+  )
 
   def make_step(opt):
     @jax.jit
     def step(p, s):
       def loss_fn(p):
         return optax.softmax_cross_entropy_with_integer_labels(
-            model.apply({"params": p}, x), y).mean()
+            model.apply({"params": p}, x), y
+        ).mean()
+
       g = jax.grad(loss_fn)(p)
       u, s = opt.update(g, s, p)
       return optax.apply_updates(p, u), s
+
     return step
 
   sp_step, dense_step = make_step(tx), make_step(inner)
@@ -151,11 +161,14 @@ def bench_cnn_overhead(repeats: int, sparsity: float, delta: int) -> dict:
   s_params = srigl_jax.apply_masks(params, s_state)
   u_state = s_state._replace(count=jnp.int32(delta - 1))
   d_state = inner.init(params)
-  t = _interleaved({
-      "dense_train_step": lambda: dense_step(params, d_state),
-      "srigl_train_step": lambda: sp_step(s_params, s_state),
-      "srigl_update_train_step": lambda: sp_step(s_params, u_state),
-  }, repeats * 5)
+  t = _interleaved(
+      {
+          "dense_train_step": lambda: dense_step(params, d_state),
+          "srigl_train_step": lambda: sp_step(s_params, s_state),
+          "srigl_update_train_step": lambda: sp_step(s_params, u_state),
+      },
+      repeats * 5,
+  )
   amortised = ((delta - 1) * t["srigl_train_step"] + t["srigl_update_train_step"]) / delta
   return {
       "delta": delta,

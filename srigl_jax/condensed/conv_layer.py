@@ -35,7 +35,8 @@ size: kernels vectorise over it without an im2col buffer. Grid columns with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -165,13 +166,10 @@ class CondensedConv:
   def check_input(self, x_shape: Sequence[int], name: str = "condensed conv") -> None:
     """Raises a clear error for an input this layer cannot take."""
     if len(x_shape) != 4:
-      raise ValueError(
-          f"{name}: expects NHWC input of rank 4, got shape {tuple(x_shape)}."
-      )
+      raise ValueError(f"{name}: expects NHWC input of rank 4, got shape {tuple(x_shape)}.")
     if x_shape[-1] != self.in_channels:
       raise ValueError(
-          f"{name}: input has {x_shape[-1]} channels but the layer expects "
-          f"{self.in_channels}."
+          f"{name}: input has {x_shape[-1]} channels but the layer expects " f"{self.in_channels}."
       )
     if self.bias_map is not None and tuple(x_shape[1:3]) != tuple(self.input_hw):
       raise ValueError(
@@ -304,16 +302,27 @@ def plane_layout(x_shape, kernel_size, strides, padding) -> PlaneLayout:
     raise ValueError(f"condensed conv: negative padding {pads} is not supported.")
   hp, wp = h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1]
   if hp < kh or wp < kw:
-    raise ValueError(
-        f"condensed conv: a {kh}x{kw} kernel does not fit the padded {hp}x{wp} input."
-    )
+    raise ValueError(f"condensed conv: a {kh}x{kw} kernel does not fit the padded {hp}x{wp} input.")
   oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
   hq, wq = -(-hp // sh), -(-wp // sw)
   grid = b * hq * wq
   tail = ((kh - 1) // sh) * wq + (kw - 1) // sw
   return PlaneLayout(
-      batch=b, height=h, width=w, cin=c, kh=kh, kw=kw, sh=sh, sw=sw,
-      pads=pads, oh=oh, ow=ow, hq=hq, wq=wq, rows=sh * sw * c, grid=grid,
+      batch=b,
+      height=h,
+      width=w,
+      cin=c,
+      kh=kh,
+      kw=kw,
+      sh=sh,
+      sw=sw,
+      pads=pads,
+      oh=oh,
+      ow=ow,
+      hq=hq,
+      wq=wq,
+      rows=sh * sw * c,
+      grid=grid,
       row_len=grid + tail,
   )
 

@@ -139,11 +139,7 @@ def condensed_conv_native(
   out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
   lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
   pixels = lo.batch * lo.oh * lo.ow
-  if (
-      layer.is_pointwise
-      and lo.pads == ((0, 0), (0, 0))
-      and pixels >= _POINTWISE_DENSE_MIN_PIXELS
-  ):
+  if layer.is_pointwise and lo.pads == ((0, 0), (0, 0)) and pixels >= _POINTWISE_DENSE_MIN_PIXELS:
     y = _pointwise(x, layer, max_threads, isa)
   else:
     taps = layer.taps

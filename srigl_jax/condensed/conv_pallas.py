@@ -71,8 +71,7 @@ def _next_pow2(n: int) -> int:
 def _check_pow2(name: str, n: int) -> None:
   if n < 1 or n & (n - 1):
     raise ValueError(
-        f"condensed_conv_pallas: {name}={n} must be a power of two (Triton "
-        "block shapes are)."
+        f"condensed_conv_pallas: {name}={n} must be a power of two (Triton " "block shapes are)."
     )
 
 

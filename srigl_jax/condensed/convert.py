@@ -37,7 +37,8 @@ interceptor that routes every converted layer to its kernel.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -274,14 +275,33 @@ def _use_counts(jaxpr) -> dict:
 # iff a non-zero weight meets a marked input. Anything else is wholly marked
 # once any operand is.
 
-_STRUCTURAL = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
-    "concatenate", "pad", "rev", "copy", "copy_p",
-})
-_REDUCTIONS = frozenset({
-    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
-    "reduce_or", "argmax", "argmin",
-})
+_STRUCTURAL = frozenset(
+    {
+        "reshape",
+        "transpose",
+        "broadcast_in_dim",
+        "squeeze",
+        "expand_dims",
+        "slice",
+        "concatenate",
+        "pad",
+        "rev",
+        "copy",
+        "copy_p",
+    }
+)
+_REDUCTIONS = frozenset(
+    {
+        "reduce_sum",
+        "reduce_max",
+        "reduce_min",
+        "reduce_prod",
+        "reduce_and",
+        "reduce_or",
+        "argmax",
+        "argmin",
+    }
+)
 _WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 
 
@@ -306,8 +326,9 @@ def _linear_eval(eqn, a, b):
   params = dict(eqn.params)
   params.pop("preferred_element_type", None)
   touch_a, touch_b = f(au | (av != 0)), f(bu | (bv != 0))
-  ind = lambda u, v: np.asarray(prim.bind(jnp.asarray(u), jnp.asarray(v), **{
-      **params, "preferred_element_type": jnp.float32}))
+  ind = lambda u, v: np.asarray(
+      prim.bind(jnp.asarray(u), jnp.asarray(v), **{**params, "preferred_element_type": jnp.float32})
+  )
   unk = (ind(f(au), touch_b) + ind(touch_a, f(bu))) > 0
   return val, unk
 
@@ -328,8 +349,9 @@ def _marks(eqn, ins, outs):
     return [np.zeros(np.shape(o), bool) for o in outs]
   shapes = [np.shape(o) for o in outs]
   if name in _STRUCTURAL:
-    moved = eqn.primitive.bind(*[jnp.asarray(u) for u in unks], **{
-        k: v for k, v in eqn.params.items()})
+    moved = eqn.primitive.bind(
+        *[jnp.asarray(u) for u in unks], **{k: v for k, v in eqn.params.items()}
+    )
     moved = moved if eqn.primitive.multiple_results else [moved]
     return [np.asarray(m).astype(bool) for m in moved]
   if name in _REDUCTIONS:
@@ -338,8 +360,15 @@ def _marks(eqn, ins, outs):
   if name in _WINDOWS:
     p = eqn.params
     m = jax.lax.reduce_window(
-        jnp.asarray(unks[0], jnp.float32), 0.0, jax.lax.max, p["window_dimensions"],
-        p["window_strides"], p["padding"], p["base_dilation"], p["window_dilation"])
+        jnp.asarray(unks[0], jnp.float32),
+        0.0,
+        jax.lax.max,
+        p["window_dimensions"],
+        p["window_strides"],
+        p["padding"],
+        p["base_dilation"],
+        p["window_dilation"],
+    )
     return [np.asarray(m) > 0]
   if len(outs) == 1 and _broadcasts_to([np.shape(u) for u in unks], shapes[0]):
     out = np.zeros(shapes[0], bool)
@@ -411,7 +440,10 @@ class _Layer:
 
 
 def _flat_leaves(tree):
-  return [(tuple(_key_name(k) for k in path), leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+      (tuple(_key_name(k) for k in path), leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]
 
 
 def _set(tree: dict, path, value):
@@ -524,8 +556,10 @@ def convert_model(
   jaxpr = closed.jaxpr
   flat_vars = _flat_leaves(variables)
   n_vars = len(flat_vars)
-  invar_path = {v: ("params",) + p[1:] if p[0] == "params" else p
-                for v, (p, _) in zip(jaxpr.invars[:n_vars], flat_vars)}
+  invar_path = {
+      v: ("params",) + p[1:] if p[0] == "params" else p
+      for v, (p, _) in zip(jaxpr.invars[:n_vars], flat_vars)
+  }
   # Follow dtype casts of a kernel to the op that consumes it.
   alias = dict(invar_path)
   for eqn in jaxpr.eqns:
@@ -574,8 +608,10 @@ def convert_model(
         )
       if _as_tuple(module.kernel_dilation) != (1, 1) or _as_tuple(module.input_dilation) != (1, 1):
         raise _unsupported(
-            mod_path, "uses a dilated convolution",
-            "Keep it dense (sparsity.dense_layers); dilation has no condensed kernel.")
+            mod_path,
+            "uses a dilated convolution",
+            "Keep it dense (sparsity.dense_layers); dilation has no condensed kernel.",
+        )
       kind = "conv"
     else:
       kind = "dense"
@@ -584,18 +620,30 @@ def convert_model(
         in_shape = kernel.shape[: len(_dense_general_axes(module, kernel.ndim + 1))]
       else:
         in_shape = kernel.shape[:1]
-      out_shape = kernel.shape[len(in_shape):]
+      out_shape = kernel.shape[len(in_shape) :]
       fan = int(np.prod(in_shape))
       kernel = kernel.reshape(fan, -1)
       m = m.reshape(fan, -1)
     else:
       in_shape, out_shape = (), ()
     n_out = kernel.shape[-1]
-    bias = np.asarray(node["bias"], np.float32).reshape(-1) if had_bias else np.zeros(n_out, np.float32)
+    bias = (
+        np.asarray(node["bias"], np.float32).reshape(-1)
+        if had_bias
+        else np.zeros(n_out, np.float32)
+    )
     layers[mod_path] = _Layer(
-        path=mod_path, kind=kind, module=module, kernel=kernel, mask=m.copy(),
-        bias=bias, eqn=uses[0], had_bias=had_bias, in_shape=tuple(in_shape),
-        out_shape=tuple(out_shape))
+        path=mod_path,
+        kind=kind,
+        module=module,
+        kernel=kernel,
+        mask=m.copy(),
+        bias=bias,
+        eqn=uses[0],
+        had_bias=had_bias,
+        in_shape=tuple(in_shape),
+        out_shape=tuple(out_shape),
+    )
 
   # BatchNorm folds: a BN that reads exactly a sparse layer's output, which
   # nothing else reads.
@@ -612,7 +660,11 @@ def convert_model(
       bn = c.module
       if not bn.use_running_average or bn.axis not in (-1, len(c.in_var.aval.shape) - 1):
         continue
-      if layers[src].batchnorm is not None or layers[src].kind != "conv" and len(layers[src].out_shape) != 1:
+      if (
+          layers[src].batchnorm is not None
+          or layers[src].kind != "conv"
+          and len(layers[src].out_shape) != 1
+      ):
         continue
       layers[src].batchnorm = c.path
       folded_bn[c.path] = src
@@ -699,6 +751,7 @@ def _self_check(model, masked_variables, converted, sample_input, impl):
       if context.method_name == "__call__" and isinstance(y, jax.Array):
         store.setdefault(_module_path(context.module), np.asarray(y, np.float64))
       return y
+
     return interceptor
 
   seen_ref, seen_out = {}, {}
@@ -761,7 +814,9 @@ def _fold_known_inputs(layer: _Layer, a) -> None:
   if layer.kind == "conv":
     contrib = np.asarray(
         layer.eqn.primitive.bind(jnp.asarray(x_known), jnp.asarray(w), **layer.eqn.params)
-    )[0].astype(np.float64)  # (oh, ow, cout)
+    )[0].astype(
+        np.float64
+    )  # (oh, ow, cout)
     if (contrib == contrib[:1, :1]).all():
       layer.bias = (layer.bias + contrib[0, 0]).astype(np.float32)
     else:
@@ -813,8 +868,15 @@ def _convert_layer(layer: _Layer, format: str, on_ragged: str, x_shape):
   bias_map = None if layer.bias_map is None else jnp.asarray(layer.bias_map)
   if fmt == "condensed":
     if layer.kind == "conv":
-      c = condense_conv(kernel, m, layer.bias, strides=_as_tuple(layer.module.strides),
-                        padding="VALID", name=layer.path, allow_ragged=True)
+      c = condense_conv(
+          kernel,
+          m,
+          layer.bias,
+          strides=_as_tuple(layer.module.strides),
+          padding="VALID",
+          name=layer.path,
+          allow_ragged=True,
+      )
       new = {"values": c.values, "taps": c.taps, "neuron_ids": c.neuron_ids, "bias": c.bias}
     else:
       c = condense_dense(kernel, m, layer.bias, name=layer.path, allow_ragged=True)
@@ -822,8 +884,11 @@ def _convert_layer(layer: _Layer, format: str, on_ragged: str, x_shape):
     entry["fan_in"] = int(c.values.shape[1])
   else:
     ids = np.nonzero(active)[0].astype(np.int32)
-    new = {"kernel": jnp.asarray(kernel[..., ids]), "neuron_ids": jnp.asarray(ids),
-           "bias": jnp.asarray(layer.bias)}
+    new = {
+        "kernel": jnp.asarray(kernel[..., ids]),
+        "neuron_ids": jnp.asarray(ids),
+        "bias": jnp.asarray(layer.bias),
+    }
     entry["fan_in"] = int(counts[active].max()) if active.any() else 0
   if bias_map is not None:
     new["bias_map"] = bias_map

@@ -139,8 +139,12 @@ def _conv_densified(x, layer):
   dtype = jnp.result_type(x.dtype, layer.values.dtype)
   lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
   y = jax.lax.conv_general_dilated(
-      x.astype(dtype), layer.to_dense().astype(dtype), layer.strides, lo.pads,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x.astype(dtype),
+      layer.to_dense().astype(dtype),
+      layer.strides,
+      lo.pads,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   y = y + layer.bias_or_zeros(dtype)
   if layer.bias_map is not None:
     y = y + layer.bias_map.astype(dtype)

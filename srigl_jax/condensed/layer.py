@@ -17,7 +17,8 @@ weight that happens to be exactly zero is still stored.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.struct
 import jax.numpy as jnp

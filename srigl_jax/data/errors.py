@@ -2,8 +2,8 @@
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """The data is not where the config says; the message says how to get it."""
+  """The data is not where the config says; the message says how to get it."""
 
 
 class DataFormatError(ValueError):
-    """A data file exists but is truncated, corrupted or of the wrong format."""
+  """A data file exists but is truncated, corrupted or of the wrong format."""

@@ -6,24 +6,17 @@ draws dropout from the 'dropout' rng, returns float32 logits, and names its fina
 classifier `head`.
 """
 
-from collections.abc import Callable
 import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 
 from srigl_jax.models.cnn import CNN
 from srigl_jax.models.mlp import MLP
-from srigl_jax.models.mobilenet import MobileNetV3
-from srigl_jax.models.mobilenet import mobilenet_v3
-from srigl_jax.models.resnet import BasicBlock
-from srigl_jax.models.resnet import BottleneckBlock
-from srigl_jax.models.resnet import ResNet
-from srigl_jax.models.resnet import resnet18
-from srigl_jax.models.resnet import resnet50
-from srigl_jax.models.vit import ViT
-from srigl_jax.models.vit import vit
-from srigl_jax.models.wide_resnet import WideResNet
-from srigl_jax.models.wide_resnet import wrn22
+from srigl_jax.models.mobilenet import MobileNetV3, mobilenet_v3
+from srigl_jax.models.resnet import BasicBlock, BottleneckBlock, ResNet, resnet18, resnet50
+from srigl_jax.models.vit import ViT, vit
+from srigl_jax.models.wide_resnet import WideResNet, wrn22
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     'mlp': MLP,
@@ -59,13 +52,24 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     ValueError: If `name` is not registered.
   """
   if name not in _REGISTRY:
-    raise ValueError(
-        f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
   return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
 __all__ = [
-    'BasicBlock', 'BottleneckBlock', 'CNN', 'MLP', 'MODEL_NAMES', 'MobileNetV3',
-    'ResNet', 'ViT', 'WideResNet', 'get_model', 'mobilenet_v3', 'resnet18',
-    'resnet50', 'vit', 'wrn22',
+    'BasicBlock',
+    'BottleneckBlock',
+    'CNN',
+    'MLP',
+    'MODEL_NAMES',
+    'MobileNetV3',
+    'ResNet',
+    'ViT',
+    'WideResNet',
+    'get_model',
+    'mobilenet_v3',
+    'resnet18',
+    'resnet50',
+    'vit',
+    'wrn22',
 ]

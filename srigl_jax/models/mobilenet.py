@@ -11,8 +11,8 @@ Depthwise kernels `(k, k, 1, channels)` have fan-in k*k (9 or 25); the configs k
 every module whose name contains 'depthwise' dense.
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -58,8 +58,9 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _batch_norm(name: str, train: bool, dtype: Any) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                      dtype=dtype, name=name)
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name
+  )
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -124,20 +125,38 @@ class InvertedResidual(nn.Module):
     norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
     y = x
     if self.expanded != x.shape[-1]:
-      y = nn.Conv(self.expanded, (1, 1), use_bias=False, dtype=self.dtype,
-                  kernel_init=_conv_init, name='expand_conv')(y)
+      y = nn.Conv(
+          self.expanded,
+          (1, 1),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=_conv_init,
+          name='expand_conv',
+      )(y)
       y = act(norm('expand_bn')(y))
     p = (self.kernel_size - 1) // 2
-    y = nn.Conv(self.expanded, (self.kernel_size,) * 2, (self.strides,) * 2,
-                padding=((p, p), (p, p)), feature_group_count=self.expanded,
-                use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
-                name='depthwise_conv')(y)
+    y = nn.Conv(
+        self.expanded,
+        (self.kernel_size,) * 2,
+        (self.strides,) * 2,
+        padding=((p, p), (p, p)),
+        feature_group_count=self.expanded,
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_init,
+        name='depthwise_conv',
+    )(y)
     y = act(norm('depthwise_bn')(y))
     if self.use_se:
-      y = SqueezeExcite(make_divisible(self.expanded // 4), dtype=self.dtype,
-                        name='se')(y)
-    y = nn.Conv(self.features, (1, 1), use_bias=False, dtype=self.dtype,
-                kernel_init=_conv_init, name='project_conv')(y)
+      y = SqueezeExcite(make_divisible(self.expanded // 4), dtype=self.dtype, name='se')(y)
+    y = nn.Conv(
+        self.features,
+        (1, 1),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_init,
+        name='project_conv',
+    )(y)
     y = norm('project_bn')(y)
     if self.strides == 1 and x.shape[-1] == self.features:
       y = y + x
@@ -177,28 +196,43 @@ class MobileNetV3(nn.Module):
       Float32 logits `(batch, num_classes)`.
     """
     if self.size not in _CONFIGS:
-      raise ValueError(f"size must be one of {sorted(_CONFIGS)}, got {self.size!r}")
+      raise ValueError(f'size must be one of {sorted(_CONFIGS)}, got {self.size!r}')
     blocks, last_channel = _CONFIGS[self.size]
     if self.block_specs is not None:
       blocks = self.block_specs
+
     def ch(channels):
       return make_divisible(channels * self.width_multiplier)
 
     norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
 
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(ch(16), (3, 3), (2, 2), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, kernel_init=_conv_init, name='stem_conv')(x)
+    x = nn.Conv(
+        ch(16),
+        (3, 3),
+        (2, 2),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_init,
+        name='stem_conv',
+    )(x)
     x = nn.hard_swish(norm('stem_bn')(x))
     for i, (k, exp, out, se, act, stride) in enumerate(blocks):
-      x = InvertedResidual(k, ch(exp), ch(out), se, act, stride, dtype=self.dtype,
-                           name=f'block{i}')(x, train=train)
-    x = nn.Conv(6 * x.shape[-1], (1, 1), use_bias=False, dtype=self.dtype,
-                kernel_init=_conv_init, name='last_conv')(x)
+      x = InvertedResidual(
+          k, ch(exp), ch(out), se, act, stride, dtype=self.dtype, name=f'block{i}'
+      )(x, train=train)
+    x = nn.Conv(
+        6 * x.shape[-1],
+        (1, 1),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=_conv_init,
+        name='last_conv',
+    )(x)
     x = nn.hard_swish(norm('last_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.hard_swish(nn.Dense(ch(last_channel), dtype=self.dtype,
-                               name='hidden_fc')(x))
+    x = nn.hard_swish(nn.Dense(ch(last_channel), dtype=self.dtype, name='hidden_fc')(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)

@@ -11,8 +11,8 @@ Module names: `stem_conv`/`stem_bn`, blocks `stage{i}_block{j}` holding `conv1`,
 `head`.
 """
 
-from collections.abc import Sequence
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,11 +30,10 @@ def _pad(kernel_size: int):
 
 def _conv_and_norm(dtype: Any, train: bool):
   """The bias-free conv and the BatchNorm shared by both block types."""
-  conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init)
   norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-      dtype=dtype)
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+  )
   return conv, norm
 
 
@@ -57,14 +56,14 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     conv, norm = _conv_and_norm(self.dtype, train)
     residual = x
-    y = conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3),
-             name='conv1')(x)
+    y = conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(self.features, (3, 3), padding=_pad(3), name='conv2')(y)
     y = norm(name='bn2')(y)
     if residual.shape != y.shape:
-      residual = conv(self.features, (1, 1), (self.strides,) * 2, padding='VALID',
-                      name='proj_conv')(residual)
+      residual = conv(
+          self.features, (1, 1), (self.strides,) * 2, padding='VALID', name='proj_conv'
+      )(residual)
       residual = norm(name='proj_bn')(residual)
     return nn.relu(y + residual)
 
@@ -90,14 +89,18 @@ class BottleneckBlock(nn.Module):
     residual = x
     y = conv(self.features, (1, 1), padding='VALID', name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3),
-             name='conv2')(y)
+    y = conv(self.features, (3, 3), (self.strides,) * 2, padding=_pad(3), name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y))
     y = conv(self.features * self.expansion, (1, 1), padding='VALID', name='conv3')(y)
     y = norm(name='bn3')(y)
     if residual.shape != y.shape:
-      residual = conv(self.features * self.expansion, (1, 1), (self.strides,) * 2,
-                      padding='VALID', name='proj_conv')(residual)
+      residual = conv(
+          self.features * self.expansion,
+          (1, 1),
+          (self.strides,) * 2,
+          padding='VALID',
+          name='proj_conv',
+      )(residual)
       residual = norm(name='proj_bn')(residual)
     return nn.relu(y + residual)
 
@@ -136,23 +139,40 @@ class ResNet(nn.Module):
     """
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'cifar':
-      x = nn.Conv(self.width, (3, 3), padding=_pad(3), use_bias=False,
-                  dtype=self.dtype, kernel_init=conv_kernel_init, name='stem_conv')(x)
+      x = nn.Conv(
+          self.width,
+          (3, 3),
+          padding=_pad(3),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=conv_kernel_init,
+          name='stem_conv',
+      )(x)
     elif self.stem == 'imagenet':
-      x = nn.Conv(self.width, (7, 7), (2, 2), padding=_pad(7), use_bias=False,
-                  dtype=self.dtype, kernel_init=conv_kernel_init, name='stem_conv')(x)
+      x = nn.Conv(
+          self.width,
+          (7, 7),
+          (2, 2),
+          padding=_pad(7),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=conv_kernel_init,
+          name='stem_conv',
+      )(x)
     else:
       raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}")
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name='stem_bn')(x)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='stem_bn'
+    )(x)
     x = nn.relu(x)
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     for i, n_blocks in enumerate(self.stage_sizes):
       for j in range(n_blocks):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(self.width * 2**i, strides=strides, dtype=self.dtype,
-                           name=f'stage{i + 1}_block{j + 1}')(x, train=train)
+        x = self.block_cls(
+            self.width * 2**i, strides=strides, dtype=self.dtype, name=f'stage{i + 1}_block{j + 1}'
+        )(x, train=train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
     return x.astype(jnp.float32)
@@ -168,8 +188,7 @@ def resnet18(num_classes: int, **kwargs) -> ResNet:
   Returns:
     The module.
   """
-  kwargs = {'stage_sizes': (2, 2, 2, 2), 'block_cls': BasicBlock, 'stem': 'cifar',
-            **kwargs}
+  kwargs = {'stage_sizes': (2, 2, 2, 2), 'block_cls': BasicBlock, 'stem': 'cifar', **kwargs}
   return ResNet(num_classes=num_classes, **kwargs)
 
 
@@ -183,6 +202,5 @@ def resnet50(num_classes: int, **kwargs) -> ResNet:
   Returns:
     The module.
   """
-  kwargs = {'stage_sizes': (3, 4, 6, 3), 'block_cls': BottleneckBlock,
-            'stem': 'imagenet', **kwargs}
+  kwargs = {'stage_sizes': (3, 4, 6, 3), 'block_cls': BottleneckBlock, 'stem': 'imagenet', **kwargs}
   return ResNet(num_classes=num_classes, **kwargs)

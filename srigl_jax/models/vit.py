@@ -35,8 +35,11 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     dense = functools.partial(
-        nn.Dense, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(1e-6))
+        nn.Dense,
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(1e-6),
+    )
     out_dim = x.shape[-1]
     # Exact (erf) GELU, as in the PyTorch ViT the paper trained.
     x = nn.gelu(dense(self.mlp_dim, name='fc1')(x), approximate=False)
@@ -66,15 +69,17 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, train: bool = False):
     y = nn.LayerNorm(dtype=self.dtype, name='ln_attn')(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
+        num_heads=self.num_heads,
+        dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
-        dropout_rate=self.attention_dropout_rate, deterministic=not train,
-        name='attention')(y, y)
+        dropout_rate=self.attention_dropout_rate,
+        deterministic=not train,
+        name='attention',
+    )(y, y)
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     x = x + y
     y = nn.LayerNorm(dtype=self.dtype, name='ln_mlp')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype,
-                 name='mlp')(y, train=train)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, dtype=self.dtype, name='mlp')(y, train=train)
     return x + y
 
 
@@ -118,39 +123,44 @@ class ViT(nn.Module):
       Float32 logits `(batch, num_classes)`.
     """
     if self.hidden_size % self.num_heads:
-      raise ValueError(f'num_heads={self.num_heads} must divide '
-                       f'hidden_size={self.hidden_size}')
+      raise ValueError(f'num_heads={self.num_heads} must divide ' f'hidden_size={self.hidden_size}')
     x = jnp.asarray(x, self.dtype)
     p = self.patch_size
-    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID',
-                dtype=self.dtype, name='embedding')(x)
+    x = nn.Conv(
+        self.hidden_size,
+        (p, p),
+        strides=(p, p),
+        padding='VALID',
+        dtype=self.dtype,
+        name='embedding',
+    )(x)
     b, h, w, c = x.shape
     x = x.reshape((b, h * w, c))
     cls = self.param('cls', nn.initializers.zeros, (1, 1, c), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c)), x], axis=1)
-    pos = self.param('pos_embedding', nn.initializers.normal(0.02),
-                     (1, h * w + 1, c), jnp.float32)
+    pos = self.param('pos_embedding', nn.initializers.normal(0.02), (1, h * w + 1, c), jnp.float32)
     x = x + pos.astype(self.dtype)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     for i in range(self.num_layers):
-      x = EncoderBlock(self.num_heads, self.mlp_dim, self.dropout_rate,
-                       self.attention_dropout_rate, dtype=self.dtype,
-                       name=f'encoderblock_{i}')(x, train=train)
+      x = EncoderBlock(
+          self.num_heads,
+          self.mlp_dim,
+          self.dropout_rate,
+          self.attention_dropout_rate,
+          dtype=self.dtype,
+          name=f'encoderblock_{i}',
+      )(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
     return x.astype(jnp.float32)
 
 
 _VARIANTS = {
-    'ti16': dict(patch_size=16, hidden_size=192, num_layers=12, num_heads=3,
-                 mlp_dim=768),
-    's16': dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6,
-                mlp_dim=1536),
-    'b16': dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
-                mlp_dim=3072),
+    'ti16': dict(patch_size=16, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768),
+    's16': dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    'b16': dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     # Only for tests and smoke runs: a few ms per step on a CPU at 16x16 inputs.
-    'tiny_test': dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2,
-                      mlp_dim=64),
+    'tiny_test': dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64),
 }
 
 

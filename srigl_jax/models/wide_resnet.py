@@ -36,14 +36,22 @@ class WideBasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     def norm(name):
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5, dtype=self.dtype, name=name)
+      return nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
+      )
 
     def conv(features, kernel, strides, name):
       p = (kernel - 1) // 2
-      return nn.Conv(features, (kernel, kernel), (strides, strides),
-                     padding=((p, p), (p, p)), use_bias=False, dtype=self.dtype,
-                     kernel_init=conv_kernel_init, name=name)
+      return nn.Conv(
+          features,
+          (kernel, kernel),
+          (strides, strides),
+          padding=((p, p), (p, p)),
+          use_bias=False,
+          dtype=self.dtype,
+          kernel_init=conv_kernel_init,
+          name=name,
+      )
 
     needs_proj = x.shape[-1] != self.features or self.strides != 1
     pre = nn.relu(norm('bn1')(x))
@@ -90,17 +98,27 @@ class WideResNet(nn.Module):
       raise ValueError(f'WRN depth must be 6n + 4 with n >= 1, got {self.depth}')
     n_blocks = (self.depth - 4) // 6
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(self.base_width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, kernel_init=conv_kernel_init, name='stem_conv')(x)
+    x = nn.Conv(
+        self.base_width,
+        (3, 3),
+        padding=((1, 1), (1, 1)),
+        use_bias=False,
+        dtype=self.dtype,
+        kernel_init=conv_kernel_init,
+        name='stem_conv',
+    )(x)
     for i in range(3):
       for j in range(n_blocks):
         x = WideBasicBlock(
             self.base_width * self.widen_factor * 2**i,
             strides=2 if i > 0 and j == 0 else 1,
-            dropout_rate=self.dropout_rate, dtype=self.dtype,
-            name=f'group{i + 1}_block{j + 1}')(x, train=train)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name='final_bn')(x)
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name=f'group{i + 1}_block{j + 1}',
+        )(x, train=train)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='final_bn'
+    )(x)
     x = nn.relu(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

@@ -12,7 +12,8 @@ import fractions
 import logging
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -255,9 +256,7 @@ def build_layer_specs(
   """
   validate_sparsity(sparsity)
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(
-        f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}."
-    )
+    raise ValueError(f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}.")
   if erk_power_scale <= 0:
     raise ValueError(f"erk_power_scale must be > 0, got {erk_power_scale}.")
   rule = resolve_sparse_rule(sparse_rule)

@@ -68,18 +68,14 @@ def top_n(keys: jax.Array, n: jax.Array) -> jax.Array:
     # Two shifts: a single shift by 32 would be out of range on the first pass.
     match = ((flat >> shift) >> bits) == prefix
     digit = (flat >> shift) & (nb - 1)
-    hist = jnp.zeros(nb, jnp.int32).at[jnp.where(match, digit, nb)].add(
-        1, mode="drop"
-    )
+    hist = jnp.zeros(nb, jnp.int32).at[jnp.where(match, digit, nb)].add(1, mode="drop")
     # at_or_above[b]: matching keys whose digit is >= b (non-increasing in b).
     at_or_above = jnp.cumsum(hist[::-1])[::-1]
     b = jnp.maximum(jnp.sum(at_or_above >= remaining, dtype=jnp.int32) - 1, 0)
     remaining = remaining - (at_or_above[b] - hist[b])
     return (prefix << bits) | b, remaining
 
-  prefix, remaining = lax.fori_loop(
-      0, _radix_passes(bits), one_pass, (jnp.int32(0), n)
-  )
+  prefix, remaining = lax.fori_loop(0, _radix_passes(bits), one_pass, (jnp.int32(0), n))
   # prefix is now the n-th largest key; take `remaining` of the keys equal to it.
   greater = flat > prefix
   equal = flat == prefix
@@ -88,9 +84,7 @@ def top_n(keys: jax.Array, n: jax.Array) -> jax.Array:
     rank = jnp.cumsum(equal, dtype=jnp.int32)
     return greater | (equal & (rank <= remaining))
 
-  sel = lax.cond(
-      jnp.sum(equal, dtype=jnp.int32) > remaining, tie_break, lambda: greater | equal
-  )
+  sel = lax.cond(jnp.sum(equal, dtype=jnp.int32) > remaining, tie_break, lambda: greater | equal)
   return (sel & (n > 0)).reshape(keys.shape)
 
 
@@ -128,9 +122,7 @@ def top_n_per_column(keys: jax.Array, n: jax.Array) -> jax.Array:
         .reshape(ncols, nb)
     )
     at_or_above = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    b = jnp.maximum(
-        jnp.sum(at_or_above >= remaining[:, None], axis=1, dtype=jnp.int32) - 1, 0
-    )
+    b = jnp.maximum(jnp.sum(at_or_above >= remaining[:, None], axis=1, dtype=jnp.int32) - 1, 0)
     take = lambda a: jnp.take_along_axis(a, b[:, None], axis=1)[:, 0]
     remaining = remaining - (take(at_or_above) - take(hist))
     return (prefix << bits) | b, remaining

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,18 +93,14 @@ def map_sparse(fn: Callable, sparse_tree: Any, *trees: Any, dense_fn=None) -> An
 
 
 def _paths_tree(params: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: layers_lib.path_str(kp), params
-  )
+  return jax.tree_util.tree_map_with_path(lambda kp, _: layers_lib.path_str(kp), params)
 
 
 def find_sparse_state(tree: Any) -> SparseState:
   """Finds the SparseState inside an optimizer state (or a TrainState)."""
   found = [
       x
-      for x in jax.tree_util.tree_leaves(
-          tree, is_leaf=lambda x: isinstance(x, SparseState)
-      )
+      for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseState))
       if isinstance(x, SparseState)
   ]
   if len(found) != 1:
@@ -131,8 +128,8 @@ def with_counts_of(tree: Any, source: Any) -> Any:
   """
   is_sparse = lambda x: isinstance(x, SparseState)
   return jax.tree.map(
-      lambda t, s: t._replace(count=s.count) if is_sparse(t) else t,
-      tree, source, is_leaf=is_sparse)
+      lambda t, s: t._replace(count=s.count) if is_sparse(t) else t, tree, source, is_leaf=is_sparse
+  )
 
 
 def get_masks(opt_state: Any) -> Any:
@@ -148,7 +145,9 @@ def apply_masks(params: Any, masks_or_state: Any) -> Any:
   """Zeroes the masked weights of params."""
   masks = _masks_of(masks_or_state)
   return map_sparse(
-      lambda m, p: jnp.where(m, p, jnp.zeros_like(p)), masks, params,
+      lambda m, p: jnp.where(m, p, jnp.zeros_like(p)),
+      masks,
+      params,
       dense_fn=lambda p: p,
   )
 
@@ -160,9 +159,7 @@ def _masks_of(masks_or_state: Any) -> Any:
     return masks_or_state
 
 
-def sparse_init(
-    params: Any, opt_state: Any, key: jax.Array, gain: float = math.sqrt(2.0)
-) -> Any:
+def sparse_init(params: Any, opt_state: Any, key: jax.Array, gain: float = math.sqrt(2.0)) -> Any:
   """Re-initialises the kept weights with their sparse fan-in (notes sec. 3).
 
   Every active weight of a sparse kernel is drawn from N(0, (gain / sqrt(k))^2)
@@ -227,9 +224,7 @@ def global_sparsity(opt_state: Any, params: Any) -> jax.Array:
   """Fraction of zero-masked weights over all params (dense leaves count)."""
   masks = get_masks(opt_state)
   total = sum(int(p.size) for p in jax.tree.leaves(params))
-  zeros = sum(
-      jnp.sum(~m, dtype=jnp.float32) for m in jax.tree.leaves(masks)
-  )
+  zeros = sum(jnp.sum(~m, dtype=jnp.float32) for m in jax.tree.leaves(masks))
   return jnp.asarray(zeros, jnp.float32) / total
 
 
@@ -277,13 +272,9 @@ def _validate(cfg: _Config) -> None:
         "since the last mask update."
     )
   if not 0.0 < cfg.drop_fraction <= 1.0:
-    raise ValueError(
-        f"drop_fraction (alpha) must be in (0, 1], got {cfg.drop_fraction}."
-    )
+    raise ValueError(f"drop_fraction (alpha) must be in (0, 1], got {cfg.drop_fraction}.")
   if not cfg.gamma_sal >= 0.0:
-    raise ValueError(
-        f"gamma_sal must be >= 0 (0 disables ablation), got {cfg.gamma_sal}."
-    )
+    raise ValueError(f"gamma_sal must be >= 0 (0 disables ablation), got {cfg.gamma_sal}.")
   if cfg.gamma_sal > 1.0:
     raise ValueError(
         f"gamma_sal={cfg.gamma_sal} > 1 would ablate every neuron with fewer "
@@ -297,8 +288,7 @@ def _validate(cfg: _Config) -> None:
 def _as_key(key: Any) -> jax.Array:
   if key is None:
     raise ValueError(
-        "A PRNG key is required (key=jax.random.key(seed)); srigl_jax uses no "
-        "hidden seed."
+        "A PRNG key is required (key=jax.random.key(seed)); srigl_jax uses no " "hidden seed."
     )
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -409,9 +399,7 @@ def sparse_optimizer(
 
     masks = jax.tree.map(make_mask, _paths_tree(params), params)
     if cfg.grad_accumulation > 1 and dynamic:
-      grad_acc = map_sparse(
-          lambda m, p: jnp.zeros(p.shape, jnp.float32), masks, params
-      )
+      grad_acc = map_sparse(lambda m, p: jnp.zeros(p.shape, jnp.float32), masks, params)
     else:
       grad_acc = map_sparse(lambda m: None, masks)
     return SparseState(
@@ -447,10 +435,7 @@ def sparse_optimizer(
     # number of distinct layer shapes, not the number of layers.
     for group in _same_geometry_groups(specs):
       spec = specs[group[0]]
-      stacked = [
-          jnp.stack([upd.to_matrix(t[p], specs[p]) for p in group])
-          for t in by_path
-      ]
+      stacked = [jnp.stack([upd.to_matrix(t[p], specs[p]) for p in group]) for t in by_path]
       index = jnp.asarray([layer_index[p] for p in group], jnp.int32)
       if len(group) == 1:
         out = layer_update(spec, *(x[0] for x in stacked), index[0])[None]
@@ -463,8 +448,7 @@ def sparse_optimizer(
   def update_fn(grads, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
-          "The sparse optimizer needs the params: call "
-          "tx.update(grads, state, params)."
+          "The sparse optimizer needs the params: call " "tx.update(grads, state, params)."
       )
     specs = state.layers.by_path()
     masks = state.masks
@@ -476,9 +460,9 @@ def sparse_optimizer(
       first = pos == cfg.update_every - cfg.grad_accumulation
       in_window = pos >= cfg.update_every - cfg.grad_accumulation
       grad_acc = map_sparse(
-          lambda a, g: jnp.where(first, 0.0, a)
-          + jnp.where(in_window, g.astype(jnp.float32), 0.0),
-          grad_acc, grads,
+          lambda a, g: jnp.where(first, 0.0, a) + jnp.where(in_window, g.astype(jnp.float32), 0.0),
+          grad_acc,
+          grads,
       )
       scores = grad_acc
     else:
@@ -486,7 +470,9 @@ def sparse_optimizer(
 
     def inner_step():
       masked_grads = map_sparse(
-          lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), masks, grads,
+          lambda m, g: jnp.where(m, g, jnp.zeros_like(g)),
+          masks,
+          grads,
           dense_fn=lambda g: g,
       )
       return inner.update(masked_grads, state.inner_state, params, **extra_args)
@@ -496,7 +482,10 @@ def sparse_optimizer(
       # at exactly 0 (p + (-p) == 0 in IEEE arithmetic).
       return map_sparse(
           lambda new_m, old_m, p, u: jnp.where(new_m & old_m, u, -p).astype(u.dtype),
-          new_masks, masks, params, inner_updates,
+          new_masks,
+          masks,
+          params,
+          inner_updates,
           dense_fn=lambda m, p, u: u,
       )
 
@@ -515,15 +504,15 @@ def sparse_optimizer(
         # Weights after the inner step, computed exactly as optax.apply_updates
         # does, so the drop score sees the values the kept weights will have.
         stepped = map_sparse(
-            lambda m, p, u: jnp.asarray(p + u).astype(p.dtype), masks, params,
+            lambda m, p, u: jnp.asarray(p + u).astype(p.dtype),
+            masks,
+            params,
             stepped_updates,
         )
         frac = upd.drop_fraction(step, cfg.drop_fraction, cfg.stop_step)
         return new_masks_for(masks, stepped, scores, specs, frac, grow_key), key
 
-      new_masks, key = lax.cond(
-          is_update, compute_masks, lambda key: (masks, key), key
-      )
+      new_masks, key = lax.cond(is_update, compute_masks, lambda key: (masks, key), key)
       # Elementwise, so XLA fuses the reset into the inner optimizer's update.
       changed = _changed_tree(masks, new_masks, params)
       inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
@@ -562,7 +551,10 @@ def _changed_tree(masks, new_masks, params):
   """Params-shaped bool tree: where the mask changed (scalar False if dense)."""
   return jax.tree.map(
       lambda old, new, p: jnp.zeros((), bool) if old is None else old != new,
-      masks, new_masks, params, is_leaf=_is_none,
+      masks,
+      new_masks,
+      params,
+      is_leaf=_is_none,
   )
 
 

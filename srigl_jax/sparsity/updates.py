@@ -10,6 +10,7 @@ selection in `select`.
 from __future__ import annotations
 
 import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -65,9 +66,7 @@ def ablation_threshold(spec: LayerSpec, gamma_sal: float) -> int:
   return max(1, int(math.floor(gamma_sal * spec.k0 + 1e-9)))
 
 
-def neurons_to_ablate(
-    counts: jax.Array, spec: LayerSpec, gamma_sal: float
-) -> jax.Array:
+def neurons_to_ablate(counts: jax.Array, spec: LayerSpec, gamma_sal: float) -> jax.Array:
   """Step 3-4 of notes section 4: which neurons to ablate given saliency counts.
 
   Args:
@@ -136,9 +135,7 @@ def srigl_update(
   # A neuron left with more than k' keeps its k' largest (by magnitude).
   keep = lax.cond(
       jnp.any(per > k_new),
-      lambda: select.top_n_per_column(
-          jnp.where(keep, w_keys, 0), jnp.minimum(per, k_new)
-      ),
+      lambda: select.top_n_per_column(jnp.where(keep, w_keys, 0), jnp.minimum(per, k_new)),
       lambda: keep,
   )
   # Step 7: top up every active neuron to exactly k' by the grow score.
