@@ -80,12 +80,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     ConfigError: the first invalid value, with the field and the fix.
   """
   sp = config.sparsity
-  if sp.method not in config_lib.METHODS:
+  if sp.method not in config_lib.RECIPES:
     _fail(
         'sparsity.method',
         sp.method,
         'is not a known method',
-        f'use one of {list(config_lib.METHODS)}',
+        f'use one of {list(config_lib.RECIPES)}',
     )
   if not 0.0 <= sp.sparsity < 1.0 or not math.isfinite(sp.sparsity):
     _fail(

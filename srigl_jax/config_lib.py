@@ -27,9 +27,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from srigl_jax import data as data_lib
+from srigl_jax.sparsity import transform
 
-# The user-facing methods; 'srigl_noablation' is SRigL with gamma_sal = 0.
-METHODS = ('dense', 'static', 'set', 'rigl', 'srigl_noablation', 'srigl')
+# The recipes a config arg or `sparsity.method` names: the sparse optimizer's
+# methods (`srigl_jax.sparsity.METHODS`) plus 'srigl_noablation', which is
+# SRigL with gamma_sal = 0.
+RECIPES = transform.METHODS[:-1] + ('srigl_noablation', 'srigl')
 SCHEDULES = ('constant', 'step', 'multistep', 'cosine')
 OPTIMIZERS = ('sgd', 'adamw')
 DTYPES = ('float32', 'bfloat16')  # model.dtype: the compute dtype.
@@ -92,7 +95,7 @@ def sparsity_arg(arg: str | None, extra: dict[str, Any] | None = None):
   Raises:
     ValueError: see `parse_arg`, or a sparsity outside [0, 1).
   """
-  allowed = {'method': ('srigl',) + tuple(m for m in METHODS if m != 'srigl'), 'sparsity': 0.9}
+  allowed = {'method': ('srigl',) + tuple(m for m in RECIPES if m != 'srigl'), 'sparsity': 0.9}
   allowed.update(extra or {})
   out = parse_arg(arg, allowed)
   if not 0.0 <= out['sparsity'] < 1.0:
@@ -139,7 +142,7 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.model.kwargs = ml_collections.ConfigDict()
 
   c.sparsity = ml_collections.ConfigDict()
-  c.sparsity.method = 'srigl'  # One of METHODS.
+  c.sparsity.method = 'srigl'  # One of RECIPES.
   c.sparsity.sparsity = 0.9
   c.sparsity.distribution = 'erk'
   c.sparsity.erk_power_scale = 1.0
@@ -278,8 +281,8 @@ def optimizer_method(config: ml_collections.ConfigDict) -> tuple[str, float]:
     ValueError: an unknown method.
   """
   method = config.sparsity.method
-  if method not in METHODS:
-    raise ValueError(f'Unknown sparsity.method {method!r}; valid methods: {list(METHODS)}.')
+  if method not in RECIPES:
+    raise ValueError(f'Unknown sparsity.method {method!r}; valid methods: {list(RECIPES)}.')
   if method == 'srigl_noablation':
     return 'srigl', 0.0
   return method, float(config.sparsity.gamma_sal)

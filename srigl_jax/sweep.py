@@ -23,7 +23,7 @@ Specs:
           `model.kwargs.hidden_size=128`) and apply to this config only. The
           directory name is the file's stem plus the arg
           (`fashion_mnist-model=cnn`).
-  method  `NAME[@KEY=VALUE;...]`: NAME is one of `config_lib.METHODS`; a key
+  method  `NAME[@KEY=VALUE;...]`: NAME is one of `config_lib.RECIPES`; a key
           without a dot is a field of `config.sparsity`, so
           `srigl@gamma_sal=0.95` is SRigL with gamma_sal 0.95. The directory
           name is the spec itself.
@@ -186,9 +186,9 @@ def parse_method_spec(spec: str) -> tuple[str, list[str]]:
   """
   name, _, extra = spec.partition('@')
   name = name.strip()
-  if name not in config_lib.METHODS:
+  if name not in config_lib.RECIPES:
     raise ValueError(
-        f'Method spec {spec!r}: unknown method {name!r}; valid: ' f'{list(config_lib.METHODS)}.'
+        f'Method spec {spec!r}: unknown method {name!r}; valid: ' f'{list(config_lib.RECIPES)}.'
     )
   return name, _parse_overrides(extra, 'sparsity', spec)
 
@@ -442,7 +442,7 @@ def scan_runs(out: str) -> list[dict[str, Any]]:
 
 def _method_order(method: str) -> tuple[int, str]:
   base = method.partition('@')[0]
-  idx = config_lib.METHODS.index(base) if base in config_lib.METHODS else len(config_lib.METHODS)
+  idx = config_lib.RECIPES.index(base) if base in config_lib.RECIPES else len(config_lib.RECIPES)
   return idx, method
 
 

@@ -146,7 +146,7 @@ def test_config_builds_a_valid_sparse_model(name):
     assert 'embedding/kernel' in sparse  # the first layer is sparse
 
 
-@pytest.mark.parametrize('method', config_lib.METHODS)
+@pytest.mark.parametrize('method', config_lib.RECIPES)
 def test_arg_selects_method_and_sparsity(method):
   config = load_config('cifar10_resnet18', f'method={method},sparsity=0.95')
   assert config.sparsity.method == method
