@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed.layer import condense_dense, index_dtype_for
+from srigl_jax.condensed.layer import CondensedLayer, condense_dense, index_dtype_for
 
 __all__ = [
     "CondensedConv",
@@ -153,14 +153,23 @@ class CondensedConv:
       return jnp.zeros((self.out_channels,), dtype)
     return jnp.asarray(self.bias, dtype)
 
+  def as_dense_layer(self) -> CondensedLayer:
+    """The same weights as a Dense layer over the flattened ``(kh, kw, cin)``
+    fan-in (for a 1x1 conv: a Dense layer over pixels)."""
+    kh, kw = self.kernel_size
+    return CondensedLayer(
+        values=self.values,
+        indices=self.taps,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        in_features=kh * kw * self.in_channels,
+        out_features=self.out_channels,
+    )
+
   def to_dense(self) -> jnp.ndarray:
     """The equivalent masked kernel ``(kh, kw, cin, cout)``."""
     kh, kw = self.kernel_size
-    fan = kh * kw * self.in_channels
-    kernel = jnp.zeros((fan, self.out_channels), self.values.dtype)
-    cols = jnp.broadcast_to(self.neuron_ids[:, None], self.taps.shape)
-    # .add, not .set: padded entries (value 0 at tap 0) must not overwrite.
-    kernel = kernel.at[self.taps.astype(jnp.int32), cols].add(self.values)
+    kernel = self.as_dense_layer().to_dense()
     return kernel.reshape(kh, kw, self.in_channels, self.out_channels)
 
   def check_input(self, x_shape: Sequence[int], name: str = "condensed conv") -> None:

@@ -34,7 +34,6 @@ import numpy as np
 from srigl_jax.condensed import native
 from srigl_jax.condensed.conv_layer import CondensedConv, plane_layout
 from srigl_jax.condensed.conv_xla import condensed_conv_reference
-from srigl_jax.condensed.layer import CondensedLayer
 
 __all__ = [
     "condensed_conv_native",
@@ -97,15 +96,7 @@ def _pointwise(x, layer: CondensedConv, max_threads: int, isa: str):
   sh, sw = layer.strides
   if (sh, sw) != (1, 1):
     x = x[:, ::sh, ::sw, :]
-  dense = CondensedLayer(
-      values=layer.values,
-      indices=layer.taps,
-      neuron_ids=layer.neuron_ids,
-      bias=layer.bias,
-      in_features=layer.in_channels,
-      out_features=layer.out_channels,
-  )
-  return native.condensed_matmul_native(x, dense, max_threads=max_threads, isa=isa)
+  return native.condensed_matmul_native(x, layer.as_dense_layer(), max_threads=max_threads, isa=isa)
 
 
 @functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
