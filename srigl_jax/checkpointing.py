@@ -36,9 +36,12 @@ from absl import logging
 CHECKPOINT_DIR = 'checkpoints'
 FINGERPRINT_FILE = 'fingerprint.json'
 _FINGERPRINT_VERSION = 1
+DATA_ORDER = 'grain-shuffle-repeat-batch/1'
 
 # The fields that decide the shapes and meaning of what a checkpoint holds:
-# params (model), masks and their budgets (sparsity), optimizer moments.
+# params (model), masks and their budgets (sparsity), optimizer moments; and
+# the data a resumed run goes on to read (the batches of step s depend on
+# these and the seed, not on data_dir, worker or thread counts).
 FINGERPRINT_FIELDS = (
     'model.name',
     'model.kwargs',
@@ -47,6 +50,14 @@ FINGERPRINT_FIELDS = (
     'input.image_shape',
     'input.image_size',
     'input.num_classes',
+    'input.augment',
+    'input.crop_padding',
+    'input.randaugment',
+    'input.mixup_alpha',
+    'input.cutmix_alpha',
+    'input.num_train_examples',
+    'input.synthetic_seed',
+    'batch_size',
     'sparsity.method',
     'sparsity.sparsity',
     'sparsity.distribution',
@@ -92,6 +103,9 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     except (KeyError, AttributeError):
       node = None
     out[key] = _jsonable(node)
+  # The order of the batch stream: checkpoints of the pre-grain pipeline
+  # (which lack this field) read their data in another order.
+  out['data_order'] = DATA_ORDER
   # Momentum on/off changes the optimizer state's structure.
   out['optim.momentum>0'] = bool(config.optim.get('momentum') or 0.0)
   return out

@@ -235,9 +235,13 @@ class _Trainer:
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Accuracy and loss over the eval split."""
     totals = None
-    for batch in self.dataset.eval_batches():
-      sums = self.eval_step(state, _to_global(batch, self.batch_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    batches = self.dataset.eval_batches()
+    try:
+      for batch in batches:
+        sums = self.eval_step(state, _to_global(batch, self.batch_sharding))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    finally:
+      batches.close()  # Stops worker processes at once, not at garbage collection.
     totals = _scalars(totals)
     count = max(totals['count'], 1.0)
     return {'eval_accuracy': totals['correct'] / count, 'eval_loss': totals['loss'] / count}

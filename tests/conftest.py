@@ -59,15 +59,15 @@ def nan_batches(monkeypatch):
 
     def create_with_bad_batches(*args, **kwargs):
       dataset = create(*args, **kwargs)
-      good = dataset.train_batch
+      good = dataset.train_batches
 
-      def train_batch(step):
-        batch = good(step)
-        if step + 1 in bad_steps:
-          batch['image'] = np.full_like(batch['image'], np.nan)
-        return batch
+      def train_batches(start_step=0):
+        for step, batch in enumerate(good(start_step), start_step):
+          if step + 1 in bad_steps:
+            batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+          yield batch
 
-      dataset.train_batch = train_batch
+      dataset.train_batches = train_batches
       return dataset
 
     monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_bad_batches)

@@ -147,8 +147,8 @@ def test_real_fashion_mnist():
   ds = make(c, batch=256, eval_batch=1000)
   assert (ds.num_train, ds.num_eval, ds.steps_per_epoch) == (60000, 10000, 234)
   # Fashion-MNIST is balanced: 6000 train and 1000 test images per class.
-  np.testing.assert_array_equal(np.bincount(ds._train.labels), [6000] * 10)
-  np.testing.assert_array_equal(np.bincount(ds._eval.labels), [1000] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.train_source.labels), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.eval_source.labels), [1000] * 10)
   batch = next(ds.train_batches())
   assert batch["image"].shape == (256, 28, 28, 1) and batch["label"].dtype == np.int32
   evals = list(ds.eval_batches())
@@ -493,8 +493,8 @@ def test_eval_padding_and_mask():
   # Fixed order, no augmentation, integer labels, even with mixup configured.
   images = np.concatenate([b["image"] for b in batches])[:10]
   labels = np.concatenate([b["label"] for b in batches])[:10]
-  np.testing.assert_allclose(images, (ds._eval.images / 255.0 - 0.5) / 0.25, atol=1e-5)
-  np.testing.assert_array_equal(labels, ds._eval.labels)
+  np.testing.assert_allclose(images, (ds.eval_source.images / 255.0 - 0.5) / 0.25, atol=1e-5)
+  np.testing.assert_array_equal(labels, ds.eval_source.labels)
   assert labels.dtype == np.int32
   assert_batches_equal(batches, list(ds.eval_batches()))
 
@@ -512,13 +512,13 @@ def test_synthetic_is_learnable_by_templates():
   ds = make(
       synthetic_config(num_train_examples=512, num_eval_examples=256, image_shape=(12, 12, 3))
   )
-  x, y = ds._train.images.reshape(512, -1) / 255.0, ds._train.labels
+  x, y = ds.train_source.images.reshape(512, -1) / 255.0, ds.train_source.labels
   # Phases vary, so use the power spectrum, which is phase-invariant.
   feat = lambda im: np.abs(np.fft.fft2(im.reshape(-1, 12, 12, 3), axes=(1, 2))).reshape(len(im), -1)
   means = np.stack([feat(x[y == k]).mean(0) for k in range(10)])
-  xe = ds._eval.images.reshape(256, -1) / 255.0
+  xe = ds.eval_source.images.reshape(256, -1) / 255.0
   pred = np.argmin(((feat(xe)[:, None] - means[None]) ** 2).sum(-1), axis=1)
-  assert (pred == ds._eval.labels).mean() > 0.5
+  assert (pred == ds.eval_source.labels).mean() > 0.5
 
 
 # ------------------------------------------------------------- augmentations

@@ -1,9 +1,9 @@
 """Image augmentations in numpy, vectorised over the batch where the shapes allow.
 
 Every random choice is passed in as an argument (offsets, flips, uniforms, op
-indices) so the caller decides where randomness comes from; the pipeline draws
-them for the whole global batch from (seed, step) and slices out its process's
-part, which keeps the data of a position independent of the process count.
+indices) so the caller decides where randomness comes from; the pipeline's
+grain transforms draw them per example from (seed, stream position), which
+keeps the data of a position independent of the process count.
 Images are uint8 (B, H, W, C) until `normalize`.
 """
 
@@ -43,6 +43,20 @@ def pad_crop_flip(
       offsets[:, 1, None] + np.arange(w)[None],
   )
   return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def pad_crop_flip_one(
+    image: np.ndarray, offset: np.ndarray, flip: bool, padding: int
+) -> np.ndarray:
+  """`pad_crop_flip` of one uint8 (H, W, C) image, with slices instead of a gather."""
+  h, w, c = image.shape
+  # Allocating and assigning is several times faster than np.pad on one
+  # small image, which matters at one call per example.
+  padded = np.zeros((h + 2 * padding, w + 2 * padding, c), image.dtype)
+  padded[padding : padding + h, padding : padding + w] = image
+  top, left = int(offset[0]), int(offset[1])
+  out = padded[top : top + h, left : left + w]
+  return np.ascontiguousarray(out[:, ::-1] if flip else out)
 
 
 def inception_crop_box(

@@ -1,26 +1,40 @@
-"""The input pipeline: config -> `Dataset` yielding numpy batches per process.
+"""The input pipeline: config -> `Dataset` yielding numpy batches per process, on grain.
 
-Determinism and resumption: the global batch at train step `s` is
-`perm_e[k * B:(k + 1) * B]` with `e, k = divmod(s, steps_per_epoch)` and
-`perm_e` a permutation drawn from (seed, e); its augmentation parameters are
-drawn for all B positions from (seed, s). So a batch depends only on
-(seed, s), `train_batches(start_step=s)` resumes exactly, and process p of P
-receives rows [p * B / P, (p + 1) * B / P) of the same global batch whatever P
-is (except for mixup/cutmix, which mix within each process's local batch).
+One grain `MapDataset` chain serves every source (IDX arrays, `tfds.data_source`,
+synthetic arrays):
+
+    source -> shuffle -> per-example random_map -> repeat     (the example stream)
+           -> batch(B / P) -> [p::P]                           (this process's rows)
+           -> normalise -> per-batch random_map (mixup/cutmix) -> [start_step:]
+           -> to_iter_dataset (threads) -> mp_prefetch (worker processes)
+
+Determinism and resumption:
+  * Example `i` of the stream is position `i mod N` of epoch `i // N`; each
+    epoch is reshuffled by grain's index shuffle, so batches run across epoch
+    boundaries as one stream and every example is seen once per N positions.
+  * A per-example augmentation draws from (seed, i); mixup/cutmix draw from
+    (seed, step). Everything is random access, so a batch depends only on
+    (seed, step) and `train_batches(start_step=s)` resumes exactly.
+  * The stream is cut into sub-batches of B / P examples and process p takes
+    sub-batches p, p + P, ...: its rows of step s are positions
+    [s * B + p * B / P, s * B + (p + 1) * B / P), the same global batch whatever
+    P is (mixup/cutmix mix within each process's local batch).
+  * Worker processes and threads only decide where an element is computed, never
+    what it is: the batches are the same for any `num_workers`/`num_threads`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
-import queue
-import threading
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Iterator
 from typing import Any
 
+import grain
 import ml_collections
 import numpy as np
+from absl import flags
 from ml_collections import config_dict
 
 from srigl_jax.data import augment as aug
@@ -29,10 +43,11 @@ from srigl_jax.data import synthetic as synthetic_lib
 from srigl_jax.data import tfds_source
 from srigl_jax.data.errors import DataFormatError
 
-# Distinct stream tags so the permutation and augmentation draws of one seed
-# never share a random stream.
-_PERM_TAG = 1
-_AUG_TAG = 2
+# Distinct stream tags so the shuffle, per-example and per-batch draws of one
+# seed never share a random stream.
+_SHUFFLE_TAG = 1
+_EXAMPLE_TAG = 2
+_BATCH_TAG = 3
 _INCEPTION_ATTEMPTS = 10
 
 
@@ -104,8 +119,13 @@ def default_input_config(name: str) -> ml_collections.ConfigDict:
       first N examples. For 'synthetic', the generated split sizes.
     cache: hold the decoded split in memory; None = automatic (yes unless
       ImageNet).
-    num_workers: threads decoding/resizing variable-size images (ImageNet).
-    prefetch: batches prepared ahead in a background thread (0 = none).
+    num_workers: grain worker processes preparing batches (0 = in this
+      process). Worth it for decode-heavy data (ImageNet, RandAugment); at most
+      the CPUs this process may use.
+    num_threads: threads preparing batches in each process (JPEG decoding
+      and resizing release the GIL); 0 = in the consuming thread.
+    prefetch: batches buffered ahead of the consumer per process (0 = none,
+      which also turns the threads off).
     image_shape, num_classes, synthetic_seed: 'synthetic' only.
 
   Args:
@@ -130,7 +150,8 @@ def default_input_config(name: str) -> ml_collections.ConfigDict:
   c.num_train_examples = 4096 if name == "synthetic" else config_dict.placeholder(int)
   c.num_eval_examples = 1024 if name == "synthetic" else config_dict.placeholder(int)
   c.cache = config_dict.placeholder(bool)
-  c.num_workers = 8
+  c.num_workers = 0
+  c.num_threads = 8 if name == "imagenet2012" else 1
   c.prefetch = 2
   if name == "synthetic":
     c.image_shape = (32, 32, 3)
@@ -217,10 +238,16 @@ def resolve_input_config(config: Any) -> ml_collections.ConfigDict:
           f"image_size={out.image_size} but this dataset is {native[:2]}; "
           "image_size only applies to imagenet2012 (leave it None)"
       )
-  if not isinstance(out.num_workers, int) or out.num_workers < 1:
-    fail(f"num_workers must be an int >= 1, got {out.num_workers!r}")
-  if not isinstance(out.prefetch, int) or out.prefetch < 0:
-    fail(f"prefetch must be an int >= 0, got {out.prefetch!r}")
+  cpus = available_cpus()
+  if not isinstance(out.num_workers, int) or not 0 <= out.num_workers <= cpus:
+    fail(
+        f"num_workers={out.num_workers!r} but this machine lets the process use {cpus} "
+        f"CPU(s); set --config.input.num_workers to an int in [0, {cpus}] "
+        "(0 prepares batches in the training process)"
+    )
+  for field in ("num_threads", "prefetch"):
+    if not isinstance(out[field], int) or out[field] < 0:
+      fail(f"{field} must be an int >= 0, got {out[field]!r}")
   if name == "synthetic":
     shape = out.image_shape
     if len(shape) != 3 or any(not isinstance(d, int) or d <= 0 for d in shape):
@@ -232,6 +259,14 @@ def resolve_input_config(config: Any) -> ml_collections.ConfigDict:
     if out.num_train_examples is None or out.num_eval_examples is None:
       fail("synthetic needs num_train_examples and num_eval_examples")
   return out
+
+
+def available_cpus() -> int:
+  """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
 
 
 def input_geometry(config: Any) -> tuple[tuple[int, int, int], int]:
@@ -260,18 +295,27 @@ def input_geometry(config: Any) -> tuple[tuple[int, int, int], int]:
 # ------------------------------------------------------------------- sources
 
 
-class _ArraySplit:
-  """An in-memory split: uint8 (N, H, W, C) images and int32 labels."""
+class ArraySource(grain.MapDataset):
+  """A split held in memory (uint8 (N, H, W, C) images, int32 labels) as a grain `MapDataset`.
+
+  Examples are dicts {'image': (H, W, C) uint8, 'label': int32}. A dataset of
+  its own rather than `MapDataset.source(...)`: the source wrapper records
+  read metrics per example, which costs more than reading an in-memory row.
+  """
 
   def __init__(self, images: np.ndarray, labels: np.ndarray):
+    super().__init__()
     self.images = images
-    self.labels = labels
+    self.labels = np.asarray(labels, np.int32)
 
   def __len__(self) -> int:
     return len(self.labels)
 
-  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return self.images[indices], self.labels[indices]
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    index %= len(self.labels)
+    return {"image": self.images[index], "label": self.labels[index]}
 
 
 def _take_first(images, labels, n, what, name):
@@ -283,7 +327,7 @@ def _take_first(images, labels, n, what, name):
 
 
 def _open_split(config: ml_collections.ConfigDict, split: str, num_examples: int | None):
-  """Returns a reader with `__len__` and `read(indices)` for one split."""
+  """A grain random-access source of {'image', 'label'} dicts for one split."""
   name = config.name
   spec = _SPECS[name]
   what = "num_train_examples" if split == spec.train_split else "num_eval_examples"
@@ -295,7 +339,7 @@ def _open_split(config: ml_collections.ConfigDict, split: str, num_examples: int
         config.num_classes,
         config.synthetic_seed,
     )
-    return _ArraySplit(images, labels)
+    return ArraySource(images, labels)
   if spec.kind == "idx":
     data_dir = config.data_dir or idx_lib.DEFAULT_DIRS[name]
     images, labels = idx_lib.load_idx_split(name, data_dir, split, spec.num_classes)
@@ -303,7 +347,7 @@ def _open_split(config: ml_collections.ConfigDict, split: str, num_examples: int
       raise DataFormatError(
           f"{name}: images in {data_dir} are {images.shape[1:]}, expected {spec.image_shape}"
       )
-    return _ArraySplit(*_take_first(images, labels, num_examples, what, name))
+    return ArraySource(*_take_first(images, labels, num_examples, what, name))
   data_dir = config.data_dir or tfds_source.default_data_dir()
   # Checks every split before opening any, so a missing eval split is found
   # before minutes of caching the train split.
@@ -314,71 +358,130 @@ def _open_split(config: ml_collections.ConfigDict, split: str, num_examples: int
   reader = tfds_source.RandomAccessSplit(source, num_examples=num_examples)
   cache = config.cache if config.cache is not None else not spec.resize
   if cache:
-    return _ArraySplit(*reader.read_all())
+    return ArraySource(*reader.read_all())
   return reader
 
 
-# ------------------------------------------------------------------ prefetch
+class _PaddedEval:
+  """The eval split padded to whole eval batches; padding rows have mask 0."""
+
+  def __init__(self, source, length: int):
+    self._source = source
+    self._length = length
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if index < len(self._source):
+      return {**self._source[index], "mask": np.float32(1.0)}
+    return {"image": None, "label": np.int32(0), "mask": np.float32(0.0)}
 
 
-class _Prefetch:
-  """Runs an iterator in a daemon thread, `size` items ahead of the consumer.
+def _as_map_dataset(source) -> grain.MapDataset:
+  return source if isinstance(source, grain.MapDataset) else grain.MapDataset.source(source)
 
-  The thread holds only the queue and the stop event, not this object, so
-  dropping the iterator lets `__del__` stop the thread.
+
+# ---------------------------------------------------------------- transforms
+# Classes rather than closures: grain pickles the pipeline into its worker
+# processes.
+
+
+def _stream_seed(seed: int, tag: int) -> int:
+  """A 32-bit seed for one random stream of a run seed.
+
+  Hashed rather than `seed + tag`, because grain's shuffle seeds epoch e with
+  `seed + e`: adjacent run seeds must not share epochs.
   """
-
-  _END = object()
-
-  def __init__(self, iterator: Iterator[Any], size: int):
-    self._queue: queue.Queue = queue.Queue(maxsize=size)
-    self._stop = threading.Event()
-    self._done = False
-    thread = threading.Thread(
-        target=_prefetch_worker, args=(iterator, self._queue, self._stop, self._END), daemon=True
-    )
-    thread.start()
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._done:
-      raise StopIteration
-    item, error = self._queue.get()
-    if error is not None:
-      self._done = True
-      raise error
-    if item is self._END:
-      self._done = True
-      raise StopIteration
-    return item
-
-  def close(self):
-    """Stops the background thread."""
-    self._stop.set()
-
-  def __del__(self):
-    self._stop.set()
+  return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
 
 
-def _prefetch_worker(iterator, q, stop, end):
-  def put(entry):
-    while not stop.is_set():
-      try:
-        q.put(entry, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
+@dataclasses.dataclass(frozen=True)
+class _TrainExample(grain.transforms.RandomMap):
+  """The per-example augmentation of a training example, drawn from (seed, index)."""
 
-  try:
-    for item in iterator:
-      if not put((item, None)):
-        return
-    put((end, None))
-  except BaseException as e:  # pylint: disable=broad-except
-    put((None, e))
+  augment: str
+  crop_padding: int
+  randaugment: tuple[int, float] | None
+  resize_to: int | None
+
+  def random_map(self, element, rng: np.random.Generator):
+    image = np.asarray(element["image"], np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    if self.resize_to is not None:
+      if self.augment == "inception_crop_flip":
+        box = aug.inception_crop_box(*image.shape[:2], rng.random((_INCEPTION_ATTEMPTS, 4)))
+        image = aug.crop_resize(image, box, self.resize_to, bool(rng.random() < 0.5))
+      else:
+        image = aug.crop_resize(image, aug.center_crop_box(*image.shape[:2]), self.resize_to)
+    elif self.augment in ("crop", "crop_flip"):
+      offsets = rng.integers(0, 2 * self.crop_padding + 1, 2)
+      flip = self.augment == "crop_flip" and bool(rng.random() < 0.5)
+      image = aug.pad_crop_flip_one(image, offsets, flip, self.crop_padding)
+    if self.randaugment is not None and self.randaugment[0] > 0:
+      layers, magnitude = self.randaugment
+      ops = rng.integers(0, aug.NUM_RANDAUGMENT_OPS, (1, layers))
+      signs = np.where(rng.random((1, layers)) < 0.5, -1.0, 1.0)
+      image = aug.rand_augment(image[None], ops, signs, magnitude)[0]
+    return {"image": image, "label": np.int32(element["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _EvalExample(grain.transforms.Map):
+  """An eval example: the center crop resized (ImageNet) or as stored; zeros for padding."""
+
+  image_shape: tuple[int, int, int]
+  resize: bool
+
+  def map(self, element):
+    image = element["image"]
+    if image is None:
+      image = np.zeros(self.image_shape, np.uint8)
+    else:
+      image = np.asarray(image, np.uint8)
+      if image.ndim == 2:
+        image = image[..., None]
+      if self.resize:
+        box = aug.center_crop_box(*image.shape[:2])
+        image = aug.crop_resize(image, box, self.image_shape[0])
+    return {**element, "image": image, "label": np.int32(element["label"])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normalize(grain.transforms.Map):
+  """uint8 batch -> float32 `(x / 255 - mean) / std`; padded eval rows stay zero."""
+
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def map(self, batch):
+    images = aug.normalize(batch["image"], self.mean, self.std)
+    if "mask" in batch:
+      images *= batch["mask"][:, None, None, None]
+    return {**batch, "image": images}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mix(grain.transforms.RandomMap):
+  """Mixup or cutmix of a local batch, drawn from (seed, step); soft labels."""
+
+  mixup_alpha: float
+  cutmix_alpha: float
+  num_classes: int
+
+  def random_map(self, batch, rng: np.random.Generator):
+    images = batch["image"]
+    soft = aug.one_hot(batch["label"], self.num_classes)
+    use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < 0.5)
+    if use_cutmix:
+      lam = rng.beta(self.cutmix_alpha, self.cutmix_alpha)
+      box = aug.cutmix_box(*images.shape[1:3], lam, rng.random(2))
+      images, soft = aug.cutmix(images, soft, box)
+    else:
+      lam = rng.beta(self.mixup_alpha, self.mixup_alpha)
+      images, soft = aug.mixup(images, soft, lam)
+    return {"image": images, "label": soft}
 
 
 # ------------------------------------------------------------------- dataset
@@ -397,11 +500,15 @@ class Dataset:
     local_batch_size: this process's rows of each train batch.
     eval_batch_size: global eval batch size.
     local_eval_batch_size: this process's rows of each eval batch.
-    steps_per_epoch: num_train // global_batch_size (the remainder of each
-      epoch's permutation is dropped).
+    steps_per_epoch: num_train // global_batch_size, the unit of epoch-based
+      schedules (the batch stream itself runs across epoch boundaries).
     num_eval_batches: ceil(num_eval / eval_batch_size).
     process_index, process_count: this process and the number of processes.
     config: the resolved input config.
+    train_source, eval_source: the grain random-access sources of the splits.
+    train_dataset: the grain `MapDataset` of this process's train batches;
+      element s is the batch of step s.
+    eval_dataset: the grain `MapDataset` of this process's eval batches.
   """
 
   def __init__(
@@ -427,13 +534,15 @@ class Dataset:
     self.local_eval_batch_size = eval_batch_size // process_count
     self.image_shape, self.num_classes = input_geometry(config)
     channels = self.image_shape[2]
-    self._mean = spec.mean * channels if len(spec.mean) == 1 else spec.mean
-    self._std = spec.std * channels if len(spec.std) == 1 else spec.std
+    mean = spec.mean * channels if len(spec.mean) == 1 else spec.mean
+    std = spec.std * channels if len(spec.std) == 1 else spec.std
+    normalize = _Normalize(tuple(mean), tuple(std))
 
-    self._train = _open_split(config, spec.train_split, config.num_train_examples)
-    self._eval = _open_split(config, spec.eval_split, config.num_eval_examples)
-    self.num_train = len(self._train)
-    self.num_eval = len(self._eval)
+    train = _open_split(config, spec.train_split, config.num_train_examples)
+    evaluation = _open_split(config, spec.eval_split, config.num_eval_examples)
+    self.train_source, self.eval_source = train, evaluation
+    self.num_train = len(train)
+    self.num_eval = len(evaluation)
     if self.num_train < global_batch_size:
       raise ValueError(
           f"{self.name}: global_batch_size={global_batch_size} exceeds the "
@@ -441,14 +550,32 @@ class Dataset:
       )
     self.steps_per_epoch = self.num_train // global_batch_size
     self.num_eval_batches = math.ceil(self.num_eval / eval_batch_size)
-    self._perm_cache: tuple[int, np.ndarray] | None = None
-    # Created up front, not lazily, because prefetch threads of a train and
-    # an eval iterator may need it at the same time.
-    needs_pool = spec.resize or not isinstance(self._train, _ArraySplit)
-    self._pool = (
-        concurrent.futures.ThreadPoolExecutor(config.num_workers)
-        if needs_pool and config.num_workers > 1
-        else None
+
+    examples = _as_map_dataset(train).shuffle(seed=_stream_seed(seed, _SHUFFLE_TAG))
+    randaugment = tuple(config.randaugment) if config.randaugment is not None else None
+    per_example = _TrainExample(
+        augment=config.augment,
+        crop_padding=config.crop_padding,
+        randaugment=randaugment,
+        resize_to=self.image_shape[0] if spec.resize else None,
+    )
+    if spec.resize or config.augment != "none" or (randaugment and randaugment[0] > 0):
+      examples = examples.random_map(per_example, seed=_stream_seed(seed, _EXAMPLE_TAG))
+    # Unreduced indices reach the shuffle and the augmentation, so each epoch
+    # gets a new permutation and new draws.
+    examples = examples.repeat(None, reseed_each_epoch=True)
+    batches = examples.batch(self.local_batch_size)[process_index::process_count].map(normalize)
+    if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
+      mix = _Mix(float(config.mixup_alpha), float(config.cutmix_alpha), self.num_classes)
+      batches = batches.random_map(mix, seed=_stream_seed(seed, _BATCH_TAG))
+    self.train_dataset = batches
+
+    padded = _PaddedEval(evaluation, self.num_eval_batches * eval_batch_size)
+    self.eval_dataset = (
+        grain.MapDataset.source(padded)
+        .map(_EvalExample(tuple(self.image_shape), spec.resize))
+        .batch(self.local_eval_batch_size)[process_index::process_count]
+        .map(normalize)
     )
 
   # -- public ----------------------------------------------------------
@@ -461,21 +588,15 @@ class Dataset:
         exactly what a run from step 0 yields from its s-th batch on.
 
     Returns:
-      An iterator of dicts: 'image' float32 (local_batch, H, W, C),
+      A grain iterator of dicts: 'image' float32 (local_batch, H, W, C),
       normalised per channel; 'label' int32 (local_batch,), or, when mixup
       or cutmix is on, float32 soft labels (local_batch, num_classes) that
-      sum to 1.
+      sum to 1. Worker processes stop with `close()` or when it is
+      garbage-collected.
     """
     if start_step < 0:
       raise ValueError(f"start_step must be >= 0, got {start_step}")
-
-    def generate():
-      step = start_step
-      while True:
-        yield self.train_batch(step)
-        step += 1
-
-    return self._maybe_prefetch(generate())
+    return self._iterate(self.train_dataset[start_step:])
 
   def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the eval split in a fixed order.
@@ -490,144 +611,36 @@ class Dataset:
       with 1 for real examples and 0 for padding (padding has zero images
       and label 0).
     """
-
-    def generate():
-      for b in range(self.num_eval_batches):
-        yield self.eval_batch(b)
-
-    return self._maybe_prefetch(generate())
+    return self._iterate(self.eval_dataset)
 
   def train_batch(self, step: int) -> dict[str, np.ndarray]:
     """The local rows of the global training batch of `step` (see `train_batches`)."""
-    b = self.global_batch_size
-    epoch, k = divmod(int(step), self.steps_per_epoch)
-    global_indices = self._permutation(epoch)[k * b : (k + 1) * b]
-    lo = self.process_index * self.local_batch_size
-    hi = lo + self.local_batch_size
-    rng = np.random.default_rng([self._seed, _AUG_TAG, int(step)])
-    images, labels = self._augment_train(rng, global_indices, lo, hi)
-    images = aug.normalize(images, self._mean, self._std)
-    images, labels = self._mix(rng, images, labels)
-    return {"image": images, "label": labels}
+    return self.train_dataset[int(step)]
 
   def eval_batch(self, index: int) -> dict[str, np.ndarray]:
     """The local rows of eval batch `index` (see `eval_batches`)."""
-    e = self.eval_batch_size
-    lo = index * e + self.process_index * self.local_eval_batch_size
-    hi = lo + self.local_eval_batch_size
-    real = np.arange(lo, min(hi, self.num_eval))
-    n_real = len(real)
-    images = np.zeros((self.local_eval_batch_size, *self.image_shape), np.float32)
-    labels = np.zeros((self.local_eval_batch_size,), np.int32)
-    mask = np.zeros((self.local_eval_batch_size,), np.float32)
-    if n_real:
-      raw, lab = self._read(self._eval, real)
-      if self._spec.resize:
-        size = self.image_shape[0]
-        raw = self._map(
-            lambda im: aug.crop_resize(im, aug.center_crop_box(*im.shape[:2]), size), raw
-        )
-      images[:n_real] = aug.normalize(np.asarray(raw), self._mean, self._std)
-      labels[:n_real] = lab
-      mask[:n_real] = 1.0
-    return {"image": images, "label": labels, "mask": mask}
+    return self.eval_dataset[int(index)]
 
   # -- internals -------------------------------------------------------
 
-  def _maybe_prefetch(self, iterator):
-    if self.config.prefetch > 0:
-      return _Prefetch(iterator, self.config.prefetch)
-    return iterator
-
-  def _permutation(self, epoch: int) -> np.ndarray:
-    if self._perm_cache is None or self._perm_cache[0] != epoch:
-      rng = np.random.default_rng([self._seed, _PERM_TAG, epoch])
-      self._perm_cache = (epoch, rng.permutation(self.num_train))
-    return self._perm_cache[1]
-
-  def _map(self, fn: Callable[..., np.ndarray], *iterables) -> np.ndarray:
-    # PIL decodes and resizes with the GIL released, so threads scale.
-    if self._pool is not None:
-      return np.stack(list(self._pool.map(fn, *iterables)))
-    return np.stack([fn(*args) for args in zip(*iterables)])
-
-  def _read(self, split, indices):
-    """Reads examples, in parallel chunks when the split decodes on read."""
-    workers = self.config.num_workers
-    if isinstance(split, _ArraySplit) or self._pool is None or len(indices) < 2 * workers:
-      return split.read(indices)
-    # Decoding (JPEG) dominates ImageNet reads; tfds decodes in `read`, so
-    # the chunks are what spreads it over threads.
-    chunks = np.array_split(np.asarray(indices), workers)
-    parts = list(self._pool.map(split.read, chunks))
-    return [im for p in parts for im in p[0]], np.concatenate([p[1] for p in parts])
-
-  def _augment_train(self, rng, global_indices, lo, hi):
-    """Reads and augments rows [lo, hi) of the global batch; uint8 images."""
-    b = len(global_indices)
+  def _iterate(self, dataset: grain.MapDataset) -> Iterator[dict[str, np.ndarray]]:
     cfg = self.config
-    indices = global_indices[lo:hi]
-    # Every draw covers the whole global batch, then gets sliced, so row i's
-    # randomness does not depend on how many processes share the batch.
-    if self._spec.resize:
-      raw, labels = self._read(self._train, indices)
-      size = self.image_shape[0]
-      if cfg.augment == "inception_crop_flip":
-        uniforms = rng.random((b, _INCEPTION_ATTEMPTS, 4))[lo:hi]
-        flips = (rng.random(b) < 0.5)[lo:hi]
-        images = self._map(
-            lambda im, u, f: aug.crop_resize(
-                im, aug.inception_crop_box(im.shape[0], im.shape[1], u), size, bool(f)
-            ),
-            raw,
-            uniforms,
-            flips,
-        )
-      else:
-        images = self._map(
-            lambda im: aug.crop_resize(im, aug.center_crop_box(*im.shape[:2]), size), raw
-        )
-    else:
-      images, labels = self._read(self._train, indices)
-      images = np.stack(images) if isinstance(images, list) else images
-      if cfg.augment in ("crop", "crop_flip"):
-        pad = cfg.crop_padding
-        offsets = rng.integers(0, 2 * pad + 1, (b, 2))[lo:hi]
-        flips = (rng.random(b) < 0.5)[lo:hi]
-        if cfg.augment == "crop":
-          flips = np.zeros_like(flips)
-        images = aug.pad_crop_flip(images, offsets, flips, pad)
-    if cfg.randaugment is not None and cfg.randaugment[0] > 0:
-      layers, magnitude = cfg.randaugment
-      ops = rng.integers(0, aug.NUM_RANDAUGMENT_OPS, (b, layers))[lo:hi]
-      signs = np.where(rng.random((b, layers)) < 0.5, -1.0, 1.0)[lo:hi]
-      if self._pool is not None and len(images) >= 2 * cfg.num_workers:
-        # Rows are independent, so chunks over threads give the same
-        # result; numpy releases the GIL on these large array ops.
-        chunks = np.array_split(np.arange(len(images)), cfg.num_workers)
-        images = np.concatenate(
-            list(
-                self._pool.map(
-                    lambda r: aug.rand_augment(images[r], ops[r], signs[r], magnitude), chunks
-                )
-            )
-        )
-      else:
-        images = aug.rand_augment(images, ops, signs, magnitude)
-    return images, np.asarray(labels, np.int32)
-
-  def _mix(self, rng, images, labels):
-    mixup_alpha, cutmix_alpha = self.config.mixup_alpha, self.config.cutmix_alpha
-    if mixup_alpha <= 0 and cutmix_alpha <= 0:
-      return images, labels
-    soft = aug.one_hot(labels, self.num_classes)
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
-    if use_cutmix:
-      lam = rng.beta(cutmix_alpha, cutmix_alpha)
-      box = aug.cutmix_box(*images.shape[1:3], lam, rng.random(2))
-      return aug.cutmix(images, soft, box)
-    lam = rng.beta(mixup_alpha, mixup_alpha)
-    return aug.mixup(images, soft, lam)
+    threads = cfg.num_threads if cfg.prefetch > 0 else 0
+    # Each thread needs a buffer slot of its own.
+    buffer = max(cfg.prefetch, threads) if threads else 0
+    stream = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=threads, prefetch_buffer_size=buffer)
+    )
+    if cfg.num_workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # grain's worker processes read its absl flags; a program that did
+        # not parse flags (a notebook, pytest) gets their defaults.
+        flags.FLAGS.mark_as_parsed()
+      options = grain.MultiprocessingOptions(
+          num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)
+      )
+      stream = stream.mp_prefetch(options)
+    return iter(stream)
 
 
 def create_dataset(
