@@ -616,3 +616,47 @@ def test_mixup_and_cutmix():
   cut, soft = aug.cutmix(images, labels, box)
   assert cut[0].sum() == 4 and cut[1].sum() == 12
   np.testing.assert_allclose(soft, [[0.75, 0.25, 0], [0.25, 0.75, 0]])
+
+
+# ------------------------------------------------- grain: workers, epochs, errors
+
+
+def test_workers_and_threads_do_not_change_batches():
+  config = synthetic_config(augment="crop_flip", randaugment=(2, 9), mixup_alpha=0.4, prefetch=0)
+  reference = take(make(config).train_batches(start_step=3), 4)
+  threaded = synthetic_config(**{**config.to_dict(), "num_threads": 3, "prefetch": 2})
+  assert_batches_equal(take(make(threaded).train_batches(start_step=3), 4), reference)
+  # Worker processes (spawned, so the pipeline is pickled into them).
+  workers = synthetic_config(**{**config.to_dict(), "num_workers": 1, "prefetch": 2})
+  ds = make(workers)
+  iterator = ds.train_batches(start_step=3)
+  try:
+    assert_batches_equal(take(iterator, 4), reference)
+  finally:
+    iterator.close()
+  assert_batches_equal(list(ds.eval_batches()), list(make(config).eval_batches()))
+
+
+def test_each_epoch_is_a_new_permutation_of_the_split():
+  # 40 examples in batches of 16: batches run across epoch boundaries, and
+  # stream positions [40e, 40e + 40) hold every example once.
+  ds = make(synthetic_config(num_train_examples=40, prefetch=0), batch=16)
+  source = ds.train_source.images.reshape(40, -1).astype(np.float32)
+  stream = np.concatenate([ds.train_batch(s)["image"] for s in range(10)]).reshape(160, -1)
+  # Undo the normalisation by matching each row to its nearest source image.
+  rows = stream * 0.25 * 255 + 0.5 * 255
+  ids = np.argmin(((rows[:, None] - source[None]) ** 2).sum(-1), axis=1)
+  epochs = ids.reshape(4, 40)
+  for e in range(4):
+    assert sorted(epochs[e]) == list(range(40))
+  assert len({tuple(e) for e in epochs}) == 4
+
+
+def test_worker_count_the_machine_cannot_honour_is_refused():
+  cpus = data.available_cpus()
+  with pytest.raises(ValueError, match=rf"num_workers={cpus + 1} but .* {cpus} CPU.*\[0, {cpus}\]"):
+    make(synthetic_config(num_workers=cpus + 1))
+  with pytest.raises(ValueError, match=r"num_workers=-1"):
+    make(synthetic_config(num_workers=-1))
+  with pytest.raises(ValueError, match=r"num_threads must be an int >= 0"):
+    make(synthetic_config(num_threads=-2))

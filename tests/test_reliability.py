@@ -526,6 +526,34 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
     checks.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
   with pytest.raises(checks.WorkdirMismatchError, match=r'model.kwargs'):
     checks.check_workdir(workdir, small_config(**{'model.kwargs.hidden_sizes': (64, 64)}))
+  # A resumed run would read other batches: refused too.
+  with pytest.raises(
+      checks.WorkdirMismatchError, match=r"input.augment: checkpoint 'none' vs config 'crop'"
+  ):
+    checks.check_workdir(workdir, small_config(**{'input.augment': 'crop'}))
+  with pytest.raises(checks.WorkdirMismatchError, match=r'batch_size: checkpoint 32 vs config 64'):
+    checks.check_workdir(workdir, small_config(batch_size=64))
+  # Where the data lives and how many workers read it do not change the batches.
+  checks.check_workdir(
+      workdir, small_config(**{'input.num_workers': 1, 'input.num_threads': 2, 'input.prefetch': 4})
+  )
+
+
+def test_checkpoint_of_the_pre_grain_pipeline_is_refused(tmp_path):
+  # Checkpoints of the hand-written pipeline carry no data order: their run
+  # continued on other batches, so resuming one under grain is refused.
+  workdir = str(tmp_path)
+  old = checkpointing.fingerprint(small_config())
+  del old['data_order']
+  for k in [k for k in old if k.startswith('input.') and k not in ('input.name',)]:
+    del old[k]
+  with ocp.CheckpointManager(
+      os.path.join(workdir, 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(),
+  ) as manager:
+    manager.save(25, args=ocp.args.StandardSave({'w': jnp.zeros(3)}), custom_metadata=old)
+  with pytest.raises(checks.WorkdirMismatchError, match=r'data_order: checkpoint None vs config'):
+    checks.check_workdir(workdir, small_config())
 
 
 def test_checkpoint_without_metadata_is_checked_against_fingerprint_json(tmp_path):

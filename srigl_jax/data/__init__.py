@@ -9,6 +9,7 @@ from srigl_jax.data.errors import DataFormatError, DatasetNotFoundError
 from srigl_jax.data.pipeline import (
     DATASET_NAMES,
     Dataset,
+    available_cpus,
     create_dataset,
     default_input_config,
     input_geometry,
@@ -19,6 +20,7 @@ __all__ = [
     "DATASET_NAMES",
     "DataFormatError",
     "Dataset",
+    "available_cpus",
     "DatasetNotFoundError",
     "create_dataset",
     "default_input_config",
