@@ -1,7 +1,6 @@
 """Tests of srigl_jax.data: IDX/TFDS readers, determinism, resumption, sharding, augmentations."""
 
 import gzip
-import io
 import itertools
 import os
 import time
@@ -11,8 +10,8 @@ import pytest
 
 from srigl_jax import data
 from srigl_jax.data import augment as aug
+from srigl_jax.data import fake_tfds, tfds_source
 from srigl_jax.data import idx as idx_lib
-from srigl_jax.data import tfds_source
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -307,68 +306,24 @@ def test_random_access_split_adapter():
 def fake_tfds_dir(tmp_path_factory):
   """Prepares tiny fake cifar10 and imagenet2012 as array_record, offline and without TF."""
   pytest.importorskip("array_record")
-  from PIL import Image
-  from tensorflow_datasets.core import registered
-  from tensorflow_datasets.image_classification import cifar
-
-  try:
-    from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as inb
-  except ImportError:
-    inb = None
-
-  def encoded(array, fmt):
-    f = io.BytesIO()
-    Image.fromarray(array).save(f, format=fmt)
-    f.seek(0)
-    return f
-
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  written = {}
-
-  def examples(split, n, seed, shape_fn, fmt, extra):
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-      key = f"{split}_{i}"
-      image = rng.integers(0, 256, shape_fn(rng), dtype=np.uint8)
-      written[key] = image
-      yield key, {"image": encoded(image, fmt), "label": int(i % 10), **extra(key)}
-
   try:
-    with registered.skip_registration():
-
-      class FakeCifar10(cifar.Cifar10):
-        name = "cifar10"
-
-        def _split_generators(self, dl_manager):
-          shape = lambda rng: (32, 32, 3)
-          extra = lambda key: {"id": key}
-          return {
-              "train": examples("train", 20, 0, shape, "PNG", extra),
-              "test": examples("test", 7, 1, shape, "PNG", extra),
-          }
-
-      FakeCifar10(data_dir=data_dir, file_format="array_record").download_and_prepare()
-      if inb is not None:
-
-        class FakeImagenet(inb.Builder):
-          name = "imagenet2012"
-
-          @classmethod
-          def get_metadata(cls):
-            return inb.Builder.get_metadata()
-
-          def _split_generators(self, dl_manager):
-            shape = lambda rng: (*rng.integers(20, 60, 2), 3)
-            extra = lambda key: {"file_name": key + ".JPEG"}
-            return {
-                "train": examples("itrain", 12, 2, shape, "JPEG", extra),
-                "validation": examples("ival", 5, 3, shape, "JPEG", extra),
-            }
-
-        FakeImagenet(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    written = fake_tfds.prepare(
+        data_dir,
+        "cifar10",
+        {"train": (20, lambda rng: (32, 32, 3)), "test": (7, lambda rng: (32, 32, 3))},
+    )
   except Exception as e:  # pylint: disable=broad-except
     pytest.skip(f"cannot prepare a fake TFDS dataset offline with this tfds: {e!r}")
-  return data_dir, written, inb is not None
+  variable = lambda rng: (*rng.integers(20, 60, 2), 3)
+  try:
+    fake_tfds.prepare(
+        data_dir, "imagenet2012", {"train": (12, variable), "validation": (5, variable)}, seed=1
+    )
+    has_imagenet = True
+  except ImportError:
+    has_imagenet = False
+  return data_dir, written, has_imagenet
 
 
 def test_tfds_cifar10_through_data_source(fake_tfds_dir):
@@ -390,9 +345,9 @@ def test_tfds_cifar10_through_data_source(fake_tfds_dir):
   assert batch["image"].shape == (8, 32, 32, 3) and batch["label"].shape == (8,)
   masks = [b["mask"].tolist() for b in ds.eval_batches()]
   assert masks == [[1, 1, 1, 1], [1, 1, 1, 0]]
-  # Reading through tfds on every step, in parallel chunks, gives the same batches.
+  # Reading through tfds on every step, in threads, gives the same batches.
   c.cache = False
-  c.num_workers = 2
+  c.num_threads = 2
   uncached = make(c, batch=8, eval_batch=4)
   assert_batches_equal(take(uncached.train_batches(), 3), take(ds.train_batches(), 3))
   assert_batches_equal(list(uncached.eval_batches()), list(ds.eval_batches()))
@@ -407,7 +362,7 @@ def test_tfds_imagenet_crop_resize(fake_tfds_dir):
   c.image_size = 24
   c.randaugment = (2, 9)
   c.mixup_alpha = 0.2
-  c.num_workers = 2
+  c.num_workers = 1  # The tfds source is pickled into a worker process.
   ds = make(c, batch=4, eval_batch=4, index=1, count=2)
   assert ds.image_shape == (24, 24, 3) and ds.num_classes == 1000
   a = take(ds.train_batches(), 3)
