@@ -1,14 +1,21 @@
 """Reports of a run: summary.json and the plots, for the trainer and the sweep.
 
 `write_summary_and_plots` writes a finished run's `summary.json`,
-`accuracy.png` and `active_neurons.png`; `read_summary` reads a summary back;
-`plot_metrics` draws the plots from metrics.jsonl records.
+`accuracy.png` and `active_neurons.png`; `read_summary` reads a summary back and
+`final_active_neurons_pct` takes the per-layer % of active neurons from it;
+`plot_metrics` draws a run's plots from metrics.jsonl records.
+
+For a sweep (many runs, aggregated over seeds into groups, see
+`srigl_jax.sweep.aggregate`), `plot_accuracy_vs_sparsity` and
+`plot_active_neurons_vs_sparsity` draw one config's results per method.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
@@ -26,6 +33,53 @@ def read_summary(workdir: str) -> dict[str, Any] | None:
     return None
   with open(path, encoding='utf-8') as f:
     return json.load(f)
+
+
+def layer_name(path: str) -> str:
+  """A layer's display name: its parameter path without the '/kernel' suffix."""
+  return path.removesuffix('/kernel')
+
+
+def _active_pct(stats: Mapping[str, Any]) -> float:
+  """% of a layer's neurons that are active (a neuron without weights is not)."""
+  return 100.0 * stats['active_neurons'] / max(stats['neurons'], 1)
+
+
+def final_active_neurons_pct(summary: Mapping[str, Any]) -> dict[str, float]:
+  """The final % of active neurons per layer of a `read_summary` result.
+
+  Uses the summary's `active_neurons_pct` and computes it from the neuron
+  counts where a summary lacks it.
+
+  Args:
+    summary: a run's summary.
+
+  Returns:
+    {layer name (`layer_name`): %}, in the summary's (model) order.
+  """
+  active = {}
+  for layer, st in (summary.get('layers') or {}).items():
+    pct = st['active_neurons_pct'] if 'active_neurons_pct' in st else _active_pct(st)
+    active[layer_name(layer)] = float(pct)
+  return active
+
+
+def layer_names(per_run: Iterable[Mapping[str, Any]]) -> list[str]:
+  """Layer names of several runs' {layer: value} dicts, in model order.
+
+  A layer that ERK keeps dense at low sparsity is missing from those runs, so
+  the names come from the runs with the most layers first (their dicts are in
+  model order) rather than from the first run seen.
+  """
+  names: list[str] = []
+  for pct in sorted(per_run, key=len, reverse=True):
+    names += [l for l in pct if l not in names]
+  return names
+
+
+def sparsity_label(sparsity: float) -> str:
+  """A sparsity as a % without trailing zeros: 0.95 -> '95'."""
+  return f'{100 * sparsity:g}'
 
 
 def write_summary_and_plots(
@@ -64,7 +118,7 @@ def write_summary_and_plots(
       sorted(layers.items(), key=lambda kv: (order.get(kv[0].rsplit('/', 1)[0], len(order)), kv[0]))
   )
   for s in layers.values():
-    s['active_neurons_pct'] = 100.0 * s['active_neurons'] / max(s['neurons'], 1)
+    s['active_neurons_pct'] = _active_pct(s)
   global_sparsity = sparsity_scalars['global_sparsity']
   summary = {
       'final_step': int(config.num_train_steps),
@@ -107,6 +161,16 @@ def write_summary_and_plots(
     logging.info('%s', export_lib.summary_line(inference))
 
 
+def _pyplot():
+  """matplotlib.pyplot on the non-interactive Agg backend."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
 def plot_metrics(records: list[dict[str, Any]], layer_paths: list[str], out_dir: str) -> list[str]:
   """Writes accuracy.png and active_neurons.png from metrics.jsonl records.
 
@@ -118,10 +182,7 @@ def plot_metrics(records: list[dict[str, Any]], layer_paths: list[str], out_dir:
   Returns:
     The paths written.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = _pyplot()
 
   def series(key):
     pts = [(r['step'], r[key]) for r in records if r.get(key) is not None]
@@ -179,12 +240,127 @@ def plot_metrics(records: list[dict[str, Any]], layer_paths: list[str], out_dir:
   ax2.set_ylim(0, 105)
   if len(layer_paths) <= 24:
     ax2.set_xticks(range(len(layer_paths)))
-    ax2.set_xticklabels(
-        [p.removesuffix('/kernel') for p in layer_paths], rotation=60, ha='right', fontsize=6
-    )
+    ax2.set_xticklabels([layer_name(p) for p in layer_paths], rotation=60, ha='right', fontsize=6)
   fig.tight_layout()
   path = os.path.join(out_dir, 'active_neurons.png')
   fig.savefig(path, dpi=120)
   plt.close(fig)
   written.append(path)
   return written
+
+
+def _sparsity_axis(groups: Sequence[Mapping[str, Any]]) -> tuple[dict[float, int], list[str]]:
+  """x positions and tick labels of the sparsities of the non-dense groups.
+
+  Sparsities sit at equal spacing (0.8 ... 0.99 would crowd the high end on a
+  linear axis, where the methods differ most).
+  """
+  sps = sorted({g['sparsity'] for g in groups if g['method'] != 'dense'})
+  return {sp: i for i, sp in enumerate(sps)}, [sparsity_label(sp) for sp in sps]
+
+
+def _std(value: float) -> float:
+  """An error bar: a standard deviation, 0 where it is NaN (a single seed)."""
+  return 0.0 if math.isnan(value) else value
+
+
+def plot_accuracy_vs_sparsity(
+    groups: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str, title: str
+) -> str:
+  """Plots the test accuracy vs sparsity of each method of one config.
+
+  Args:
+    groups: one config's aggregated results, one per method x sparsity, with
+      'method', 'sparsity', 'acc_mean' and 'acc_std' (%, NaN for one seed); see
+      `srigl_jax.sweep.aggregate`. Sparsities on the x axis are those of all
+      non-dense groups.
+    methods: the methods to plot, in legend order; 'dense' is drawn as a
+      horizontal line (with a ± std band), the others as error bars.
+    path: the PNG file to write.
+    title: the axes title.
+
+  Returns:
+    `path`.
+  """
+  plt = _pyplot()
+  xpos, labels = _sparsity_axis(groups)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for m in methods:
+    mg = [g for g in groups if g['method'] == m]
+    if m == 'dense':
+      g = mg[0]
+      ax.axhline(g['acc_mean'], color='k', ls='--', lw=1, label='dense')
+      if not math.isnan(g['acc_std']):
+        ax.axhspan(g['acc_mean'] - g['acc_std'], g['acc_mean'] + g['acc_std'], color='k', alpha=0.1)
+      continue
+    mg.sort(key=lambda g: g['sparsity'])
+    ax.errorbar(
+        [xpos[g['sparsity']] for g in mg],
+        [g['acc_mean'] for g in mg],
+        yerr=[_std(g['acc_std']) for g in mg],
+        marker='o',
+        ms=4,
+        capsize=3,
+        label=m,
+    )
+  ax.set_xticks(range(len(labels)))
+  ax.set_xticklabels(labels)
+  ax.set_xlabel('sparsity (%)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_active_neurons_vs_sparsity(
+    groups: Sequence[Mapping[str, Any]], methods: Sequence[str], path: str, title: str
+) -> str:
+  """Plots the final % of active neurons per layer vs sparsity, one panel per method.
+
+  Args:
+    groups: one config's aggregated results, one per method x sparsity, with
+      'method', 'sparsity', 'active_pct' {layer: mean %} and 'active_pct_std'
+      {layer: std}; see `srigl_jax.sweep.aggregate`. Sparsities on the x axis
+      are those of all non-dense groups.
+    methods: the methods to plot, one panel each, left to right.
+    path: the PNG file to write.
+    title: the figure title.
+
+  Returns:
+    `path`.
+  """
+  plt = _pyplot()
+  xpos, labels = _sparsity_axis(groups)
+  fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
+  for ax, m in zip(axes[0], methods):
+    mg = sorted((g for g in groups if g['method'] == m), key=lambda g: g['sparsity'])
+    layers = layer_names(g['active_pct'] for g in mg)
+    for layer in layers:
+      pts = [g for g in mg if layer in g['active_pct']]
+      ax.errorbar(
+          [xpos[g['sparsity']] for g in pts],
+          [g['active_pct'][layer] for g in pts],
+          yerr=[_std(g['active_pct_std'][layer]) for g in pts],
+          marker='o',
+          ms=3,
+          capsize=2,
+          label=layer,
+      )
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel('sparsity (%)')
+    ax.set_ylabel('active neurons (% of layer)')
+    ax.set_title(m)
+    ax.grid(alpha=0.3)
+    if len(layers) <= 12:
+      ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

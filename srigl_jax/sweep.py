@@ -33,7 +33,7 @@ and OUT gets results.md (Markdown tables: mean +- std over seeds of the final
 test accuracy per config x method x sparsity, and the final % of active neurons
 per layer), results.csv (the same, one row per config x method x sparsity),
 runs.csv (one row per run), accuracy_<config>.png and
-active_neurons_<config>.png.
+active_neurons_<config>.png (drawn by `srigl_jax.reports`).
 """
 
 from __future__ import annotations
@@ -341,23 +341,6 @@ def run_grid(
 # ---------------------------------------------------------------- collect
 
 
-def _layer_name(path: str) -> str:
-  return path.removesuffix('/kernel')
-
-
-def _layer_names(per_run: Any) -> list[str]:
-  """Layer names of several runs' active-neuron dicts, in model order.
-
-  A layer that ERK keeps dense at low sparsity is missing from those runs, so
-  the names come from the runs with the most layers first (their dicts are in
-  model order) rather than from the first run seen.
-  """
-  names: list[str] = []
-  for pct in sorted(per_run, key=len, reverse=True):
-    names += [l for l in pct if l not in names]
-  return names
-
-
 def read_run(workdir: str) -> dict[str, Any] | None:
   """The results of one finished run, or None if it has no summary.json.
 
@@ -374,19 +357,12 @@ def read_run(workdir: str) -> dict[str, Any] | None:
   if s is None:
     return None
   acc = s.get('eval_accuracy')
-  active = {}
-  for layer, st in (s.get('layers') or {}).items():
-    if 'active_neurons_pct' in st:
-      pct = st['active_neurons_pct']
-    else:
-      pct = 100.0 * st['active_neurons'] / max(st['neurons'], 1)
-    active[_layer_name(layer)] = float(pct)
   return {
       'accuracy': None if acc is None else 100.0 * float(acc),
       'global_sparsity': s.get('global_sparsity'),
       'steps_per_sec': s.get('steps_per_sec'),
       'final_step': s.get('final_step'),
-      'active_pct': active,
+      'active_pct': reports.final_active_neurons_pct(s),
   }
 
 
@@ -476,7 +452,7 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rs = sorted(rs, key=lambda r: r['seed'])
     accs = [r['accuracy'] for r in rs]
     mean, std = mean_std(accs)
-    layers = _layer_names(r['active_pct'] for r in rs)
+    layers = reports.layer_names(r['active_pct'] for r in rs)
     active, active_std = {}, {}
     for layer in layers:
       vals = [r['active_pct'][layer] for r in rs if layer in r['active_pct']]
@@ -509,10 +485,6 @@ def _fmt_acc(g: dict[str, Any] | None) -> str:
   if math.isnan(g['acc_std']):
     return f'{g["acc_mean"]:.2f} (n=1)'
   return f'{g["acc_mean"]:.2f} ± {g["acc_std"]:.2f}'
-
-
-def _fmt_sparsity(sp: float) -> str:
-  return f'{100 * sp:g}'
 
 
 def _is_neuron_method(method: str) -> bool:
@@ -551,14 +523,14 @@ def results_markdown(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, 
       lines.append('|---' * (len(sparse_methods) + 1) + '|')
       for sp in sps:
         lines.append(
-            f'| {_fmt_sparsity(sp)} | '
+            f'| {reports.sparsity_label(sp)} | '
             + ' | '.join(_fmt_acc(by.get((m, sp))) for m in sparse_methods)
             + ' |'
         )
       lines.append('')
     ng = [g for g in cg if g['method'] != 'dense' and g['active_pct']]
     if ng:
-      layers = _layer_names(g['active_pct'] for g in ng)
+      layers = reports.layer_names(g['active_pct'] for g in ng)
       lines += [
           'Active neurons at the end (% of each layer, mean over seeds; '
           'a neuron without weights is inactive):',
@@ -569,7 +541,9 @@ def results_markdown(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, 
       for g in ng:
         cells = [f'{g["active_pct"][l]:.1f}' if l in g['active_pct'] else '-' for l in layers]
         lines.append(
-            f'| {g["method"]} | {_fmt_sparsity(g["sparsity"])} | ' + ' | '.join(cells) + ' |'
+            f'| {g["method"]} | {reports.sparsity_label(g["sparsity"])} | '
+            + ' | '.join(cells)
+            + ' |'
         )
       lines.append('')
   unfinished = [r for r in rows if not r.get('finished')]
@@ -588,7 +562,7 @@ def _num(x: Any) -> str:
 
 def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
   """One row per config x method x sparsity; one column per layer's active %."""
-  layers = _layer_names(g['active_pct'] for g in groups)
+  layers = reports.layer_names(g['active_pct'] for g in groups)
   header = [
       'config',
       'method',
@@ -659,95 +633,35 @@ def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
 def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
   """accuracy_<config>.png and active_neurons_<config>.png per config.
 
-  Sparsities sit at equal spacing on the x axis (0.8 ... 0.99 would crowd the
-  high end on a linear axis, where the methods differ most).
+  Drawn by `reports.plot_accuracy_vs_sparsity` (every method) and
+  `reports.plot_active_neurons_vs_sparsity` (the RigL and SRigL methods; no
+  file for a config without them).
 
   Returns:
     The paths written.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-
   written = []
   for cname in sorted({g['config'] for g in groups}):
     cg = [g for g in groups if g['config'] == cname]
-    sps = sorted({g['sparsity'] for g in cg if g['method'] != 'dense'})
-    xpos = {sp: i for i, sp in enumerate(sps)}
-    labels = [_fmt_sparsity(sp) for sp in sps]
     methods = sorted({g['method'] for g in cg}, key=_method_order)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in methods:
-      mg = [g for g in cg if g['method'] == m]
-      if m == 'dense':
-        g = mg[0]
-        ax.axhline(g['acc_mean'], color='k', ls='--', lw=1, label='dense')
-        if not math.isnan(g['acc_std']):
-          ax.axhspan(
-              g['acc_mean'] - g['acc_std'], g['acc_mean'] + g['acc_std'], color='k', alpha=0.1
-          )
-        continue
-      mg.sort(key=lambda g: g['sparsity'])
-      ax.errorbar(
-          [xpos[g['sparsity']] for g in mg],
-          [g['acc_mean'] for g in mg],
-          yerr=[0.0 if math.isnan(g['acc_std']) else g['acc_std'] for g in mg],
-          marker='o',
-          ms=4,
-          capsize=3,
-          label=m,
-      )
-    ax.set_xticks(range(len(sps)))
-    ax.set_xticklabels(labels)
-    ax.set_xlabel('sparsity (%)')
-    ax.set_ylabel('test accuracy (%)')
-    ax.set_title(f'{cname}: accuracy vs sparsity (mean ± std over seeds)')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, f'accuracy_{cname}.png')
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
-
-    nmethods = [m for m in methods if _is_neuron_method(m)]
-    if not nmethods:
-      continue
-    fig, axes = plt.subplots(1, len(nmethods), figsize=(4.5 * len(nmethods), 4), squeeze=False)
-    for ax, m in zip(axes[0], nmethods):
-      mg = sorted((g for g in cg if g['method'] == m), key=lambda g: g['sparsity'])
-      layers = _layer_names(g['active_pct'] for g in mg)
-      for layer in layers:
-        pts = [g for g in mg if layer in g['active_pct']]
-        ax.errorbar(
-            [xpos[g['sparsity']] for g in pts],
-            [g['active_pct'][layer] for g in pts],
-            yerr=[
-                0.0 if math.isnan(g['active_pct_std'][layer]) else g['active_pct_std'][layer]
-                for g in pts
-            ],
-            marker='o',
-            ms=3,
-            capsize=2,
-            label=layer,
+    written.append(
+        reports.plot_accuracy_vs_sparsity(
+            cg,
+            methods,
+            os.path.join(out, f'accuracy_{cname}.png'),
+            f'{cname}: accuracy vs sparsity (mean ± std over seeds)',
         )
-      ax.set_xticks(range(len(sps)))
-      ax.set_xticklabels(labels)
-      ax.set_ylim(0, 105)
-      ax.set_xlabel('sparsity (%)')
-      ax.set_ylabel('active neurons (% of layer)')
-      ax.set_title(m)
-      ax.grid(alpha=0.3)
-      if len(layers) <= 12:
-        ax.legend(fontsize=7)
-    fig.suptitle(f'{cname}: active neurons per layer at the end')
-    fig.tight_layout()
-    path = os.path.join(out, f'active_neurons_{cname}.png')
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    )
+    nmethods = [m for m in methods if _is_neuron_method(m)]
+    if nmethods:
+      written.append(
+          reports.plot_active_neurons_vs_sparsity(
+              cg,
+              nmethods,
+              os.path.join(out, f'active_neurons_{cname}.png'),
+              f'{cname}: active neurons per layer at the end',
+          )
+      )
   return written
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from srigl_jax import sweep
+from srigl_jax import reports, sweep
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -230,6 +230,46 @@ def test_markdown_csv_and_plots(tmp_path):
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_plots_are_drawn_by_the_reports_functions(tmp_path, monkeypatch):
+  out = str(tmp_path)
+  _fabricate(out)
+  calls = []
+
+  def spy(name):
+    real = getattr(reports, name)
+
+    def wrapped(groups, methods, path, title):
+      calls.append((name, [g['method'] for g in groups], list(methods), path, title))
+      return real(groups, methods, path, title)
+
+    monkeypatch.setattr(reports, name, wrapped)
+
+  spy('plot_accuracy_vs_sparsity')
+  spy('plot_active_neurons_vs_sparsity')
+  written = sweep.write_plots(sweep.aggregate(sweep.scan_runs(out)), out)
+  all_methods = ['dense', 'rigl', 'srigl@gamma_sal=0.95']
+  assert calls == [
+      (
+          'plot_accuracy_vs_sparsity',
+          all_methods,
+          all_methods,
+          os.path.join(out, 'accuracy_cfg.png'),
+          'cfg: accuracy vs sparsity (mean ± std over seeds)',
+      ),
+      (
+          'plot_active_neurons_vs_sparsity',
+          all_methods,
+          ['rigl', 'srigl@gamma_sal=0.95'],
+          os.path.join(out, 'active_neurons_cfg.png'),
+          'cfg: active neurons per layer at the end',
+      ),
+  ]
+  assert written == [c[3] for c in calls]
+  for path in written:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
 # ------------------------------------------------------------ end to end
 
 
@@ -288,4 +328,4 @@ def test_layer_columns_follow_the_model_when_low_sparsity_keeps_a_layer_dense():
   # At 80% ERK keeps conv_0 dense, so those runs list only conv_1 and dense_0.
   low = {'conv_1': 100.0, 'dense_0': 100.0}
   high = {'conv_0': 75.0, 'conv_1': 80.0, 'dense_0': 100.0, 'head': 100.0}
-  assert sweep._layer_names([low, high]) == ['conv_0', 'conv_1', 'dense_0', 'head']
+  assert reports.layer_names([low, high]) == ['conv_0', 'conv_1', 'dense_0', 'head']
