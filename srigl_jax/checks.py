@@ -1,19 +1,21 @@
-"""Checks run before anything is compiled: config, geometry, workdir.
+"""The config checks run before anything is compiled.
 
 A run that fails after minutes of compilation, or hours into training, for a
-reason visible in its config wastes the machine. `preflight(config, workdir,
-n_devices)` gathers the checks the trainer makes before it builds any jitted
-function:
+reason visible in its config wastes the machine. `check_config(config,
+n_devices)` runs, before any data is read:
 
   * the config's keys and value types against the schema,
     `config_lib.base_config` (ml_collections' own checks),
-  * value ranges (sparsity in [0, 1), gamma_sal >= 0, delta and T_end > 0, ...),
-  * batch sizes divisible by the devices (and gradient micro-batches),
-  * every sparse layer keeps a fan-in >= 1 at the requested sparsity (from
-    `jax.eval_shape`'d params: no weights are materialised),
-  * the workdir's checkpoints were written by a run with the same model and
-    sparse-optimizer state layout (`checkpointing.check_workdir`: the
-    fingerprint stored in the newest checkpoint's orbax metadata).
+  * the trainer's value ranges (steps, batch sizes, optimizer, model), and the
+    owners' own checks of theirs: the sparse optimizer's factory (sparsity in
+    [0, 1), gamma_sal in [0, 1], delta and T_end > 0, ...) and the Dataset's
+    (`data.resolve_input_config`),
+  * batch sizes divisible by the devices (and gradient micro-batches).
+
+`train.preflight` then checks the workdir's fingerprint
+(`checkpointing.check_workdir`) and runs the trainer's own `jax.eval_shape`
+of its init, which checks every sparse layer's fan-in; `explain_fan_in_error`
+adds the model's largest global sparsity to that error.
 
 Every failure raises `ConfigError` (a `ValueError`) or `WorkdirMismatchError`
 whose message names the offending field and how to fix it.
@@ -25,10 +27,9 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
-from srigl_jax import checkpointing, config_lib, models
+from srigl_jax import checkpointing, config_lib, models, train_state
 from srigl_jax import data as data_lib
 from srigl_jax.sparsity import layers as layers_lib
 
@@ -87,13 +88,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         'is not a known method',
         f'use one of {list(config_lib.RECIPES)}',
     )
-  if not 0.0 <= sp.sparsity < 1.0 or not math.isfinite(sp.sparsity):
-    _fail(
-        'sparsity.sparsity',
-        sp.sparsity,
-        'is outside [0, 1): it is the fraction of weights set to zero',
-        'pass e.g. --config.sparsity.sparsity=0.9 (keeps 10%)',
-    )
   if sp.method == 'dense' and sp.sparsity != 0.0:
     _fail(
         'sparsity.sparsity',
@@ -101,45 +95,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         "is ignored by method 'dense'",
         'set it to 0.0 or pick a sparse method',
     )
-  if not sp.gamma_sal >= 0.0:
-    _fail(
-        'sparsity.gamma_sal',
-        sp.gamma_sal,
-        'is negative: it is the ablation threshold as a fraction of the ' 'fan-in',
-        'use a value in [0, 1] (0 disables ablation; the paper ' 'uses 0.3)',
-    )
-  if sp.gamma_sal > 1.0:
-    _fail(
-        'sparsity.gamma_sal',
-        sp.gamma_sal,
-        'exceeds 1 and would ablate nearly every neuron',
-        'use a value in ' '[0, 1]',
-    )
-  _positive_int(config, 'sparsity.update_every', 100)
   if not 0.0 < sp.stop_fraction <= 1.0:
     _fail(
         'sparsity.stop_fraction',
         sp.stop_fraction,
         'must be in (0, 1]: T_end = stop_fraction * num_train_steps',
         'use e.g. 0.75, or set sparsity.stop_step',
-    )
-  _positive_int(config, 'sparsity.stop_step', 1000)
-  if not 0.0 < sp.drop_fraction <= 1.0:
-    _fail('sparsity.drop_fraction', sp.drop_fraction, 'must be in (0, 1]', 'use e.g. 0.3')
-  _positive_int(config, 'sparsity.grad_accumulation', 1)
-  if sp.grad_accumulation > sp.update_every:
-    _fail(
-        'sparsity.grad_accumulation',
-        sp.grad_accumulation,
-        f'exceeds sparsity.update_every={sp.update_every}',
-        'average at most update_every mini-batches',
-    )
-  if sp.distribution not in layers_lib.DISTRIBUTIONS:
-    _fail(
-        'sparsity.distribution',
-        sp.distribution,
-        'is unknown',
-        f'use one of {list(layers_lib.DISTRIBUTIONS)}',
     )
   if sp.init not in _INITS:
     _fail('sparsity.init', sp.init, 'is unknown', f'use one of {list(_INITS)}')
@@ -152,49 +113,39 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     _positive_int(config, key, example)
   if config.eval_batch_size is not None:
     _positive_int(config, 'eval_batch_size', config.batch_size)
-  if config.model.name not in models.MODEL_NAMES:
-    _fail(
-        'model.name',
-        config.model.name,
-        'is not a known model',
-        f'use one of {list(models.MODEL_NAMES)}',
-    )
   if config.model.dtype not in config_lib.DTYPES:
     _fail('model.dtype', config.model.dtype, 'is unknown', f'use one of {list(config_lib.DTYPES)}')
-  if config.optim.name not in config_lib.OPTIMIZERS:
-    _fail(
-        'optim.name', config.optim.name, 'is unknown', f'use one of {list(config_lib.OPTIMIZERS)}'
-    )
-  if config.optim.schedule not in config_lib.SCHEDULES:
-    _fail(
-        'optim.schedule',
-        config.optim.schedule,
-        'is unknown',
-        f'use one of {list(config_lib.SCHEDULES)}',
-    )
-  lr = config.optim.learning_rate
-  if not (math.isfinite(lr) and lr > 0):
-    _fail(
-        'optim.learning_rate',
-        lr,
-        'must be a finite number > 0',
-        'use e.g. 0.1 (SGD) or 1e-3 (AdamW)',
-    )
+  # The components own the ranges of their settings: the optimizer factory
+  # (optim.*, and sparsity.* through the sparse optimizer), the model
+  # registry and the Dataset. Building them is cheap (nothing is traced or
+  # read), so their own checks run here, before any data is read.
+  try:
+    lr_fn = train_state.create_learning_rate_fn(config.optim, 1, int(config.num_train_steps))
+    train_state.create_optimizer(config, lr_fn, jax.random.key(0))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   try:
     data_lib.resolve_input_config(config.input)
   except ValueError as e:
     raise ConfigError(f'{e}. Fix the input.* fields.') from None
+  try:
+    _, num_classes = data_lib.input_geometry(config.input)
+    models.get_model(config.model.name, num_classes, **config.model.kwargs.to_dict())
+  except (ValueError, TypeError) as e:
+    raise ConfigError(
+        f'model: {e}. Fix: --config.model.name (one of {list(models.MODEL_NAMES)}) or the '
+        'model.kwargs fields.'
+    ) from None
 
 
-def check_batch_sizes(
-    config: ml_collections.ConfigDict, n_devices: int, n_processes: int = 1
-) -> None:
+def check_batch_sizes(config: ml_collections.ConfigDict, n_devices: int) -> None:
   """The global batch must split evenly over devices and micro-batches.
+
+  (Its split over processes is the Dataset's check: `data.create_dataset`.)
 
   Args:
     config: the full config.
     n_devices: devices of the data mesh (all processes).
-    n_processes: JAX processes, each feeding its share of the batch.
 
   Raises:
     ConfigError: a batch size that does not divide, with the nearest valid ones.
@@ -221,13 +172,6 @@ def check_batch_sizes(
         f'use a multiple of {n_devices}, e.g. '
         f'--config.eval_batch_size={max(n_devices, eb // n_devices * n_devices)}',
     )
-  if b % n_processes or eb % n_processes:
-    _fail(
-        'batch_size',
-        b,
-        f'does not split over {n_processes} processes',
-        f'use a multiple of {n_processes}',
-    )
 
 
 # -------------------------------------------------------- layer geometry
@@ -235,19 +179,6 @@ def check_batch_sizes(
 
 # The Dataset owns its geometry; export and the benchmarks read it here.
 input_geometry = data_lib.input_geometry
-
-
-def abstract_params(config: ml_collections.ConfigDict) -> Any:
-  """The model's params as ShapeDtypeStructs (traced, never materialised)."""
-  image_shape, num_classes = input_geometry(config.input)
-  model = models.get_model(config.model.name, num_classes, **config.model.kwargs.to_dict())
-  variables = jax.eval_shape(
-      lambda k: model.init(
-          {'params': k, 'dropout': k}, jnp.zeros((1,) + image_shape, jnp.float32), train=False
-      ),
-      jax.random.key(0),
-  )
-  return variables['params']
 
 
 def _specs(params, config, sparsity: float):
@@ -278,44 +209,35 @@ def max_global_sparsity(params, config, tol: float = 1e-4) -> float:
   return math.floor(lo / tol) * tol
 
 
-def check_layer_fan_in(config: ml_collections.ConfigDict, params: Any | None = None) -> None:
-  """Every sparse layer must keep at least one weight per neuron (SRigL).
+def explain_fan_in_error(error: ValueError, params: Any, config: ml_collections.ConfigDict):
+  """A layer's fan-in would reach 0: the error, plus the model's largest global sparsity.
 
   Args:
+    error: the sparse optimizer's error naming the layer.
+    params: the model's params or their ShapeDtypeStructs.
     config: the full config.
-    params: the params or their ShapeDtypeStructs; default: `abstract_params`.
 
-  Raises:
-    ConfigError: naming the layer, the largest sparsity it can take and the
-      largest global sparsity of the whole model.
+  Returns:
+    A ConfigError naming the layer, the largest sparsity it can take and the
+    largest global sparsity of the whole model, to raise.
   """
-  if config.sparsity.method == 'dense':
-    return
-  params = abstract_params(config) if params is None else params
-  try:
-    _specs(params, config, float(config.sparsity.sparsity))
-  except ValueError as e:
-    best = max_global_sparsity(params, config)
-    raise ConfigError(
-        f'{e} With sparsity.distribution={config.sparsity.distribution!r} the '
-        f'largest global sparsity this model can take is {best:.4f}: pass '
-        f'--config.sparsity.sparsity={best:.4f} or lower.'
-    ) from None
+  best = max_global_sparsity(params, config)
+  return ConfigError(
+      f'{error} With sparsity.distribution={config.sparsity.distribution!r} the '
+      f'largest global sparsity this model can take is {best:.4f}: pass '
+      f'--config.sparsity.sparsity={best:.4f} or lower.'
+  )
 
 
-def validate_config(
-    config: ml_collections.ConfigDict,
-    n_devices: int | None = None,
-    n_processes: int | None = None,
-    check_layers: bool = True,
-) -> None:
-  """All config checks: keys and types, ranges, batch sizes, layer fan-in.
+def check_config(config: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+  """The config's checks: keys and types, ranges, batch sizes.
+
+  The layer fan-ins are checked by the trainer's own `jax.eval_shape` of its
+  init (`train.preflight`).
 
   Args:
     config: the full config.
     n_devices: devices of the mesh; None skips the batch-size check.
-    n_processes: JAX processes (default `jax.process_count()`).
-    check_layers: also trace the model's shapes to check the fan-in.
 
   Raises:
     ConfigError: see the individual checks.
@@ -323,24 +245,4 @@ def validate_config(
   check_keys_and_types(config)
   check_values(config)
   if n_devices is not None:
-    check_batch_sizes(
-        config, n_devices, jax.process_count() if n_processes is None else n_processes
-    )
-  if check_layers:
-    check_layer_fan_in(config)
-
-
-def preflight(config: ml_collections.ConfigDict, workdir: str, n_devices: int) -> None:
-  """Everything the trainer checks before compiling; see the module doc.
-
-  Args:
-    config: the full config.
-    workdir: the run's directory.
-    n_devices: devices of the data mesh.
-
-  Raises:
-    ConfigError: an invalid config.
-    WorkdirMismatchError: the workdir's checkpoints belong to another run.
-  """
-  validate_config(config, n_devices)
-  check_workdir(workdir, config, write=jax.process_index() == 0)
+    check_batch_sizes(config, n_devices)

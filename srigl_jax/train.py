@@ -58,6 +58,7 @@ from srigl_jax import export as export_lib
 
 # The parts of the trainer, under the names callers of `srigl_jax.train` use.
 from srigl_jax.reports import write_summary_and_plots
+from srigl_jax.sparsity import layers as layers_lib
 from srigl_jax.train_state import (
     TrainState,
     create_learning_rate_fn,
@@ -275,7 +276,14 @@ def _build(config: ml_collections.ConfigDict, mesh) -> _Trainer:
   tx = create_optimizer(config, lr_fn, sparse_key)
   call_order: dict[str, int] = {}
   init = make_init_fn(config, model, tx, tuple(dataset.image_shape), reinit_key, call_order)
-  abstract_state = jax.eval_shape(init, init_key)
+  try:
+    abstract_state = jax.eval_shape(init, init_key)
+  except layers_lib.FanInError as e:
+    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+    params = jax.eval_shape(
+        lambda k: model.init({'params': k, 'dropout': k}, x, train=False), init_key
+    )
+    raise checks.explain_fan_in_error(e, params['params'], config) from None
   state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
   return _Trainer(
       config=config,
@@ -486,11 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-  mesh = create_mesh(config)
-  # Keys, types, ranges, layer fan-ins and the workdir's checkpoints, before
-  # any data is read or anything compiled.
-  checks.preflight(config, workdir, mesh.devices.size)
-  t = _build(config, mesh)
+  t = preflight(config, workdir)
   ckpt = checkpointing.Checkpointer(workdir, config)
   state = _initial_state(t, ckpt)
   writer = _open_writer(workdir, config, int(jax.device_get(state.step)))
@@ -501,6 +505,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if step >= t.num_train_steps and jax.process_index() == 0:
     _finish(t, state, step, last_eval, workdir, progress)
   return state
+
+
+def preflight(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> _Trainer:
+  """Every check before anything is compiled; returns the trainer, built.
+
+  In order: the config (keys, types, ranges, batch sizes; no data read), the
+  workdir's checkpoints (same run), then the trainer itself, whose
+  `jax.eval_shape` of its init checks every sparse layer's fan-in.
+
+  Args:
+    config: the full config.
+    workdir: the run's directory (absolute).
+    mesh: the device mesh (default: `create_mesh(config)`).
+
+  Raises:
+    checks.ConfigError: an invalid config, naming the field and the fix.
+    checkpointing.WorkdirMismatchError: the workdir holds another run.
+    data.DatasetNotFoundError, data.DataFormatError: the data.
+  """
+  mesh = create_mesh(config) if mesh is None else mesh
+  checks.check_config(config, mesh.devices.size)
+  checkpointing.check_workdir(workdir, config, write=jax.process_index() == 0)
+  return _build(config, mesh)
 
 
 def _log_run(t: _Trainer) -> None:

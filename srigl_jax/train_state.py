@@ -10,6 +10,7 @@ function that `jax.eval_shape` traces before anything is compiled and
 from __future__ import annotations
 
 import collections
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -59,9 +60,14 @@ def create_learning_rate_fn(
     A jittable schedule `step -> learning rate`.
 
   Raises:
-    ValueError: an unknown schedule.
+    ValueError: an unknown schedule or a learning rate that is not > 0.
   """
   base = float(optim.learning_rate)
+  if not (math.isfinite(base) and base > 0):
+    raise ValueError(
+        f'optim.learning_rate={optim.learning_rate!r} must be a finite number > 0. '
+        'Fix: use e.g. 0.1 (SGD) or 1e-3 (AdamW).'
+    )
   warmup = int(round(optim.warmup_epochs * steps_per_epoch))
   if optim.schedule == 'cosine':
     # decay_steps includes the warm-up: the cosine ends at num_train_steps.
@@ -77,7 +83,8 @@ def create_learning_rate_fn(
     boundaries = []
   else:
     raise ValueError(
-        f'Unknown optim.schedule {optim.schedule!r}; valid: ' f'{list(config_lib.SCHEDULES)}.'
+        f'optim.schedule={optim.schedule!r} is unknown. Fix: use one of '
+        f'{list(config_lib.SCHEDULES)}.'
     )
   factor = float(optim.decay_factor)
   # join_schedules starts the decay's count at the end of the warm-up, so its
@@ -123,7 +130,8 @@ def create_optimizer(
     The sparse optimizer.
 
   Raises:
-    ValueError: an unknown optimizer or sparsity setting.
+    ValueError: an unknown optimizer, or a sparsity setting the sparse
+      optimizer refuses (its message, prefixed with the config group).
   """
   optim = config.optim
   parts = []
@@ -147,9 +155,21 @@ def create_optimizer(
     )
   else:
     raise ValueError(
-        f'Unknown optim.name {optim.name!r}; valid: ' f'{list(config_lib.OPTIMIZERS)}.'
+        f'optim.name={optim.name!r} is unknown. Fix: use one of {list(config_lib.OPTIMIZERS)}.'
     )
   inner = optax.chain(*parts)
+  try:
+    return _sparse_optimizer(config, inner, key)
+  except ValueError as e:
+    # The sparse optimizer's messages start with the argument's name, which
+    # is the config field's name in the sparsity group.
+    field = re.match(r'\w+', str(e)).group()
+    raise ValueError(
+        f'sparsity.{e} Fix: pass --config.sparsity.{field} with a value in that range.'
+    ) from None
+
+
+def _sparse_optimizer(config, inner, key):
   sp = config.sparsity
   method, gamma_sal = config_lib.optimizer_method(config)
   return srigl_jax.sparse_optimizer(

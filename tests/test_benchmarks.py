@@ -171,3 +171,27 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   model = json.loads((tmp_path / "model.json").read_text())
   assert {r["impl"] for r in model} == {"dense", "structured", "condensed"}
   assert all(r["max_rel_err"] <= 1e-4 for r in model)
+
+
+def test_input_benchmark_measures_both_pipelines(tmp_path, capsys):
+  from srigl_jax.benchmarks import input as input_bench
+
+  out = tmp_path / "input.json"
+  input_bench.main(
+      [
+          f"--out={out}",
+          f'--data_dir={tmp_path / "data"}',
+          "--num_images=40",
+          "--rounds=1",
+          "--workers=0",
+          "--batches=1",
+          "--seconds=0",
+          "--warmup=0",
+      ]
+  )
+  result = json.loads(out.read_text())
+  rows = {(r["pipeline"], r["impl"], r["workers"]): r for r in result["rows"]}
+  assert set(rows) == {("imagenet", "after", 0), ("cifar", "after", 0)}
+  assert all(r["images_per_sec"] > 0 and len(r["samples"]) == 1 for r in rows.values())
+  assert "avx" in result["machine"]["cpu"] or "(-)" in result["machine"]["cpu"]
+  assert "images/s" in capsys.readouterr().out

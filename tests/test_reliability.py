@@ -466,7 +466,7 @@ def test_unknown_key_and_wrong_type_are_named():
       checks.ConfigError,
       match=r"Unknown config key 'sparsity.gama_sal'.*" r'Did you mean "gamma_sal"',
   ):
-    checks.validate_config(config, n_devices=1)
+    checks.check_config(config, n_devices=1)
   config = small_config()
   config.optim = ml_collections.ConfigDict({**config.optim.to_dict(), 'learning_rate': '0.1'})
   with pytest.raises(
@@ -474,14 +474,14 @@ def test_unknown_key_and_wrong_type_are_named():
       match=r"'optim.learning_rate' has the wrong type.*0.1 is "
       r"of original type <class 'str'>.*--config.optim",
   ):
-    checks.validate_config(config, n_devices=1)
+    checks.check_config(config, n_devices=1)
 
 
 @pytest.mark.parametrize('name', sorted(BAD_CONFIGS))
 def test_preflight_names_the_field_and_the_fix(name, tmp_path):
   overrides, _, _ = BAD_CONFIGS[name]
   with pytest.raises(checks.ConfigError, match='Fix|[Ll]ower the sparsity'):
-    checks.preflight(small_config(**overrides), str(tmp_path), n_devices=1)
+    train.preflight(small_config(**overrides), str(tmp_path))
 
 
 def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
@@ -493,17 +493,19 @@ def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
   config.input.num_eval_examples = 128
   config.eval_batch_size = 128
   assert checks.input_geometry(config.input) == ((32, 32, 3), 10)
-  checks.preflight(config, str(tmp_path), 1)
+  trainer = train.preflight(config, str(tmp_path))
+  assert trainer.abstract_state.params['head']['kernel'].shape == (512, 10)
 
 
-def test_max_global_sparsity_is_the_limit():
+def test_max_global_sparsity_is_the_limit(tmp_path):
+  # The trainer's own eval_shape init accepts the limit and refuses just above.
   config = small_config()
-  params = checks.abstract_params(config)
+  params = train.preflight(config, str(tmp_path / 'a')).abstract_state.params
   best = checks.max_global_sparsity(params, config)
-  checks.check_layer_fan_in(small_config(**{'sparsity.sparsity': best}), params)
+  train.preflight(small_config(**{'sparsity.sparsity': best}), str(tmp_path / 'b'))
   with pytest.raises(checks.ConfigError, match=f'{best:.4f}'):
-    checks.check_layer_fan_in(
-        small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), params
+    train.preflight(
+        small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), str(tmp_path / 'c')
     )
 
 

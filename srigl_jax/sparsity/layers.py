@@ -311,10 +311,14 @@ def build_layer_specs(
   return specs
 
 
+class FanInError(ValueError):
+  """A sparse layer would keep no weight (or, under constant fan-in, a fan-in of 0)."""
+
+
 def _check_budget(spec: LayerSpec, constant_fan_in: bool) -> None:
   n, size = spec.num_neurons, spec.size
   if constant_fan_in and spec.budget < n:
-    raise ValueError(
+    raise FanInError(
         f"Layer '{spec.path}' (shape {spec.shape}, dense fan-in {spec.fan_in}, "
         f"{n} neurons) would have a constant fan-in of 0 at sparsity "
         f"{spec.sparsity:.4f}: its budget of {spec.budget} weights is below its "
@@ -323,7 +327,7 @@ def _check_budget(spec: LayerSpec, constant_fan_in: bool) -> None:
         f"dense_layers=[{re.escape(spec.path)!r}]."
     )
   if spec.budget < 1:
-    raise ValueError(
+    raise FanInError(
         f"Layer '{spec.path}' (shape {spec.shape}) would keep no weight at "
         f"sparsity {spec.sparsity:.4f}. The largest sparsity it can take is "
         f"{1 - 1 / size:.4f}; lower the sparsity or keep the layer dense."

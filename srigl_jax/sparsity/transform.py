@@ -257,7 +257,7 @@ def _validate(cfg: _Config) -> None:
   layers_lib.validate_sparsity(cfg.sparsity)
   if cfg.distribution not in layers_lib.DISTRIBUTIONS:
     raise ValueError(
-        f"Unknown distribution {cfg.distribution!r}; valid names are "
+        f"distribution={cfg.distribution!r} is unknown; valid names are "
         f"{layers_lib.DISTRIBUTIONS}."
     )
   if not cfg.erk_power_scale > 0:
