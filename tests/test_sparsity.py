@@ -473,7 +473,7 @@ def test_dense_method_is_a_passthrough():
         (dict(gamma_sal=-0.5), "gamma_sal must be >= 0"),
         (dict(update_every=0), "update_every"),
         (dict(stop_step=0), "stop_step"),
-        (dict(distribution="erkk"), "Unknown distribution"),
+        (dict(distribution="erkk"), "distribution=.* is unknown"),
         (dict(sparse_rule="convs"), "Unknown sparse rule"),
         (dict(method="rigll"), "Unknown method"),
         (dict(grad_accumulation=5, update_every=2), "grad_accumulation"),
