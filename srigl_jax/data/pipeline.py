@@ -396,6 +396,11 @@ def _stream_seed(seed: int, tag: int) -> int:
   return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
 
 
+def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+  """ImageNet's eval view (also its train view without augmentation)."""
+  return aug.crop_resize(image, aug.center_crop_box(*image.shape[:2]), size)
+
+
 @dataclasses.dataclass(frozen=True)
 class _TrainExample(grain.transforms.RandomMap):
   """The per-example augmentation of a training example, drawn from (seed, index)."""
@@ -406,15 +411,13 @@ class _TrainExample(grain.transforms.RandomMap):
   resize_to: int | None
 
   def random_map(self, element, rng: np.random.Generator):
-    image = np.asarray(element["image"], np.uint8)
-    if image.ndim == 2:
-      image = image[..., None]
+    image = element["image"]  # Every source gives uint8 (H, W, C).
     if self.resize_to is not None:
       if self.augment == "inception_crop_flip":
         box = aug.inception_crop_box(*image.shape[:2], rng.random((_INCEPTION_ATTEMPTS, 4)))
         image = aug.crop_resize(image, box, self.resize_to, bool(rng.random() < 0.5))
       else:
-        image = aug.crop_resize(image, aug.center_crop_box(*image.shape[:2]), self.resize_to)
+        image = _center_crop_resize(image, self.resize_to)
     elif self.augment in ("crop", "crop_flip"):
       offsets = rng.integers(0, 2 * self.crop_padding + 1, 2)
       flip = self.augment == "crop_flip" and bool(rng.random() < 0.5)
@@ -435,16 +438,11 @@ class _EvalExample(grain.transforms.Map):
   resize: bool
 
   def map(self, element):
-    image = element["image"]
+    image = element["image"]  # Every source gives uint8 (H, W, C).
     if image is None:
       image = np.zeros(self.image_shape, np.uint8)
-    else:
-      image = np.asarray(image, np.uint8)
-      if image.ndim == 2:
-        image = image[..., None]
-      if self.resize:
-        box = aug.center_crop_box(*image.shape[:2])
-        image = aug.crop_resize(image, box, self.image_shape[0])
+    elif self.resize:
+      image = _center_crop_resize(image, self.image_shape[0])
     return {**element, "image": image, "label": np.int32(element["label"])}
 
 
