@@ -8,16 +8,16 @@ Command (SRigL, 90% sparsity, gamma_sal 0.95, MLP 784-1024-1024-10):
   python -m srigl_jax.main --config=configs/fashion_mnist.py --workdir=/tmp/fmnist
 
 Expected: 89.5% test accuracy after 10 epochs (4,680 steps of batch 128;
-89.51% on a fresh clone of the final main; 89.60 +- 0.09 over three seeds in
-docs/results.md, from the trainer before its schedules moved to optax),
+89.74% on a fresh clone of the final main, grain data order; 89.52 +- 0.21
+over three seeds in docs/results.md),
 global sparsity 0.90 (ERK keeps the 1024x10 head dense). Neuron ablation
 leaves about a fifth of the first hidden layer and a third of the second
-active (seed 0: 196 and 308 of 1024; active_neurons.png). The run ends by
+active (seed 0: 202 and 304 of 1024; active_neurons.png). The run ends by
 exporting the condensed model to /tmp/fmnist/inference, checked on the
 10,000 test images (the same predictions as the masked model) and timed
-against the masked dense model: 'condensed model: 89.51% (same as masked),
-1.6x faster than dense at batch 1' (3.4x at batch 128), on a 2-core CPU at
-load average about 2, where setup and training took 1.5 minutes (72 steps/s). The workdir also holds checkpoints/, metrics.jsonl, TensorBoard events,
+against the masked dense model: 'condensed model: 89.74% (same as masked),
+1.4x faster than dense at batch 1' (4.0x at batch 128), on a 2-core CPU at
+load average about 3, where setup and training took 1.6 minutes (68 steps/s). The workdir also holds checkpoints/, metrics.jsonl, TensorBoard events,
 accuracy.png, summary.json and config.json.
 
 The arg picks method, sparsity and model, e.g.
