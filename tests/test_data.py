@@ -495,6 +495,28 @@ def test_pad_crop_flip_exact():
   np.testing.assert_array_equal(out[1], image[0, :, ::-1])
 
 
+def _pad_crop_flip_reference(images, offsets, flips, padding):
+  """pad_crop_flip as one gather of the padded batch (plain numpy, obviously right)."""
+  b, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  rows = offsets[:, 0, None] + np.arange(h)[None]
+  cols = offsets[:, 1, None] + np.where(flips[:, None], np.arange(w)[::-1], np.arange(w))
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+@pytest.mark.parametrize("padding", [0, 1, 4, 11])
+def test_pad_crop_flip_matches_gather_reference(padding):
+  rng = np.random.default_rng(padding)
+  for shape in ((13, 32, 32, 3), (5, 7, 9, 1), (2, 3, 5, 2)):
+    images = rng.integers(0, 256, shape, dtype=np.uint8)
+    offsets = rng.integers(0, 2 * padding + 1, (shape[0], 2))
+    flips = rng.random(shape[0]) < 0.5
+    np.testing.assert_array_equal(
+        aug.pad_crop_flip(images, offsets, flips, padding),
+        _pad_crop_flip_reference(images, offsets, flips, padding),
+    )
+
+
 def test_crop_boxes_and_resize():
   rng = np.random.default_rng(0)
   for _ in range(50):
@@ -526,6 +548,14 @@ def test_normalize():
   out = aug.normalize(x, (0.5, 0.0), (0.5, 1.0))
   np.testing.assert_allclose(out, [[[[-1.0, 1.0]]]], atol=1e-6)
   assert out.dtype == np.float32
+  # The lookup table gives exactly the float32 arithmetic, for 1 and 3 channels.
+  rng = np.random.default_rng(0)
+  for mean, std in (((0.2860,), (0.3530,)), ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))):
+    x = rng.integers(0, 256, (3, 5, 4, len(mean)), dtype=np.uint8)
+    m, s = np.float32(mean), np.float32(std)
+    np.testing.assert_array_equal(
+        aug.normalize(x, mean, std), x.astype(np.float32) * (1.0 / (255.0 * s)) - m / s
+    )
 
 
 def test_rand_augment_ops():

@@ -178,15 +178,6 @@ class RandomAccessSplit:
     labels = np.asarray([int(ex[self._label_key]) for ex in examples], np.int32)
     return images, labels
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    """One example as {'image': uint8 (H, W, C), 'label': int32}: a grain source."""
-    return self._getitems([index])[0]
-
-  def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    """Batched reads for grain (array_record groups the file accesses)."""
-    images, labels = self.read(indices)
-    return [{"image": im, "label": lab} for im, lab in zip(images, labels)]
-
   def read_all(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Reads the whole split into memory (fixed-size images only).
 
