@@ -460,10 +460,12 @@ class _TrainBatch(grain.transforms.RandomMap):
       if self.augment == "inception_crop_flip":
         uniforms = rng.random((b, _INCEPTION_ATTEMPTS, 4))[rows]
         flips = (rng.random(b) < 0.5)[rows]
-        images = np.stack([
-            aug.crop_resize(im, aug.inception_crop_box(*im.shape[:2], u), size, bool(f))
-            for im, u, f in zip(images, uniforms, flips)
-        ])
+        images = np.stack(
+            [
+                aug.crop_resize(im, aug.inception_crop_box(*im.shape[:2], u), size, bool(f))
+                for im, u, f in zip(images, uniforms, flips)
+            ]
+        )
       else:
         images = np.stack([_center_crop_resize(im, size) for im in images])
     else:
