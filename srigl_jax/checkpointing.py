@@ -36,7 +36,11 @@ from absl import logging
 CHECKPOINT_DIR = 'checkpoints'
 FINGERPRINT_FILE = 'fingerprint.json'
 _FINGERPRINT_VERSION = 1
-DATA_ORDER = 'grain-shuffle-repeat-batch/1'
+# The order in which the input pipeline reads and augments examples; a
+# checkpoint saved under another order continued on other batches. /1 was
+# grain's index shuffle with per-example augmentation draws; /2 is a numpy
+# permutation per epoch with per-batch draws.
+DATA_ORDER = 'grain-shuffled-batches/2'
 
 # The fields that decide the shapes and meaning of what a checkpoint holds:
 # params (model), masks and their budgets (sparsity), optimizer moments; and

@@ -541,20 +541,26 @@ def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
   )
 
 
-def test_checkpoint_of_the_pre_grain_pipeline_is_refused(tmp_path):
-  # Checkpoints of the hand-written pipeline carry no data order: their run
-  # continued on other batches, so resuming one under grain is refused.
+@pytest.mark.parametrize('order', [None, 'grain-shuffle-repeat-batch/1'])
+def test_checkpoint_of_an_earlier_data_order_is_refused(tmp_path, order):
+  # Checkpoints of the hand-written pipeline carry no data order, those of
+  # the first grain pipeline its per-example order: their runs continued on
+  # other batches, so resuming one now is refused.
   workdir = str(tmp_path)
   old = checkpointing.fingerprint(small_config())
-  del old['data_order']
-  for k in [k for k in old if k.startswith('input.') and k not in ('input.name',)]:
-    del old[k]
+  old['data_order'] = order
+  if order is None:
+    del old['data_order']
+    for k in [k for k in old if k.startswith('input.') and k not in ('input.name',)]:
+      del old[k]
   with ocp.CheckpointManager(
       os.path.join(workdir, 'checkpoints'),
       options=ocp.CheckpointManagerOptions(),
   ) as manager:
     manager.save(25, args=ocp.args.StandardSave({'w': jnp.zeros(3)}), custom_metadata=old)
-  with pytest.raises(checks.WorkdirMismatchError, match=r'data_order: checkpoint None vs config'):
+  with pytest.raises(
+      checks.WorkdirMismatchError, match=rf'data_order: checkpoint {order!r} vs config'
+  ):
     checks.check_workdir(workdir, small_config())
 
 
