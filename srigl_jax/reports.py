@@ -303,17 +303,9 @@ def plot_accuracy_vs_sparsity(
         capsize=3,
         label=m,
     )
-  ax.set_xticks(range(len(labels)))
-  ax.set_xticklabels(labels)
-  ax.set_xlabel('sparsity (%)')
-  ax.set_ylabel('test accuracy (%)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
+  _label_axes(ax, labels, 'test accuracy (%)', title)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def plot_active_neurons_vs_sparsity(
@@ -350,16 +342,25 @@ def plot_active_neurons_vs_sparsity(
           capsize=2,
           label=layer,
       )
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels)
     ax.set_ylim(0, 105)
-    ax.set_xlabel('sparsity (%)')
-    ax.set_ylabel('active neurons (% of layer)')
-    ax.set_title(m)
-    ax.grid(alpha=0.3)
+    _label_axes(ax, labels, 'active neurons (% of layer)', m)
     if len(layers) <= 12:
       ax.legend(fontsize=7)
   fig.suptitle(title)
+  return _save(plt, fig, path)
+
+
+def _label_axes(ax, sparsity_labels: Sequence[str], ylabel: str, title: str) -> None:
+  """The sparsity x axis (one tick per sparsity), the y label, the title and a light grid."""
+  ax.set_xticks(range(len(sparsity_labels)))
+  ax.set_xticklabels(sparsity_labels)
+  ax.set_xlabel('sparsity (%)')
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+
+
+def _save(plt, fig, path: str) -> str:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
