@@ -44,6 +44,7 @@ import dataclasses
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -491,6 +492,66 @@ def _is_neuron_method(method: str) -> bool:
   return method.partition('@')[0] in _NEURON_PLOT_METHODS
 
 
+def accuracy_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+  """Mean of `a` minus mean of `b`, and the standard error of that difference.
+
+  The standard error is sqrt(s_a^2 / n_a + s_b^2 / n_b) with sample standard
+  deviations (0 for a single value).
+  """
+  var = lambda x: statistics.variance(x) if len(x) > 1 else 0.0
+  diff = statistics.fmean(a) - statistics.fmean(b)
+  return diff, math.sqrt(var(a) / len(a) + var(b) / len(b))
+
+
+def differences_markdown(
+    groups: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] | None = None
+) -> str:
+  """Per config, each pair's accuracy difference a - b ± its standard error at every sparsity.
+
+  A '*' marks a difference larger than three standard errors. Pairs with a
+  method the sweep lacks are left out.
+
+  Args:
+    groups: `aggregate` output.
+    pairs: (a, b) method pairs; default: every method against RigL and
+      against static, and ablation against no ablation.
+
+  Returns:
+    Markdown, one table per config.
+  """
+  lines = [
+      '# Differences between methods',
+      '',
+      'Test accuracy of a minus b (points), mean over seeds ± the standard error of the',
+      'difference; * = more than three standard errors. Sparsity in %.',
+  ]
+  for cname in sorted({g['config'] for g in groups}):
+    accs = {(g['method'], g['sparsity']): g['accs'] for g in groups if g['config'] == cname}
+    methods = sorted({m for m, _ in accs if m != 'dense'}, key=_method_order)
+    sparsities = sorted({s for m, s in accs if m != 'dense'})
+    wanted = pairs or (
+        [(m, 'rigl') for m in methods if m not in ('rigl', 'static')]
+        + [(m, 'srigl_noablation') for m in methods if m.startswith('srigl@') or m == 'srigl']
+        + [(m, 'static') for m in methods if m != 'static']
+    )
+    wanted = [(a, b) for a, b in wanted if a in methods and b in methods]
+    if not wanted:
+      continue
+    lines += ['', f'## {cname}', '']
+    lines.append('| a - b | ' + ' | '.join(reports.sparsity_label(s) for s in sparsities) + ' |')
+    lines.append('|---|' + '---|' * len(sparsities))
+    for a, b in wanted:
+      cells = []
+      for s in sparsities:
+        if (a, s) not in accs or (b, s) not in accs:
+          cells.append('-')
+          continue
+        d, se = accuracy_difference(accs[(a, s)], accs[(b, s)])
+        cells.append(f'{d:+.2f} ± {se:.2f}{"*" if abs(d) > 3 * se else ""}')
+      lines.append(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
 def results_markdown(groups: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]] = ()) -> str:
   """The Markdown page: per config an accuracy table and an active-neuron table.
 
@@ -666,7 +727,7 @@ def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
 
 
 def collect(out: str, plots: bool = True) -> list[dict[str, Any]]:
-  """Reads every run under `out` and writes results.md/.csv, runs.csv, plots.
+  """Reads every run under `out` and writes results.md/.csv, differences.md, runs.csv, plots.
 
   Returns:
     The `aggregate` groups.
@@ -675,6 +736,8 @@ def collect(out: str, plots: bool = True) -> list[dict[str, Any]]:
   groups = aggregate(rows)
   with open(os.path.join(out, 'results.md'), 'w', encoding='utf-8') as f:
     f.write(results_markdown(groups, rows))
+  with open(os.path.join(out, 'differences.md'), 'w', encoding='utf-8') as f:
+    f.write(differences_markdown(groups))
   write_csv(groups, os.path.join(out, 'results.csv'))
   write_runs_csv(rows, os.path.join(out, 'runs.csv'))
   if plots and groups:

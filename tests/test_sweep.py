@@ -329,3 +329,24 @@ def test_layer_columns_follow_the_model_when_low_sparsity_keeps_a_layer_dense():
   low = {'conv_1': 100.0, 'dense_0': 100.0}
   high = {'conv_0': 75.0, 'conv_1': 80.0, 'dense_0': 100.0, 'head': 100.0}
   assert reports.layer_names([low, high]) == ['conv_0', 'conv_1', 'dense_0', 'head']
+
+
+def test_accuracy_differences_and_their_standard_errors():
+  d, se = sweep.accuracy_difference([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+  assert d == pytest.approx(2.0) and se == pytest.approx(math.sqrt(1.0 / 3.0))
+  assert sweep.accuracy_difference([5.0], [4.0]) == (1.0, 0.0)
+
+  def group(method, sparsity, accs):
+    return {'config': 'c', 'method': method, 'sparsity': sparsity, 'accs': accs}
+
+  groups = [
+      group('dense', 0.0, [90.0, 90.0]),
+      group('static', 0.9, [80.0, 80.2]),
+      group('rigl', 0.9, [81.0, 81.2]),
+      group('srigl', 0.9, [81.1, 80.9]),
+  ]
+  text = sweep.differences_markdown(groups)
+  # rigl - static: +1.00, se sqrt(0.02 / 2 + 0.02 / 2) = 0.14, > 3 se: clear.
+  assert '| rigl - static | +1.00 ± 0.14* |' in text
+  assert '| srigl - rigl | -0.10 ± 0.14 |' in text  # Within 3 se: no mark.
+  assert 'srigl_noablation' not in text  # Not in the sweep: no row.
