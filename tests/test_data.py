@@ -1,5 +1,6 @@
 """Tests of srigl_jax.data: IDX/TFDS readers, determinism, resumption, sharding, augmentations."""
 
+import concurrent.futures
 import gzip
 import itertools
 import os
@@ -10,7 +11,7 @@ import pytest
 
 from srigl_jax import data
 from srigl_jax.data import augment as aug
-from srigl_jax.data import fake_tfds, tfds_source
+from srigl_jax.data import fake_tfds, pipeline, tfds_source
 from srigl_jax.data import idx as idx_lib
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -635,6 +636,23 @@ def test_each_epoch_is_a_new_permutation_of_the_split():
   for e in range(4):
     assert sorted(epochs[e]) == list(range(40))
   assert len({tuple(e) for e in epochs}) == 4
+
+
+def test_shuffled_batches_random_access_from_threads():
+  # 10 examples in batches of 4; every access order and any number of threads
+  # give the same batches, and epoch e is default_rng([seed, 1, e]).permutation.
+  sequential = [pipeline.ShuffledBatches(10, 4, seed=3)[j] for j in range(25)]
+  stream = np.concatenate(sequential)
+  for e in range(10):
+    np.testing.assert_array_equal(
+        stream[10 * e : 10 * e + 10], np.random.default_rng([3, 1, e]).permutation(10)
+    )
+  shared = pipeline.ShuffledBatches(10, 4, seed=3)
+  order = np.random.default_rng(0).permutation(np.tile(np.arange(25), 8))
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    got = list(pool.map(lambda j: (j, shared[int(j)]), order))
+  for j, batch in got:
+    np.testing.assert_array_equal(batch, sequential[j])
 
 
 def test_worker_count_the_machine_cannot_honour_is_refused():

@@ -383,7 +383,9 @@ class ShuffledBatches(grain.MapDataset):
     self._n = num_examples
     self._batch_size = batch_size
     self._seed = seed
-    self._cache: dict[int, np.ndarray] = {}
+    # The last two (epoch, permutation) pairs, replaced as one tuple so that
+    # threads reading batches at once never see it half updated.
+    self._recent: tuple[tuple[int, np.ndarray], ...] = ()
 
   def __len__(self) -> int:
     return sys.maxsize
@@ -393,12 +395,13 @@ class ShuffledBatches(grain.MapDataset):
 
   def permutation(self, epoch: int) -> np.ndarray:
     """The order of the examples in `epoch`."""
-    if epoch not in self._cache:
-      if len(self._cache) >= 2:
-        self._cache.pop(min(self._cache))
-      rng = np.random.default_rng([self._seed, _SHUFFLE_TAG, epoch])
-      self._cache[epoch] = rng.permutation(self._n)
-    return self._cache[epoch]
+    recent = self._recent
+    for e, perm in recent:
+      if e == epoch:
+        return perm
+    perm = np.random.default_rng([self._seed, _SHUFFLE_TAG, epoch]).permutation(self._n)
+    self._recent = (*recent[-1:], (epoch, perm))
+    return perm
 
   def __getitem__(self, index):
     if isinstance(index, slice):
