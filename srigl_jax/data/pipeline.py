@@ -424,8 +424,8 @@ class ShuffledBatches(grain.MapDataset):
 def _stream_seed(seed: int, tag: int) -> int:
   """A 32-bit seed for one random stream of a run seed.
 
-  Hashed rather than `seed + tag`, because grain's shuffle seeds epoch e with
-  `seed + e`: adjacent run seeds must not share epochs.
+  Hashed rather than `seed + tag`, so that no two (run seed, tag) pairs share
+  a stream (with a sum, run seed 1's tag 2 would be run seed 2's tag 1).
   """
   return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
 
