@@ -430,9 +430,16 @@ def _stream_seed(seed: int, tag: int) -> int:
   return int(np.random.SeedSequence([seed, tag]).generate_state(1)[0])
 
 
-def _center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-  """ImageNet's eval view (also its train view without augmentation)."""
-  return aug.crop_resize(image, aug.center_crop_box(*image.shape[:2]), size)
+def _fixed_size(images, resize_to: int | None) -> np.ndarray:
+  """A read batch as one uint8 (n, H, W, C) array.
+
+  With `resize_to`, each (variable-size) image is center-cropped and resized
+  to it: ImageNet's eval view, also its train view without augmentation.
+  Without, the images (already of one size) are stacked as read.
+  """
+  if resize_to is not None:
+    images = [aug.crop_resize(im, aug.center_crop_box(*im.shape[:2]), resize_to) for im in images]
+  return np.stack(images) if isinstance(images, list) else images
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -458,21 +465,17 @@ class _TrainBatch(grain.transforms.RandomMap):
     b = local * self.process_count
     rows = slice(self.process_index * local, (self.process_index + 1) * local)
     images, labels = self.split.read(indices)
-    if self.resize_to is not None:  # Variable-size images (ImageNet).
-      size = self.resize_to
-      if self.augment == "inception_crop_flip":
-        uniforms = rng.random((b, _INCEPTION_ATTEMPTS, 4))[rows]
-        flips = (rng.random(b) < 0.5)[rows]
-        images = np.stack(
-            [
-                aug.crop_resize(im, aug.inception_crop_box(*im.shape[:2], u), size, bool(f))
-                for im, u, f in zip(images, uniforms, flips)
-            ]
-        )
-      else:
-        images = np.stack([_center_crop_resize(im, size) for im in images])
+    if self.augment == "inception_crop_flip":  # Variable-size images (ImageNet).
+      uniforms = rng.random((b, _INCEPTION_ATTEMPTS, 4))[rows]
+      flips = (rng.random(b) < 0.5)[rows]
+      images = np.stack(
+          [
+              aug.crop_resize(im, aug.inception_crop_box(*im.shape[:2], u), self.resize_to, bool(f))
+              for im, u, f in zip(images, uniforms, flips)
+          ]
+      )
     else:
-      images = np.stack(images) if isinstance(images, list) else images
+      images = _fixed_size(images, self.resize_to)
       if self.augment in ("crop", "crop_flip"):
         offsets = rng.integers(0, 2 * self.crop_padding + 1, (b, 2))[rows]
         flips = (rng.random(b) < 0.5)[rows]
@@ -510,9 +513,7 @@ class _EvalBatch(grain.transforms.Map):
     mask = np.zeros((self.local_batch_size,), np.float32)
     if len(real):
       raw, labels[: len(real)] = self.split.read(real)
-      if self.resize:
-        raw = [_center_crop_resize(im, self.image_shape[0]) for im in raw]
-      images[: len(real)] = np.stack(raw) if isinstance(raw, list) else raw
+      images[: len(real)] = _fixed_size(raw, self.image_shape[0] if self.resize else None)
       mask[: len(real)] = 1.0
     return {"image": images, "label": labels, "mask": mask}
 
