@@ -1,54 +1,25 @@
-// Condensed-convolution kernel bodies, included by one .cc per instruction
-// set (see conv_kernels.h). The including file defines SRIGL_ISA and is built
-// with that set's -m flags; the vector helpers pick AVX-512, AVX2 or scalar
-// code from the compiler's predefined macros.
+// Kernel bodies of the condensed convolution (kernels.h), built once per
+// instruction set: CMake defines SRIGL_ISA and that set's -m flags.
+#include "conv/kernels.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-#include "conv_kernels.h"
-
-#ifndef SRIGL_ISA
-#error "SRIGL_ISA must name the namespace of this build"
-#endif
+#include "common/simd.h"
 
 namespace srigl {
 namespace SRIGL_ISA {
 namespace {
 
+// Accumulator registers per output channel block.
 #if defined(__AVX512F__)
-using V = __m512;
-constexpr int kW = 16;
-// 16 of the 32 zmm registers hold accumulators: 256 grid columns per block.
+// 16 of the 32 zmm registers: 256 grid columns per block.
 constexpr int kR = 16;
-inline V Zero() { return _mm512_setzero_ps(); }
-inline V Load(const float* p) { return _mm512_loadu_ps(p); }
-inline void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline V Splat(float v) { return _mm512_set1_ps(v); }
-inline V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 #elif defined(__AVX2__)
-using V = __m256;
-constexpr int kW = 8;
 // 12 of the 16 ymm registers: room for the broadcast weight and a load.
 constexpr int kR = 12;
-inline V Zero() { return _mm256_setzero_ps(); }
-inline V Load(const float* p) { return _mm256_loadu_ps(p); }
-inline void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline V Splat(float v) { return _mm256_set1_ps(v); }
-inline V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 #else
-using V = float;
-constexpr int kW = 1;
 constexpr int kR = 16;
-inline V Zero() { return 0.f; }
-inline V Load(const float* p) { return *p; }
-inline void Store(float* p, V v) { *p = v; }
-inline V Splat(float v) { return v; }
-inline V Fma(V a, V b, V c) { return a * b + c; }
 #endif
 
 constexpr int64_t kBlock = kW * kR;
@@ -61,17 +32,17 @@ static_assert((kConvWindow + 1) * kBlock <= kConvComputeScratch,
 // feeds one multiply-add, so this is bound by loads (most straddle two cache
 // lines); aligned loads plus a two-source permute measured 25% slower on
 // Zen 4, the permutes competing with the FMAs.
-template <int R, typename I>
+template <int R, typename I, typename W>
 inline void Channel(const float* __restrict planes,
                     const int32_t* __restrict table, const I* __restrict taps,
-                    const float* __restrict val, int64_t k,
+                    const W* __restrict val, int64_t k,
                     float* __restrict out) {
   V acc[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = Zero();
   for (int64_t t = 0; t < k; ++t) {
     const float* __restrict run = planes + table[taps[t]];
-    const V v = Splat(val[t]);
+    const V v = Splat(ToF32(val[t]));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r] = Fma(v, Load(run + r * kW), acc[r]);
   }
@@ -79,28 +50,22 @@ inline void Channel(const float* __restrict planes,
   for (int r = 0; r < R; ++r) Store(out + r * kW, acc[r]);
 }
 
+template <typename I, typename W>
+using ChannelFn = void (*)(const float*, const int32_t*, const I*, const W*,
+                           int64_t, float*);
 
-template <typename I>
-using ChannelFn = void (*)(const float*, const int32_t*, const I*,
-                           const float*, int64_t, float*);
-
-template <typename I, int R>
-constexpr ChannelFn<I> ChannelFor(int r) {
+template <typename I, typename W, int R>
+constexpr ChannelFn<I, W> ChannelFor(int r) {
   if constexpr (R > kR) {
     return nullptr;
   } else {
-    return r == R ? &Channel<R, I> : ChannelFor<I, R + 1>(r);
+    return r == R ? &Channel<R, I, W> : ChannelFor<I, W, R + 1>(r);
   }
 }
 
 #if defined(__AVX512F__)
-constexpr int kT = 16;
-using TV = __m512;
-inline TV TLoad(const float* p) { return _mm512_loadu_ps(p); }
-inline void TStore(float* p, TV v) { _mm512_storeu_ps(p, v); }
-inline TV TZero() { return _mm512_setzero_ps(); }
 // Stores lanes [0, n) of v.
-inline void TStoreFirst(float* p, TV v, int64_t n) {
+inline void StoreFirst(float* p, V v, int64_t n) {
   _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
 }
 // out[c][l] = t[l][c] for a 16x16 tile.
@@ -131,13 +96,8 @@ inline void Transpose(const __m512* t, __m512* out) {
   }
 }
 #elif defined(__AVX2__)
-constexpr int kT = 8;
-using TV = __m256;
-inline TV TLoad(const float* p) { return _mm256_loadu_ps(p); }
-inline void TStore(float* p, TV v) { _mm256_storeu_ps(p, v); }
-inline TV TZero() { return _mm256_setzero_ps(); }
 // Stores lanes [0, n) of v.
-inline void TStoreFirst(float* p, TV v, int64_t n) {
+inline void StoreFirst(float* p, V v, int64_t n) {
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   _mm256_maskstore_ps(
       p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes), v);
@@ -160,40 +120,38 @@ inline void Transpose(const __m256* t, __m256* out) {
     out[4 + m] = _mm256_permute2f128_ps(u[m], u[4 + m], 0x31);
   }
 }
-#else
-constexpr int kT = 1;
 #endif
 
-// dst[c * dst_ld + r] = src[r * src_ld + c] for r < n, c < m: kT x kT tiles
+// dst[c * dst_ld + r] = src[r * src_ld + c] for r < n, c < m: kW x kW tiles
 // transposed in registers, scalar edges.
 inline void CopyTransposed(const float* __restrict src, int64_t src_ld,
                            float* __restrict dst, int64_t dst_ld, int64_t n,
                            int64_t m) {
   int64_t r0 = 0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-  const int64_t mt = m / kT * kT;
-  for (; r0 + kT <= n; r0 += kT) {
-    for (int64_t c0 = 0; c0 < mt; c0 += kT) {
-      TV t[kT], out[kT];
-      for (int l = 0; l < kT; ++l) t[l] = TLoad(src + (r0 + l) * src_ld + c0);
+  const int64_t mt = m / kW * kW;
+  for (; r0 + kW <= n; r0 += kW) {
+    for (int64_t c0 = 0; c0 < mt; c0 += kW) {
+      V t[kW], out[kW];
+      for (int l = 0; l < kW; ++l) t[l] = Load(src + (r0 + l) * src_ld + c0);
       Transpose(t, out);
-      for (int l = 0; l < kT; ++l) TStore(dst + (c0 + l) * dst_ld + r0, out[l]);
+      for (int l = 0; l < kW; ++l) Store(dst + (c0 + l) * dst_ld + r0, out[l]);
     }
     for (int64_t c = mt; c < m; ++c) {
-      for (int64_t r = r0; r < r0 + kT; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
+      for (int64_t r = r0; r < r0 + kW; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
     }
   }
-  // The last n - r0 < kT rows (a row of the image is rarely a multiple of
-  // kT pixels): zero-padded tiles and masked stores, not scalar copies.
+  // The last n - r0 < kW rows (a row of the image is rarely a multiple of
+  // kW pixels): zero-padded tiles and masked stores, not scalar copies.
   if (r0 < n) {
     const int64_t nr = n - r0;
-    for (int64_t c0 = 0; c0 < mt; c0 += kT) {
-      TV t[kT], out[kT];
-      for (int l = 0; l < kT; ++l) {
-        t[l] = l < nr ? TLoad(src + (r0 + l) * src_ld + c0) : TZero();
+    for (int64_t c0 = 0; c0 < mt; c0 += kW) {
+      V t[kW], out[kW];
+      for (int l = 0; l < kW; ++l) {
+        t[l] = l < nr ? Load(src + (r0 + l) * src_ld + c0) : Zero();
       }
       Transpose(t, out);
-      for (int l = 0; l < kT; ++l) TStoreFirst(dst + (c0 + l) * dst_ld + r0, out[l], nr);
+      for (int l = 0; l < kW; ++l) StoreFirst(dst + (c0 + l) * dst_ld + r0, out[l], nr);
     }
     for (int64_t c = mt; c < m; ++c) {
       for (int64_t r = r0; r < n; ++r) dst[c * dst_ld + r] = src[r * src_ld + c];
@@ -266,11 +224,12 @@ void StoreWindow(const float* const* rows, const int64_t* pix, int64_t ns,
 }
 #endif
 
-template <typename I>
+template <typename I, typename W>
 void ComputeT(const ConvProblem& p, const float* planes, const int32_t* table,
               int64_t base, int64_t q0, int64_t q1, int64_t w0, int64_t w1,
               float* scratch) {
-  const I* taps = static_cast<const I*>(p.taps);
+  const I* taps = static_cast<const I*>(p.idx);
+  const W* val = static_cast<const W*>(p.val);
   // Rows of one window's results; the last row stays zero for the lanes of
   // ablated channels.
   float* zero = scratch + kConvWindow * kBlock;
@@ -298,7 +257,7 @@ void ComputeT(const ConvProblem& p, const float* planes, const int32_t* table,
     }
     if (!any) continue;  // only padding columns of the grid
     const int r = static_cast<int>((ns + kW - 1) / kW);
-    const ChannelFn<I> fn = ChannelFor<I, 1>(r);
+    const ChannelFn<I, W> fn = ChannelFor<I, W, 1>(r);
     const float* pl = planes + (s0 - base);
     for (int64_t a = w0; a < w1; ++a) {
       const int64_t c0 = a * kConvWindow;
@@ -307,7 +266,7 @@ void ComputeT(const ConvProblem& p, const float* planes, const int32_t* table,
       for (int64_t l = 0; l < kConvWindow; ++l) rows[l] = zero;
       for (int64_t j = p.window_start[a]; j < p.window_start[a + 1]; ++j) {
         float* out = scratch + (j - p.window_start[a]) * kBlock;
-        fn(pl, table, taps + j * p.k, p.val + j * p.k, p.k, out);
+        fn(pl, table, taps + j * p.k, val + j * p.k, p.k, out);
         rows[p.ids[j] - c0] = out;
       }
       StoreWindow(rows, pix, ns, nl, p.bias + c0, p.y + c0);
@@ -318,11 +277,11 @@ void ComputeT(const ConvProblem& p, const float* planes, const int32_t* table,
 void Compute(const ConvProblem& p, const float* planes, const int32_t* table,
              int64_t base, int64_t q0, int64_t q1, int64_t w0, int64_t w1,
              float* scratch) {
-  if (p.taps16) {
-    ComputeT<int16_t>(p, planes, table, base, q0, q1, w0, w1, scratch);
-  } else {
-    ComputeT<int32_t>(p, planes, table, base, q0, q1, w0, w1, scratch);
-  }
+  WithTypes(p.idx16, p.val_bf16, [&](auto i, auto w) {
+    using I = typename decltype(i)::type;
+    using W = typename decltype(w)::type;
+    ComputeT<I, W>(p, planes, table, base, q0, q1, w0, w1, scratch);
+  });
 }
 
 void BuildPlanes(const ConvProblem& p, int64_t q0, int64_t q1, int64_t base,
@@ -359,7 +318,7 @@ void BuildPlanes(const ConvProblem& p, int64_t q0, int64_t q1, int64_t base,
           const float* __restrict xr =
               p.x + ((b * p.h + yy) * p.w + (jq + lo) * p.sw + pw - p.pad_left) * cin;
           const int64_t step = p.sw * cin;
-          if (cin >= kT && kT > 1) {
+          if (cin >= kW && kW > 1) {
             // Whole pixels (contiguous channels) to channel rows.
             CopyTransposed(xr, step, d + lo, ld, hi - lo, cin);
           } else {
@@ -378,4 +337,12 @@ void BuildPlanes(const ConvProblem& p, int64_t q0, int64_t q1, int64_t base,
 
 }  // namespace
 }  // namespace SRIGL_ISA
+
+template <>
+const ConvKernels& KernelTable<ConvKernels, Isa::SRIGL_ISA>() {
+  static const ConvKernels kernels = {SRIGL_ISA::kBlock, &SRIGL_ISA::BuildPlanes,
+                                      &SRIGL_ISA::Compute};
+  return kernels;
+}
+
 }  // namespace srigl

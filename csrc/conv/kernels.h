@@ -1,15 +1,15 @@
 // Inner kernels of the condensed convolution, compiled once per instruction
-// set (the same scheme as condensed_kernels.h).
+// set (see common/isa.h).
 //
-// The convolution works in the plane layout of srigl_jax/condensed/
-// conv_layer.py: the zero-padded NHWC input is split by stride phase into
-// rows of `ld` floats,
+// The convolution works in a plane layout: the zero-padded NHWC input is
+// split by stride phase into rows of `ld` floats,
 //
 //   planes[((ph * sw + pw) * cin + c) * ld + q]
 //       = x_padded[b, i * sh + ph, j * sw + pw, c],  q = b * hq * wq + i * wq + j
 //
 // and output channel j's grid is y[j, q] = sum_t val[j, t] * planes[src(t) + q]
-// with src(t) = table[taps[j, t]]: every tap is one contiguous run over q.
+// with src(t) = table[idx[j, t]] for the flat (dy, dx, c) tap idx[j, t]: every
+// tap is one contiguous run over q.
 // The kernels build those planes themselves from the NHWC input (no im2col
 // and no XLA transpose), one block of grid columns at a time, and write the
 // NHWC output directly.
@@ -18,9 +18,14 @@
 
 #include <cstdint>
 
+#include "common/isa.h"
+#include "common/weights.h"
+
 namespace srigl {
 
-struct ConvProblem {
+// Here the ids of the weights are sorted and distinct, and idx holds flat
+// (dy, dx, c) taps.
+struct ConvProblem : CondensedWeights {
   const float* x;  // (batch, h, w, cin) NHWC, unpadded
   int64_t batch, h, w, cin;
   int64_t kh, kw, sh, sw;
@@ -29,12 +34,6 @@ struct ConvProblem {
   int64_t hq, wq;  // size of one stride-phase sub-image (the output grid)
   int64_t grid;    // batch * hq * wq
   int64_t tail;    // furthest tap offset: ((kh - 1) / sh) * wq + (kw - 1) / sw
-  const void* taps;  // (n_active, k) int16 or int32 flat (dy, dx, c) index
-  bool taps16;
-  const float* val;  // (n_active, k)
-  int64_t n_active, k;
-  const int32_t* ids;   // (n_active,) sorted output channel of each row
-  const float* bias;    // (cout,)
   int64_t cout;
   // Output channels are written in windows of kConvWindow neighbouring
   // channels (one cache line of a pixel): rows [window_start[a],
@@ -45,9 +44,8 @@ struct ConvProblem {
   float* y;  // (batch, oh, ow, cout) NHWC
 };
 
-// One instruction-set variant of the kernels.
+// One instruction-set build of the kernels.
 struct ConvKernels {
-  const char* name;
   // Grid columns computed per register block (vector width x accumulators);
   // the FFI handler sizes work items in multiples of it.
   int64_t block;
@@ -69,13 +67,7 @@ constexpr int64_t kConvWindow = 16;
 // Floats of `scratch` that compute needs.
 constexpr int64_t kConvComputeScratch = (kConvWindow + 1) * 256;
 
-const ConvKernels& ConvKernelsGeneric();
-#if defined(SRIGL_HAVE_AVX2)
-const ConvKernels& ConvKernelsAvx2();
-#endif
-#if defined(SRIGL_HAVE_AVX512)
-const ConvKernels& ConvKernelsAvx512();
-#endif
+SRIGL_DECLARE_KERNEL_TABLES(ConvKernels);
 
 }  // namespace srigl
 
