@@ -6,30 +6,40 @@ draws dropout from the 'dropout' rng, returns float32 logits, and names its fina
 classifier `head`.
 """
 
-import functools
-from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 
+from srigl_jax.models import vit
 from srigl_jax.models.cnn import CNN
 from srigl_jax.models.mlp import MLP
-from srigl_jax.models.mobilenet import MobileNetV3, mobilenet_v3
-from srigl_jax.models.resnet import BasicBlock, BottleneckBlock, ResNet, resnet18, resnet50
-from srigl_jax.models.vit import ViT, vit
-from srigl_jax.models.wide_resnet import WideResNet, wrn22
+from srigl_jax.models.mobilenet import MobileNetV3
+from srigl_jax.models.resnet import BasicBlock, BottleneckBlock, ResNet
+from srigl_jax.models.vit import ViT
+from srigl_jax.models.wide_resnet import WideResNet
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    'mlp': MLP,
-    'cnn': CNN,
-    'resnet18': resnet18,
-    'resnet50': resnet50,
-    'wrn22': wrn22,
-    'vit_ti16': functools.partial(vit, 'ti16'),
-    'vit_s16': functools.partial(vit, 's16'),
-    'vit_b16': functools.partial(vit, 'b16'),
-    'vit_tiny_test': functools.partial(vit, 'tiny_test'),
-    'mobilenet_v3_small': functools.partial(mobilenet_v3, 'small'),
-    'mobilenet_v3_large': functools.partial(mobilenet_v3, 'large'),
+# Name -> (module class, its attributes for that network). The parameter counts
+# are at the paper's number of classes.
+_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
+    'mlp': (MLP, {}),
+    'cnn': (CNN, {}),
+    # CIFAR form, 11.2M parameters.
+    'resnet18': (ResNet, dict(stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, stem='cifar')),
+    # v1.5 in the ImageNet form, 25.6M parameters.
+    'resnet50': (
+        ResNet,
+        dict(stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock, stem='imagenet'),
+    ),
+    # WRN-22-8, 17.2M parameters.
+    'wrn22': (WideResNet, dict(depth=22, widen_factor=8)),
+    'vit_ti16': (ViT, vit.SIZES['ti16']),
+    'vit_s16': (ViT, vit.SIZES['s16']),
+    'vit_b16': (ViT, vit.SIZES['b16']),
+    'vit_tiny_test': (ViT, vit.SIZES['tiny_test']),
+    # 2.5M parameters.
+    'mobilenet_v3_small': (MobileNetV3, dict(size='small')),
+    # 5.5M parameters.
+    'mobilenet_v3_large': (MobileNetV3, dict(size='large')),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -41,9 +51,10 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   Args:
     name: One of `MODEL_NAMES`.
     num_classes: Number of output logits.
-    **kwargs: Overrides of the model's attributes, e.g. `dtype=jnp.bfloat16`,
-      `width=8` (ResNets), `widen_factor=2` (WRN), `width_multiplier=0.25`
-      (MobileNet), `hidden_sizes=(256,)` (MLP), `dropout_rate=0.1`.
+    **kwargs: Attributes of the model's module, replacing the named network's,
+      e.g. `dtype=jnp.bfloat16`, `width=8` (ResNets), `widen_factor=2` (WRN),
+      `width_multiplier=0.25` (MobileNet), `hidden_sizes=(256,)` (MLP),
+      `dropout_rate=0.1`.
 
   Returns:
     An unbound Flax module.
@@ -53,7 +64,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """
   if name not in _REGISTRY:
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
-  return _REGISTRY[name](num_classes=num_classes, **kwargs)
+  cls, attributes = _REGISTRY[name]
+  return cls(num_classes=num_classes, **{**attributes, **kwargs})
 
 
 __all__ = [
@@ -67,9 +79,4 @@ __all__ = [
     'ViT',
     'WideResNet',
     'get_model',
-    'mobilenet_v3',
-    'resnet18',
-    'resnet50',
-    'vit',
-    'wrn22',
 ]

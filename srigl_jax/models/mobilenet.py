@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from srigl_jax.models import common
+
 # (kernel, expanded channels, out channels, use SE, activation, stride) per block;
 # the block's input channels are the previous block's output.
 _LARGE = (
@@ -52,15 +54,12 @@ _SMALL = (
 )
 _CONFIGS = {'large': (_LARGE, 1280), 'small': (_SMALL, 1024)}
 _ACTIVATIONS = {'relu': nn.relu, 'hswish': nn.hard_swish}
-# torchvision's choices: Kaiming normal over fan-out, BatchNorm momentum 0.01
-# (0.99 in Flax's convention) and epsilon 1e-3.
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _batch_norm(name: str, train: bool, dtype: Any) -> nn.BatchNorm:
-  return nn.BatchNorm(
-      use_running_average=not train, momentum=0.99, epsilon=1e-3, dtype=dtype, name=name
-  )
+def _conv_bn(train: bool, dtype: Any):
+  # torchvision's MobileNet-V3 BatchNorm: momentum 0.01 (0.99 in Flax's
+  # convention) and epsilon 1e-3.
+  return functools.partial(common.conv_bn, train=train, dtype=dtype, momentum=0.99, epsilon=1e-3)
 
 
 def make_divisible(value: float, divisor: int = 8) -> int:
@@ -122,79 +121,46 @@ class InvertedResidual(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     act = _ACTIVATIONS[self.activation]
-    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
+    conv_bn = _conv_bn(train, self.dtype)
     y = x
     if self.expanded != x.shape[-1]:
-      y = nn.Conv(
-          self.expanded,
-          (1, 1),
-          use_bias=False,
-          dtype=self.dtype,
-          kernel_init=_conv_init,
-          name='expand_conv',
-      )(y)
-      y = act(norm('expand_bn')(y))
-    p = (self.kernel_size - 1) // 2
-    y = nn.Conv(
+      y = conv_bn(y, self.expanded, 1, names=('expand_conv', 'expand_bn'), act=act)
+    y = conv_bn(
+        y,
         self.expanded,
-        (self.kernel_size,) * 2,
-        (self.strides,) * 2,
-        padding=((p, p), (p, p)),
+        self.kernel_size,
+        self.strides,
+        names=('depthwise_conv', 'depthwise_bn'),
+        act=act,
         feature_group_count=self.expanded,
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=_conv_init,
-        name='depthwise_conv',
-    )(y)
-    y = act(norm('depthwise_bn')(y))
+    )
     if self.use_se:
       y = SqueezeExcite(make_divisible(self.expanded // 4), dtype=self.dtype, name='se')(y)
-    y = nn.Conv(
-        self.features,
-        (1, 1),
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=_conv_init,
-        name='project_conv',
-    )(y)
-    y = norm('project_bn')(y)
+    y = conv_bn(y, self.features, 1, names=('project_conv', 'project_bn'))
     if self.strides == 1 and x.shape[-1] == self.features:
       y = y + x
     return y
 
 
-class MobileNetV3(nn.Module):
-  """MobileNet-V3 classifier.
+class MobileNetV3(common.Classifier):
+  """MobileNet-V3 classifier (224x224 inputs for ImageNet).
 
   Attributes:
-    num_classes: Number of output logits.
     size: 'large' or 'small'.
     width_multiplier: Scales every channel count (rounded to multiples of 8).
     block_specs: Replaces the size's block table (tests, ablations): tuples
       `(kernel, expanded, out, use_se, 'relu' | 'hswish', stride)`; the size
       then only sets the width of `hidden_fc`.
     dropout_rate: Dropout before the head ('dropout' rng).
-    dtype: Compute dtype; parameters stay float32.
   """
 
-  num_classes: int
   size: str = 'large'
   width_multiplier: float = 1.0
   block_specs: Sequence[tuple[int, int, int, bool, str, int]] | None = None
   dropout_rate: float = 0.2
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Applies the network.
-
-    Args:
-      x: NHWC images (224x224 for ImageNet).
-      train: Batch statistics, dropout and `batch_stats` updates when True.
-
-    Returns:
-      Float32 logits `(batch, num_classes)`.
-    """
+  @nn.nowrap
+  def backbone(self, x, train):
     if self.size not in _CONFIGS:
       raise ValueError(f'size must be one of {sorted(_CONFIGS)}, got {self.size!r}')
     blocks, last_channel = _CONFIGS[self.size]
@@ -204,49 +170,13 @@ class MobileNetV3(nn.Module):
     def ch(channels):
       return make_divisible(channels * self.width_multiplier)
 
-    norm = functools.partial(_batch_norm, train=train, dtype=self.dtype)
-
-    x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(
-        ch(16),
-        (3, 3),
-        (2, 2),
-        padding=((1, 1), (1, 1)),
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=_conv_init,
-        name='stem_conv',
-    )(x)
-    x = nn.hard_swish(norm('stem_bn')(x))
+    conv_bn = _conv_bn(train, self.dtype)
+    x = conv_bn(x, ch(16), 3, 2, names=('stem_conv', 'stem_bn'), act=nn.hard_swish)
     for i, (k, exp, out, se, act, stride) in enumerate(blocks):
       x = InvertedResidual(
           k, ch(exp), ch(out), se, act, stride, dtype=self.dtype, name=f'block{i}'
       )(x, train=train)
-    x = nn.Conv(
-        6 * x.shape[-1],
-        (1, 1),
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=_conv_init,
-        name='last_conv',
-    )(x)
-    x = nn.hard_swish(norm('last_bn')(x))
+    x = conv_bn(x, 6 * x.shape[-1], 1, names=('last_conv', 'last_bn'), act=nn.hard_swish)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.hard_swish(nn.Dense(ch(last_channel), dtype=self.dtype, name='hidden_fc')(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return x.astype(jnp.float32)
-
-
-def mobilenet_v3(size: str, num_classes: int, **kwargs) -> MobileNetV3:
-  """MobileNet-V3 of the given size (about 5.5M large / 2.5M small at 1000 classes).
-
-  Args:
-    size: 'large' or 'small'.
-    num_classes: Number of output logits.
-    **kwargs: Overrides of `MobileNetV3` attributes (e.g. `width_multiplier`).
-
-  Returns:
-    The module.
-  """
-  return MobileNetV3(num_classes=num_classes, size=size, **kwargs)
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)

@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from srigl_jax.models import common
+
 
 class MlpBlock(nn.Module):
   """Transformer feed-forward block: Dense, GELU, Dense.
@@ -83,14 +85,14 @@ class EncoderBlock(nn.Module):
     return x + y
 
 
-class ViT(nn.Module):
+class ViT(common.Classifier):
   """Vision Transformer classifying from the class token.
 
-  The position embedding's length follows the input resolution at init (197
-  tokens for 224x224 images and patch 16); apply the model at that resolution.
+  The input's sides must be multiples of `patch_size`. The position embedding's
+  length follows the input resolution at init (197 tokens for 224x224 images and
+  patch 16); apply the model at that resolution.
 
   Attributes:
-    num_classes: Number of output logits.
     patch_size: Side of the square patches.
     hidden_size: Token width (embed dim).
     num_layers: Number of encoder blocks.
@@ -98,10 +100,8 @@ class ViT(nn.Module):
     mlp_dim: Hidden width of each MLP block.
     dropout_rate: Dropout on embeddings and residual branches ('dropout' rng).
     attention_dropout_rate: Dropout on attention weights ('dropout' rng).
-    dtype: Compute dtype; parameters stay float32.
   """
 
-  num_classes: int
   patch_size: int = 16
   hidden_size: int = 768
   num_layers: int = 12
@@ -109,22 +109,11 @@ class ViT(nn.Module):
   mlp_dim: int = 3072
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Applies the network.
-
-    Args:
-      x: NHWC images whose sides are multiples of `patch_size`.
-      train: Enables dropout when True.
-
-    Returns:
-      Float32 logits `(batch, num_classes)`.
-    """
+  @nn.nowrap
+  def backbone(self, x, train):
     if self.hidden_size % self.num_heads:
-      raise ValueError(f'num_heads={self.num_heads} must divide ' f'hidden_size={self.hidden_size}')
-    x = jnp.asarray(x, self.dtype)
+      raise ValueError(f'num_heads={self.num_heads} must divide hidden_size={self.hidden_size}')
     p = self.patch_size
     x = nn.Conv(
         self.hidden_size,
@@ -151,28 +140,14 @@ class ViT(nn.Module):
           name=f'encoderblock_{i}',
       )(x, train=train)
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
-    return x.astype(jnp.float32)
+    return x[:, 0]
 
 
-_VARIANTS = {
+# `ViT` attributes of each size, registered as 'vit_<size>'.
+SIZES = {
     'ti16': dict(patch_size=16, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768),
     's16': dict(patch_size=16, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536),
     'b16': dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
     # Only for tests and smoke runs: a few ms per step on a CPU at 16x16 inputs.
     'tiny_test': dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64),
 }
-
-
-def vit(variant: str, num_classes: int, **kwargs) -> ViT:
-  """Builds a ViT of a named size.
-
-  Args:
-    variant: One of 'ti16', 's16', 'b16', 'tiny_test'.
-    num_classes: Number of output logits.
-    **kwargs: Overrides of `ViT` attributes (e.g. `dropout_rate`).
-
-  Returns:
-    The module.
-  """
-  return ViT(num_classes=num_classes, **{**_VARIANTS[variant], **kwargs})

@@ -9,13 +9,13 @@ Module names: `stem_conv`, blocks `group{i}_block{j}` holding `bn1`, `conv1`,
 `bn2`, `conv2` and, when the shape changes, `proj_conv`; `final_bn`; `head`.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-# Kaiming normal over fan-out, as the reference PyTorch WRN initialises convs.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from srigl_jax.models import common
 
 
 class WideBasicBlock(nn.Module):
@@ -35,78 +35,40 @@ class WideBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    def norm(name):
-      return nn.BatchNorm(
-          use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
-      )
-
-    def conv(features, kernel, strides, name):
-      p = (kernel - 1) // 2
-      return nn.Conv(
-          features,
-          (kernel, kernel),
-          (strides, strides),
-          padding=((p, p), (p, p)),
-          use_bias=False,
-          dtype=self.dtype,
-          kernel_init=conv_kernel_init,
-          name=name,
-      )
-
+    norm = functools.partial(common.batch_norm, train=train, dtype=self.dtype)
+    conv = functools.partial(common.conv, dtype=self.dtype)
     needs_proj = x.shape[-1] != self.features or self.strides != 1
-    pre = nn.relu(norm('bn1')(x))
-    residual = conv(self.features, 1, self.strides, 'proj_conv')(pre) if needs_proj else x
-    y = conv(self.features, 3, self.strides, 'conv1')(pre)
-    y = nn.relu(norm('bn2')(y))
+    pre = nn.relu(norm(name='bn1')(x))
+    residual = conv(self.features, 1, self.strides, name='proj_conv')(pre) if needs_proj else x
+    y = conv(self.features, 3, self.strides, name='conv1')(pre)
+    y = nn.relu(norm(name='bn2')(y))
     if self.dropout_rate > 0:
       y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    y = conv(self.features, 3, 1, 'conv2')(y)
+    y = conv(self.features, 3, name='conv2')(y)
     return y + residual
 
 
-class WideResNet(nn.Module):
+class WideResNet(common.Classifier):
   """Wide ResNet for 32x32 inputs.
 
   Attributes:
-    num_classes: Number of output logits.
     depth: Total depth; `(depth - 4)` must be divisible by 6 (22 for WRN-22).
     widen_factor: Width multiplier k (8 for WRN-22-8).
     base_width: Channels of the stem; the groups have `base_width * k * 2**i`.
     dropout_rate: Dropout inside blocks, keyed by the 'dropout' rng.
-    dtype: Compute dtype; parameters stay float32.
   """
 
-  num_classes: int
   depth: int = 22
   widen_factor: int = 8
   base_width: int = 16
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """Applies the network.
-
-    Args:
-      x: NHWC images.
-      train: Batch statistics are used and `batch_stats` updated when True.
-
-    Returns:
-      Float32 logits `(batch, num_classes)`.
-    """
+  @nn.nowrap
+  def backbone(self, x, train):
     if (self.depth - 4) % 6 != 0 or self.depth < 10:
       raise ValueError(f'WRN depth must be 6n + 4 with n >= 1, got {self.depth}')
     n_blocks = (self.depth - 4) // 6
-    x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(
-        self.base_width,
-        (3, 3),
-        padding=((1, 1), (1, 1)),
-        use_bias=False,
-        dtype=self.dtype,
-        kernel_init=conv_kernel_init,
-        name='stem_conv',
-    )(x)
+    x = common.conv(self.base_width, 3, dtype=self.dtype, name='stem_conv')(x)
     for i in range(3):
       for j in range(n_blocks):
         x = WideBasicBlock(
@@ -116,24 +78,5 @@ class WideResNet(nn.Module):
             dtype=self.dtype,
             name=f'group{i + 1}_block{j + 1}',
         )(x, train=train)
-    x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='final_bn'
-    )(x)
-    x = nn.relu(x)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
-    return x.astype(jnp.float32)
-
-
-def wrn22(num_classes: int, **kwargs) -> WideResNet:
-  """WRN-22 (widen factor 8 unless overridden; about 17.2M parameters at 10 classes).
-
-  Args:
-    num_classes: Number of output logits.
-    **kwargs: Overrides of `WideResNet` attributes (`widen_factor`, `base_width`, ...).
-
-  Returns:
-    The module.
-  """
-  kwargs = {'depth': 22, 'widen_factor': 8, **kwargs}
-  return WideResNet(num_classes=num_classes, **kwargs)
+    x = nn.relu(common.batch_norm(train=train, dtype=self.dtype, name='final_bn')(x))
+    return jnp.mean(x, axis=(1, 2))
