@@ -90,7 +90,7 @@ def main(out_path):
   fan = 9 * cin
   mask = constant_fan_in(rng, fan, cout, int(fan * cout * 0.1) // 115, 115).reshape(3, 3, cin, cout)
   w = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
-  conv = C.condense_conv(w, mask, None, strides=(1, 1), padding="SAME")
+  conv = C.condense_conv(w, mask, None, strides=(1, 1), padding="SAME", input_hw=(28, 28))
   x = jnp.asarray(rng.standard_normal((64, 28, 28, cin)), jnp.float32)
   dense = mean_us(
       jax.jit(

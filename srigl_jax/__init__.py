@@ -1,7 +1,11 @@
 """SRigL: structured dynamic sparse training in JAX.
 
 The sparse optimizer is an optax wrapper: see `srigl`, `rigl`, `set_sparse`,
-`static_sparse` and `sparse_optimizer`.
+`static_sparse` and `sparse_optimizer` (all of `srigl_jax.sparsity` is here).
+`convert_model` and the other names of `srigl_jax.condensed` turn a trained
+model into its condensed form. `export_inference_model` (a training workdir ->
+a verified inference folder, `srigl_jax.export`) and `load_inference_model`
+(the folder -> a model to serve, `srigl_jax.serving`) are imported on first use.
 """
 
 from srigl_jax.condensed import (
@@ -17,40 +21,26 @@ from srigl_jax.condensed import (
     convert_model,
     native_available,
 )
-from srigl_jax.sparsity import (
-    DEFAULT_NO_ABLATION,
-    METHODS,
-    LayerSpec,
-    SparseState,
-    apply_masks,
-    build_layer_specs,
-    erk_densities,
-    get_masks,
-    global_sparsity,
-    layer_stats,
-    rigl,
-    set_sparse,
-    sparse_init,
-    sparse_optimizer,
-    srigl,
-    static_sparse,
-)
+from srigl_jax.sparsity import *  # noqa: F403  (the sparse optimizer's API, `sparsity.__all__`)
+from srigl_jax.version import __version__
 
-__version__ = "0.1.0"
-
-# Deployment (a training workdir -> a saved condensed model -> serving) lives
-# in srigl_jax.export, imported on first use: `python -m srigl_jax.export`
-# would otherwise find the module already imported and run a second copy.
-_EXPORT_NAMES = ("export_inference_model", "load_inference_model")
+_LAZY_NAMES = ("export_inference_model", "load_inference_model")
 
 
 def __getattr__(name):
-  if name in _EXPORT_NAMES:
+  # Imported on first use: the export pulls in the trainer's build and the data
+  # pipeline, serving orbax; and `python -m srigl_jax.export` would find its
+  # module already imported and run a second copy.
+  if name == "export_inference_model":
     from srigl_jax import export  # pylint: disable=g-import-not-at-top
 
-    return getattr(export, name)
+    return export.export_inference_model
+  if name == "load_inference_model":
+    from srigl_jax import serving  # pylint: disable=g-import-not-at-top
+
+    return serving.load_inference_model
   raise AttributeError(f"module 'srigl_jax' has no attribute {name!r}")
 
 
 def __dir__():
-  return sorted(list(globals()) + list(_EXPORT_NAMES))
+  return sorted(set(globals()) | set(_LAZY_NAMES))

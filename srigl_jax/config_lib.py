@@ -193,7 +193,19 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 class ConfigError(ValueError):
-  """The config cannot describe a valid run; the message says what to change."""
+  """The config cannot describe a valid run; the message says what to change.
+
+  Attributes:
+    field: the dotted config field at fault (e.g. 'sparsity.gamma_sal'), or its
+      group (e.g. 'input') where the group's owner does not name the field.
+  """
+
+  def __init__(self, message: str, field: str):
+    super().__init__(message)
+    self.field = field
+
+  def __reduce__(self):
+    return type(self), (str(self), self.field)
 
 
 def _conform(schema, config, prefix: str) -> None:
@@ -219,12 +231,14 @@ def _conform(schema, config, prefix: str) -> None:
       raise ConfigError(
           f'Unknown config key {dotted!r}: the trainer would ignore it. {hint} '
           'Remove it or fix its name (srigl_jax/config_lib.py base_config '
-          'lists every valid key).'
+          'lists every valid key).',
+          field=dotted,
       ) from None
     except TypeError as e:
       raise ConfigError(
           f'Config key {dotted!r} has the wrong type: {e}. Fix its value, e.g. '
-          f'--config.{dotted}={schema[key]!r}.'
+          f'--config.{dotted}={schema[key]!r}.',
+          field=dotted,
       ) from None
 
 
@@ -245,7 +259,8 @@ def check_schema(config: ml_collections.ConfigDict) -> None:
   if name not in data_lib.DATASET_NAMES:
     raise ConfigError(
         f'input.name={name!r} is not a known dataset; valid names: '
-        f'{list(data_lib.DATASET_NAMES)}.'
+        f'{list(data_lib.DATASET_NAMES)}.',
+        field='input.name',
     )
   _conform(base_config(name), config, '')
 
@@ -278,11 +293,14 @@ def optimizer_method(config: ml_collections.ConfigDict) -> tuple[str, float]:
   """Maps the user-facing method to the sparse optimizer's (method, gamma_sal).
 
   Raises:
-    ValueError: an unknown method.
+    ConfigError: an unknown method.
   """
   method = config.sparsity.method
   if method not in RECIPES:
-    raise ValueError(f'Unknown sparsity.method {method!r}; valid methods: {list(RECIPES)}.')
+    raise ConfigError(
+        f'sparsity.method={method!r} is not a known method. Fix: use one of {list(RECIPES)}.',
+        field='sparsity.method',
+    )
   if method == 'srigl_noablation':
     return 'srigl', 0.0
   return method, float(config.sparsity.gamma_sal)

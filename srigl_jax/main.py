@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from srigl_jax import train
+from srigl_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file (configs/*.py[:arg]).', lock_config=True
@@ -113,7 +113,7 @@ def main(argv):
     logging.info(
         'glibc malloc: freed memory kept for reuse ' '(SRIGL_JAX_SYSTEM_MALLOC=1 turns this off).'
     )
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

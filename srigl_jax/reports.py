@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
 
-from srigl_jax import export as export_lib
-from srigl_jax import metric_writers
+from srigl_jax.training import metric_writers
 
 SUMMARY_FILE = 'summary.json'
 
@@ -106,7 +105,8 @@ def write_summary_and_plots(
     num_params: total number of parameters.
     call_order: module path -> call index, to order the layers input first.
     inference: the export report (`srigl_jax.export.export_model`), or None
-      when the run was not exported.
+      when the run was not exported; summary.json keeps its accuracies and
+      latencies.
   """
   layers = {}
   for key, value in sparsity_scalars.items():
@@ -157,8 +157,6 @@ def write_summary_and_plots(
       f'{steps_per_sec:.2f}' if steps_per_sec else '?',
       os.path.join(workdir, SUMMARY_FILE),
   )
-  if inference is not None:
-    logging.info('%s', export_lib.summary_line(inference))
 
 
 def _pyplot():
@@ -259,6 +257,19 @@ def _sparsity_axis(groups: Sequence[Mapping[str, Any]]) -> tuple[dict[float, int
   return {sp: i for i, sp in enumerate(sps)}, [sparsity_label(sp) for sp in sps]
 
 
+def _sparsity_figure(groups: Sequence[Mapping[str, Any]], panels: int, panel_size: tuple):
+  """pyplot, a figure of `panels` axes side by side, and the sparsity axis of `groups`.
+
+  Returns:
+    (pyplot, the figure, its axes, sparsity -> x position, tick labels).
+  """
+  plt = _pyplot()
+  xpos, labels = _sparsity_axis(groups)
+  width, height = panel_size
+  fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+  return plt, fig, axes[0], xpos, labels
+
+
 def _std(value: float) -> float:
   """An error bar: a standard deviation, 0 where it is NaN (a single seed)."""
   return 0.0 if math.isnan(value) else value
@@ -282,9 +293,7 @@ def plot_accuracy_vs_sparsity(
   Returns:
     `path`.
   """
-  plt = _pyplot()
-  xpos, labels = _sparsity_axis(groups)
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  plt, fig, (ax,), xpos, labels = _sparsity_figure(groups, 1, (7, 4.5))
   for m in methods:
     mg = [g for g in groups if g['method'] == m]
     if m == 'dense':
@@ -294,15 +303,7 @@ def plot_accuracy_vs_sparsity(
         ax.axhspan(g['acc_mean'] - g['acc_std'], g['acc_mean'] + g['acc_std'], color='k', alpha=0.1)
       continue
     mg.sort(key=lambda g: g['sparsity'])
-    ax.errorbar(
-        [xpos[g['sparsity']] for g in mg],
-        [g['acc_mean'] for g in mg],
-        yerr=[_std(g['acc_std']) for g in mg],
-        marker='o',
-        ms=4,
-        capsize=3,
-        label=m,
-    )
+    _errorbar(ax, xpos, mg, lambda g: (g['acc_mean'], g['acc_std']), label=m, size=4)
   _label_axes(ax, labels, 'test accuracy (%)', title)
   ax.legend(fontsize=8)
   return _save(plt, fig, path)
@@ -325,22 +326,19 @@ def plot_active_neurons_vs_sparsity(
   Returns:
     `path`.
   """
-  plt = _pyplot()
-  xpos, labels = _sparsity_axis(groups)
-  fig, axes = plt.subplots(1, len(methods), figsize=(4.5 * len(methods), 4), squeeze=False)
-  for ax, m in zip(axes[0], methods):
+  plt, fig, axes, xpos, labels = _sparsity_figure(groups, len(methods), (4.5, 4))
+  for ax, m in zip(axes, methods):
     mg = sorted((g for g in groups if g['method'] == m), key=lambda g: g['sparsity'])
     layers = layer_names(g['active_pct'] for g in mg)
     for layer in layers:
       pts = [g for g in mg if layer in g['active_pct']]
-      ax.errorbar(
-          [xpos[g['sparsity']] for g in pts],
-          [g['active_pct'][layer] for g in pts],
-          yerr=[_std(g['active_pct_std'][layer]) for g in pts],
-          marker='o',
-          ms=3,
-          capsize=2,
+      _errorbar(
+          ax,
+          xpos,
+          pts,
+          lambda g, l=layer: (g['active_pct'][l], g['active_pct_std'][l]),
           label=layer,
+          size=3,
       )
     ax.set_ylim(0, 105)
     _label_axes(ax, labels, 'active neurons (% of layer)', m)
@@ -348,6 +346,36 @@ def plot_active_neurons_vs_sparsity(
       ax.legend(fontsize=7)
   fig.suptitle(title)
   return _save(plt, fig, path)
+
+
+def _errorbar(
+    ax,
+    xpos: Mapping[float, int],
+    groups: Sequence[Mapping[str, Any]],
+    mean_std: Callable[[Mapping[str, Any]], tuple[float, float]],
+    label: str,
+    size: int,
+) -> None:
+  """One series of error bars over the sparsity axis: (mean, std) of each group.
+
+  Args:
+    ax: the axes.
+    xpos: sparsity -> x position (`_sparsity_axis`).
+    groups: the series' groups, sorted by sparsity.
+    mean_std: a group's mean and standard deviation (NaN: no bar).
+    label: the legend entry.
+    size: the marker size; the caps are one point smaller.
+  """
+  values = [mean_std(g) for g in groups]
+  ax.errorbar(
+      [xpos[g['sparsity']] for g in groups],
+      [mean for mean, _ in values],
+      yerr=[_std(std) for _, std in values],
+      marker='o',
+      ms=size,
+      capsize=size - 1,
+      label=label,
+  )
 
 
 def _label_axes(ax, sparsity_labels: Sequence[str], ylabel: str, title: str) -> None:

@@ -7,7 +7,11 @@ r"""Runs a grid of experiments and collects their results into tables and plots.
       --sparsities=0.8,0.9,0.95,0.98,0.99 --seeds=0,1,2 \
       --overrides=num_train_steps=2000 --jobs=2
 
-Each run trains in its own subprocess (`python -m srigl_jax.main`), so a crash
+Before anything is trained, the config of every run is parsed from the same
+flags its subprocess gets and built (`training.build`: every config check and
+every layer's fan-in, no data read, nothing compiled): a grid holding a run
+that cannot train stops here, naming the run and the config field. Each run
+then trains in its own subprocess (`python -m srigl_jax.main`), so a crash
 of one run does not stop the others, and writes to
 
   OUT/<config>/<method>/s<sparsity>/seed<k>/
@@ -48,12 +52,16 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
+import ml_collections
 from absl import app, flags
+from ml_collections import config_flags
 
 from srigl_jax import config_lib, reports
+from srigl_jax.training import build as build_lib
 
 # Repeated flags, not comma lists: config args and tuple values hold commas.
 _CONFIGS = flags.DEFINE_multi_string(
@@ -80,7 +88,9 @@ _OVERRIDES = flags.DEFINE_multi_string(
     'Config overrides KEY=VALUE;KEY=VALUE applied to every run, e.g. '
     '"num_train_steps=2000;write_plots=False"; the flag may be repeated.',
 )
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the grid (and what is finished) and exit.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Check the configs, print the grid (and what is finished) and exit.'
+)
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Runs trained in parallel processes.')
 _COLLECT_ONLY = flags.DEFINE_bool(
     'collect_only', False, 'Do not train; only collect the finished runs.'
@@ -122,12 +132,13 @@ class Run:
 
   def command(self, python: str = sys.executable) -> list[str]:
     """The subprocess command line that trains this run."""
+    config_file, *overrides = self.config_flags()
+    return [python, '-m', 'srigl_jax.main', config_file, f'--workdir={self.workdir}', *overrides]
+
+  def config_flags(self) -> list[str]:
+    """The entry point's flags that give this run's config: file and arg, then overrides."""
     return [
-        python,
-        '-m',
-        'srigl_jax.main',
         f'--config={self.config_path}:{self.config_arg}',
-        f'--workdir={self.workdir}',
         f'--config.seed={self.seed}',
     ] + [f'--config.{o}' for o in self.overrides]
 
@@ -258,6 +269,57 @@ def expand_grid(
               )
           )
   return runs
+
+
+# ------------------------------------------------------------------ check
+
+
+def run_config(run: Run) -> ml_collections.ConfigDict:
+  """The config `run.command()` trains, parsed from its flags as the entry point parses them."""
+  argv = ['srigl_jax.main', *run.config_flags()]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', None, flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
+  flag_values(argv)
+  return flag_values.config
+
+
+def check_grid(runs: Sequence[Run]) -> list[tuple[Run, Exception]]:
+  """Builds the config of every run of the grid: no data read, nothing compiled.
+
+  Runs that differ only in their seed share one check.
+
+  Args:
+    runs: the runs to check.
+
+  Returns:
+    (run, error) for every run that cannot train: a `config_lib.ConfigError`
+    (whose `field` names the config field), or the error of its config file,
+    arg or overrides.
+  """
+  failed, seen = [], set()
+  for run in runs:
+    key = (run.config_path, run.config_arg, run.overrides)
+    if key in seen:
+      continue
+    seen.add(key)
+    try:
+      build_lib.build(run_config(run), open_dataset=False)
+    except Exception as e:  # pylint: disable=broad-except
+      failed.append((run, e))  # Whatever it is, the run's subprocess would fail on it.
+  return failed
+
+
+def _report_invalid(failed: Sequence[tuple[Run, Exception]]) -> None:
+  print(f'{len(failed)} config(s) of the grid cannot train; nothing was started:', flush=True)
+  for run, e in failed:
+    field = getattr(e, 'field', None)
+    print(
+        f'  {subprocess.list2cmdline(run.command())}\n'
+        f'    {type(e).__name__}{f" ({field})" if field else ""}: {e}',
+        flush=True,
+    )
 
 
 # -------------------------------------------------------------------- run
@@ -621,30 +683,32 @@ def _num(x: Any) -> str:
   return f'{x:.6g}' if isinstance(x, float) else str(x)
 
 
-def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
-  """One row per config x method x sparsity; one column per layer's active %."""
-  layers = reports.layer_names(g['active_pct'] for g in groups)
-  header = [
-      'config',
-      'method',
-      'sparsity',
-      'n_seeds',
-      'seeds',
-      'accuracy_mean',
-      'accuracy_std',
-      'accuracies',
-      'global_sparsity',
-      'steps_per_sec',
-  ] + [f'active_pct/{l}' for l in layers]
+# The columns that name a result, and their cells.
+_KEY_COLUMNS = ('config', 'method', 'sparsity')
+
+
+def _key_cells(record: dict[str, Any]) -> list[Any]:
+  return [record['config'], record['method'], _num(record['sparsity'])]
+
+
+def _write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
   with open(path, 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
     w.writerow(header)
-    for g in groups:
-      w.writerow(
-          [
-              g['config'],
-              g['method'],
-              _num(g['sparsity']),
+    w.writerows(rows)
+
+
+def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
+  """One row per config x method x sparsity; one column per layer's active %."""
+  layers = reports.layer_names(g['active_pct'] for g in groups)
+  header = [*_KEY_COLUMNS, 'n_seeds', 'seeds', 'accuracy_mean', 'accuracy_std', 'accuracies']
+  header += ['global_sparsity', 'steps_per_sec'] + [f'active_pct/{l}' for l in layers]
+  _write_csv(
+      path,
+      header,
+      (
+          _key_cells(g)
+          + [
               g['n'],
               ' '.join(map(str, g['seeds'])),
               _num(g['acc_mean']),
@@ -654,33 +718,22 @@ def write_csv(groups: Sequence[dict[str, Any]], path: str) -> None:
               _num(g['steps_per_sec']),
           ]
           + [_num(g['active_pct'].get(l)) for l in layers]
-      )
+          for g in groups
+      ),
+  )
 
 
 def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
   """One row per run directory (relative to the CSV's folder), finished or not."""
   base = os.path.dirname(os.path.abspath(path))
-  with open(path, 'w', newline='', encoding='utf-8') as f:
-    w = csv.writer(f)
-    w.writerow(
-        [
-            'config',
-            'method',
-            'sparsity',
-            'seed',
-            'finished',
-            'accuracy',
-            'global_sparsity',
-            'steps_per_sec',
-            'workdir',
-        ]
-    )
-    for r in rows:
-      w.writerow(
-          [
-              r['config'],
-              r['method'],
-              _num(r['sparsity']),
+  header = [*_KEY_COLUMNS, 'seed', 'finished', 'accuracy', 'global_sparsity', 'steps_per_sec']
+  header.append('workdir')
+  _write_csv(
+      path,
+      header,
+      (
+          _key_cells(r)
+          + [
               r['seed'],
               int(r['finished']),
               _num(r.get('accuracy')),
@@ -688,7 +741,9 @@ def write_runs_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
               _num(r.get('steps_per_sec')),
               os.path.relpath(r['workdir'], base),
           ]
-      )
+          for r in rows
+      ),
+  )
 
 
 def write_plots(groups: Sequence[dict[str, Any]], out: str) -> list[str]:
@@ -769,6 +824,13 @@ def main(argv):
         out,
         _OVERRIDES.value,
     )
+    # This process only traces shapes: on the CPU it holds no accelerator
+    # memory that the training subprocesses need.
+    jax.config.update('jax_platforms', 'cpu')
+    failed = check_grid([r for r in runs if not r.finished])
+    if failed:
+      _report_invalid(failed)
+      sys.exit(1)
     if _DRY_RUN.value:
       for r in runs:
         state = 'done' if r.finished else 'todo'

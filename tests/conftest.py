@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from srigl_jax import train
+from srigl_jax import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, 'configs')
@@ -55,7 +55,7 @@ def nan_batches(monkeypatch):
   """Call with a set of 1-based steps: their training batches become all NaN."""
 
   def install(bad_steps):
-    create = train.data_lib.create_dataset
+    create = data.create_dataset
 
     def create_with_bad_batches(*args, **kwargs):
       dataset = create(*args, **kwargs)
@@ -70,7 +70,7 @@ def nan_batches(monkeypatch):
       dataset.train_batches = train_batches
       return dataset
 
-    monkeypatch.setattr(train.data_lib, 'create_dataset', create_with_bad_batches)
+    monkeypatch.setattr(data, 'create_dataset', create_with_bad_batches)
 
   return install
 

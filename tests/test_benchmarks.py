@@ -1,5 +1,6 @@
 """The benchmark CLIs run end to end on tiny sizes and write what they promise."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -7,37 +8,21 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from absl import flags
 
 import srigl_jax.condensed as C
+from srigl_jax import timing
 from srigl_jax.benchmarks import condensed as bench
 
 
 def test_condensed_benchmark_writes_json_and_plot(tmp_path, capsys):
   out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
   impls = ["dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas"]
+  argv = "--in-features 96 --out-features 40 --sparsities 0.9,0.99 --batch-sizes 1,3"
+  argv += " --repeats 3 --budget 0 --cache-bytes 65536"
   rc = bench.main(
-      [
-          "--in-features",
-          "96",
-          "--out-features",
-          "40",
-          "--sparsities",
-          "0.9,0.99",
-          "--batch-sizes",
-          "1,3",
-          "--impls",
-          ",".join(impls),
-          "--repeats",
-          "3",
-          "--budget",
-          "0",
-          "--cache-bytes",
-          "65536",
-          "--json",
-          str(out_json),
-          "--plot",
-          str(out_png),
-      ]
+      argv.split() + ["--impls", ",".join(impls), "--json", str(out_json), "--plot", str(out_png)]
   )
   assert rc == 0
   records = json.loads(out_json.read_text())
@@ -71,29 +56,9 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
   impls = ["dense"] + [f"condensed_native_{i}" for i in isas]
   if C.native_available():
     impls.append("condensed_native_bf16w")
-  rc = bench.main(
-      [
-          "--in-features",
-          "64",
-          "--out-features",
-          "24",
-          "--sparsities",
-          "0.9",
-          "--batch-sizes",
-          "2",
-          "--impls",
-          ",".join(impls),
-          "--repeats",
-          "3",
-          "--budget",
-          "0",
-          "--cache",
-          "warm",
-          "--model",
-          "--json",
-          str(out_json),
-      ]
-  )
+  argv = "--in-features=64 --out-features=24 --sparsities=0.9 --batch-sizes=2 --repeats=3"
+  argv += " --budget=0 --cache=warm --model"
+  rc = bench.main(argv.split() + [f"--impls={','.join(impls)}", f"--json={out_json}"])
   assert rc == 0
   records = json.loads(out_json.read_text())
   # --model adds a converted ViT MLP block against the masked dense one.
@@ -131,9 +96,49 @@ def test_paired_ratio_compares_calls_of_one_repeat():
   # the other. The paired ratio says 2x; the ratio of medians would say 0.5x.
   a = [10.0, 1.0, 2.0]
   b = [5.0, 4.0, 1.0]
-  res = {"a": (0, 3, a), "b": (0, 3, b)}
-  assert bench.paired_ratio(res, "a", "b") == 2.0
-  assert np.median(a) / np.median(b) == 0.5
+  res = timing.Timings({"a": a, "b": b})
+  assert res.paired_ratio("a", "b") == 2.0
+  assert res.median_us("a") / res.median_us("b") == 0.5
+
+
+def test_benchmark_flags_keep_their_names(tmp_path):
+  """The flags README.md and scripts/gpu_check.sh use parse; a bad impl is refused."""
+  from srigl_jax.benchmarks import conv as conv_bench
+  from srigl_jax.benchmarks import model as model_bench
+  from srigl_jax.benchmarks import sparse_update
+
+  fv = sparse_update.define_flags(flags.FlagValues())
+  fv(["sparse_update", "--train_batch", "8", "--json", "s.json", "--skip_resnet50"])
+  assert (fv.train_batch, fv.json, fv.skip_resnet50) == (8, "s.json", True)
+  fv = model_bench.define_flags(flags.FlagValues())
+  fv(["model", "--model=resnet50,vit_s16", "--sparsity=0.9", "--batch-sizes=1,64", "--workdir=w"])
+  assert (fv.model, fv["batch-sizes"].value, fv.workdir) == (
+      ["resnet50", "vit_s16"],
+      ["1", "64"],
+      "w",
+  )
+  fv = bench.define_flags(flags.FlagValues())
+  fv(["condensed", "--json", "b.json", "--plot", "b.png", "--model", "--cache", "warm"])
+  assert (fv.json, fv.plot, fv.model, fv.cache) == ("b.json", "b.png", True, "warm")
+  with pytest.raises(flags.IllegalFlagValueError, match="unknown impls"):
+    bench.main(["--impls", "dense,fast"])
+  out = tmp_path / "conv.json"
+  conv_bench.main(
+      [
+          "--layers=c18_32_3x3",
+          "--sparsities=0.9",
+          "--batches=1",
+          "--impls=dense,structured,condensed_xla",
+          "--repeats=2",
+          "--budget=0",
+          f"--json={out}",
+      ]
+  )
+  result = json.loads(out.read_text())
+  assert result["meta"]["cpu"] and result["meta"]["native_isa"]
+  (rec,) = result["records"]
+  assert set(rec["us"]) == {"dense", "structured", "condensed_xla"}
+  assert rec["speedup_vs_dense"]["dense"] == 1.0
 
 
 def test_gpu_check_script_runs_on_cpu(tmp_path):
@@ -174,7 +179,10 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
 
 
 def test_input_benchmark_measures_both_pipelines(tmp_path, capsys):
-  from srigl_jax.benchmarks import input as input_bench
+  script = pathlib.Path(__file__).parents[1] / "scripts" / "input_benchmark.py"
+  spec = importlib.util.spec_from_file_location("input_benchmark", script)
+  input_bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(input_bench)
 
   out = tmp_path / "input.json"
   input_bench.main(
@@ -190,8 +198,9 @@ def test_input_benchmark_measures_both_pipelines(tmp_path, capsys):
       ]
   )
   result = json.loads(out.read_text())
-  rows = {(r["pipeline"], r["impl"], r["workers"]): r for r in result["rows"]}
-  assert set(rows) == {("imagenet", "after", 0), ("cifar", "after", 0)}
+  rows = {(r["pipeline"], r["workers"]): r for r in result["rows"]}
+  assert set(rows) == {("imagenet", 0), ("cifar", 0)}
   assert all(r["images_per_sec"] > 0 and len(r["samples"]) == 1 for r in rows.values())
+  assert set(result["best"]) == {"imagenet", "cifar"}
   assert "avx" in result["machine"]["cpu"] or "(-)" in result["machine"]["cpu"]
   assert "images/s" in capsys.readouterr().out

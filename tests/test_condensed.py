@@ -1,5 +1,7 @@
 """Tests of condensed inference: format, kernels, checkpointing, conversion."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,45 +175,94 @@ def test_condense_structure_and_compiles_once():
   assert f._cache_size() == compiled
 
 
-def test_condense_tree_conv_and_errors():
+def test_condense_tree_and_errors():
   rng = np.random.default_rng(5)
   k_dense, m_dense, b_dense = make_layer(rng, 12, 6, 4, 5)
+  params = {
+      "Dense_0": {"kernel": k_dense, "bias": b_dense},
+      "LayerNorm_0": {"scale": np.ones(6, np.float32)},
+  }
+  masks = {"Dense_0": {"kernel": m_dense, "bias": None}, "LayerNorm_0": {"scale": None}}
+  out = C.condense(params, masks)
+  assert isinstance(out["Dense_0"], C.CondensedLayer)
+  np.testing.assert_array_equal(out["Dense_0"].to_dense(), np.where(m_dense, k_dense, 0))
+  np.testing.assert_array_equal(out["LayerNorm_0"]["scale"], np.ones(6))
+  # A constant fan-in Dense layer is condensed whatever on_unsupported says.
+  assert isinstance(
+      C.condense(params, masks, on_unsupported="structured")["Dense_0"], C.CondensedLayer
+  )
+  with pytest.raises(ValueError, match="on_unsupported must be one of"):
+    C.condense(params, masks, on_unsupported="mask")
+  with pytest.raises(ValueError, match="rank 3"):
+    C.condense_dense(np.ones((2, 2, 2)), np.ones((2, 2, 2), bool))
+
+
+def test_condense_ragged_dense_is_refused_unless_structured():
+  rng = np.random.default_rng(5)
+  kernel, mask, bias = make_layer(rng, 12, 6, 4, 5)
+  col = np.nonzero(mask.any(0))[0][0]
+  mask[np.nonzero(~mask[:, col])[0][0], col] = True  # one neuron with 5 inputs
+  params, masks = {"Dense_0": {"kernel": kernel, "bias": bias}}, {"Dense_0": {"kernel": mask}}
+  with pytest.raises(
+      ValueError, match=r"'Dense_0' is not constant fan-in.*SRigL.*on_unsupported='structured'"
+  ):
+    C.condense(params, masks)
+  kept = C.condense(params, masks, on_unsupported="structured")["Dense_0"]
+  assert isinstance(kept, C.StructuredLayer)
+  np.testing.assert_array_equal(kept.neuron_ids, np.nonzero(mask.any(0))[0])
+  np.testing.assert_array_equal(kept.kernel, np.where(mask, kernel, 0)[:, mask.any(0)])
+
+
+def test_condense_refuses_conv_kernels_or_keeps_them_structured():
+  """condense() does not know a conv's strides or padding: it never condenses one."""
+  rng = np.random.default_rng(5)
   conv = rng.standard_normal((3, 3, 2, 4)).astype(np.float32)
   conv_mask = np.zeros(conv.shape, bool)
   conv_mask[..., 1] = True
   conv_mask[0, 0, 0, 3] = True
-  params = {
-      "Dense_0": {"kernel": k_dense, "bias": b_dense},
-      "Conv_0": {"kernel": conv, "bias": np.zeros(4, np.float32)},
-      "LayerNorm_0": {"scale": np.ones(6, np.float32)},
-  }
-  masks = {
-      "Dense_0": {"kernel": m_dense, "bias": None},
-      "Conv_0": {"kernel": conv_mask, "bias": None},
-      "LayerNorm_0": {"scale": None},
-  }
-  out = C.condense(params, masks)
-  assert isinstance(out["Dense_0"], C.CondensedLayer)
+  params = {"Conv_0": {"kernel": conv, "bias": np.zeros(4, np.float32)}}
+  masks = {"Conv_0": {"kernel": conv_mask, "bias": None}}
+  with pytest.raises(
+      ValueError,
+      match=r"'Conv_0' is a Conv kernel.*convert_model\(.*condense_conv\(kernel, mask, bias, "
+      r"strides=\.\.\., padding=\.\.\.\).*on_unsupported='structured'",
+  ):
+    C.condense(params, masks)
+  out = C.condense(params, masks, on_unsupported="structured")
   assert isinstance(out["Conv_0"], C.StructuredLayer)
   np.testing.assert_array_equal(out["Conv_0"].neuron_ids, [1, 3])
-  assert out["Conv_0"].kernel.shape == (3, 3, 2, 2)
-  np.testing.assert_array_equal(out["LayerNorm_0"]["scale"], np.ones(6))
-
-  ragged = m_dense.copy()
-  col = np.nonzero(ragged.any(0))[0][0]
-  ragged[np.nonzero(~ragged[:, col])[0][0], col] = True
-  with pytest.raises(ValueError, match=r"'Dense_0' is not constant fan-in.*SRigL"):
-    C.condense(params, {**masks, "Dense_0": {"kernel": ragged, "bias": None}})
+  assert out["Conv_0"].kernel.shape == (3, 3, 2, 2) and out["Conv_0"].out_features == 4
+  # Other ranks (a 3-D attention kernel) likewise.
   attn = {"query": {"kernel": np.ones((8, 2, 4), np.float32)}}
   attn_mask = {"query": {"kernel": np.ones((8, 2, 4), bool)}}
-  with pytest.raises(
-      ValueError, match=r"'query' has a sparse kernel of rank 3.*on_unsupported='mask'"
-  ):
+  with pytest.raises(ValueError, match=r"'query' has a sparse kernel of rank 3.*condense_dense"):
     C.condense(attn, attn_mask)
-  kept = C.condense(attn, attn_mask, on_unsupported="mask")
-  assert kept["query"]["kernel"].shape == (8, 2, 4)
-  with pytest.raises(ValueError, match="rank 3"):
-    C.condense_dense(np.ones((2, 2, 2)), np.ones((2, 2, 2), bool))
+  kept = C.condense(attn, attn_mask, on_unsupported="structured")["query"]
+  assert isinstance(kept, C.StructuredLayer) and kept.kernel.shape == (8, 2, 4)
+
+
+def test_matmul_input_is_checked_once_at_the_boundary():
+  rng = np.random.default_rng(7)
+  layer = C.condense_dense(*make_layer(rng, 10, 4, 3, 4))
+  x = jnp.ones((2, 10))
+  real = C.CondensedLayer.for_input
+  with mock.patch.object(C.CondensedLayer, "for_input", autospec=True, side_effect=real) as check:
+    C.condensed_matmul(x, layer, "xla")
+  check.assert_called_once_with(layer, (2, 10), "condensed_matmul")  # not again in the kernel
+  with pytest.raises(
+      ValueError, match=r"^condensed_matmul: input of shape \(2, 9\) has 9 features"
+  ):
+    C.condensed_matmul(x[:, :9], layer, "reference")
+  with pytest.raises(ValueError, match=r"^layer 'fc': input"):
+    C.condensed_matmul(x[:, :9], layer, "xla", name="layer 'fc'")
+
+
+def test_block_sizes_must_be_powers_of_two():
+  with pytest.raises(ValueError, match="BlockSizes: block_batch=24 must be a power of two"):
+    C.BlockSizes(block_batch=24)
+  with pytest.raises(ValueError, match="ConvBlockSizes: block_neurons=0 must be a power of two"):
+    C.ConvBlockSizes(block_neurons=0)
+  assert C.BlockSizes(16, 32).block_batch == 32
 
 
 def test_condense_checkpoint_roundtrip(tmp_path):

@@ -1,4 +1,6 @@
-"""The condensed conv format, its reference and its XLA kernel, on awkward shapes."""
+"""The condensed conv format, its geometry, its reference and its XLA kernel, on awkward shapes."""
+
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -8,7 +10,7 @@ import pytest
 
 from srigl_jax import condensed as C
 from srigl_jax.condensed import dispatch
-from srigl_jax.condensed.conv_layer import plane_layout, tap_sources, to_planes
+from srigl_jax.condensed.conv.format import conv_geometry, tap_sources, to_planes
 
 
 def conv_mask(rng, kh, kw, cin, cout, k, n_active):
@@ -33,7 +35,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_reference_and_xla_equal_flax_conv(case):
+def test_reference_and_xla_equal_flax_conv(case, monkeypatch):
   kh, kw, cin, cout, k, n_active, strides, padding, hw, batch = case
   rng = np.random.default_rng(sum(hw) + k)
   mask = conv_mask(rng, kh, kw, cin, cout, k, n_active)
@@ -49,27 +51,35 @@ def test_reference_and_xla_equal_flax_conv(case):
   np.testing.assert_allclose(C.condensed_conv_reference(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv_xla(x, layer), want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(C.condensed_conv(x, layer, impl="auto"), want, rtol=1e-5, atol=1e-5)
-  # What impl='auto' runs on a GPU (the densified kernel under cuDNN).
-  np.testing.assert_allclose(dispatch._conv_densified(x, layer), want, rtol=1e-5, atol=1e-5)
   # A small tile forces several neuron blocks and grid chunks through the scans.
   np.testing.assert_allclose(
       C.condensed_conv_xla(x, layer, tile_elements=64), want, rtol=1e-5, atol=1e-5
   )
+  # A layer condensed for this input size gives the same through every entry.
+  sized = C.condense_conv(kernel, mask, bias, strides=strides, padding=padding, input_hw=hw)
+  assert sized.geometry == layer.for_input(x.shape).geometry and sized.input_hw == hw
+  np.testing.assert_allclose(C.condensed_conv(x, sized, impl="xla"), want, rtol=1e-5, atol=1e-5)
+  # What impl='auto' runs on a GPU: the densified kernel at default precision (cuDNN).
+  monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+  np.testing.assert_allclose(C.condensed_conv(x, layer, impl="auto"), want, rtol=1e-5, atol=1e-5)
 
 
 def test_every_tap_is_one_contiguous_run_of_the_planes():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.standard_normal((2, 7, 8, 3)), jnp.float32)
-  lo = plane_layout(x.shape, (3, 3), (2, 2), "SAME")
-  flat = np.asarray(to_planes(x, lo)).reshape(-1)
-  (pt, _), (pl, _) = lo.pads
+  geo = conv_geometry((7, 8), 3, (3, 3), (2, 2), "SAME")
+  assert (geo.oh, geo.ow, geo.pads) == (4, 4, ((1, 1), (0, 1)))
+  flat = np.asarray(to_planes(x, geo)).reshape(-1)
+  assert flat.size == geo.rows * geo.row_len(2)
+  (pt, _), (pl, _) = geo.pads
   xp = np.pad(np.asarray(x), ((0, 0), (pt, 3), (pl, 3), (0, 0)))
   taps = jnp.arange(3 * 3 * 3, dtype=jnp.int16).reshape(1, -1)
-  src = np.asarray(tap_sources(taps, lo))[0]
+  src = np.asarray(tap_sources(taps, geo, 2))[0]
   for t, s in enumerate(src):
     dy, dx, c = t // 9, (t // 3) % 3, t % 3
-    for b, oy, ox in [(0, 0, 0), (1, lo.oh - 1, lo.ow - 1), (1, 1, 2)]:
-      q = b * lo.hq * lo.wq + oy * lo.wq + ox
+    for b, oy, ox in [(0, 0, 0), (1, geo.oh - 1, geo.ow - 1), (1, 1, 2)]:
+      q = b * geo.hq * geo.wq + oy * geo.wq + ox
+      assert s + q < flat.size
       assert flat[s + q] == xp[b, oy * 2 + dy, ox * 2 + dx, c]
 
 
@@ -104,9 +114,57 @@ def test_condense_conv_errors():
     C.condense_conv(kernel[0], mask[0])
   with pytest.raises(ValueError, match="not supported"):
     C.condense_conv(kernel, mask.astype(bool) | True, padding="CIRCULAR")
-  layer = C.condense_conv(kernel, np.ones(mask.shape, bool))
-  with pytest.raises(ValueError, match="input has 3 channels"):
-    C.condensed_conv_xla(jnp.ones((1, 5, 5, 3)), layer)
-  mapped = layer.replace(bias_map=jnp.zeros((5, 5, 4)), input_hw=(5, 5))
-  with pytest.raises(ValueError, match="built for 5x5 inputs, but got 6x6"):
-    C.condensed_conv_xla(jnp.ones((1, 6, 6, 2)), mapped)
+  with pytest.raises(ValueError, match="does not fit the padded 2x2 input"):
+    C.condense_conv(kernel, mask.astype(bool) | True, padding="VALID", input_hw=(2, 2))
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "native", "pallas"])
+def test_conv_input_is_checked_at_the_boundary(impl, monkeypatch):
+  """condensed_conv refuses a bad input with a clear error before any kernel runs."""
+  kernel = np.ones((3, 3, 2, 4), np.float32)
+  layer = C.condense_conv(kernel, np.ones(kernel.shape, bool))
+  monkeypatch.setitem(dispatch._CONV, impl, lambda x, layer: pytest.fail("kernel was called"))
+  with pytest.raises(
+      ValueError, match=r"^condensed_conv: input has 3 channels but the layer expects 2"
+  ):
+    C.condensed_conv(jnp.ones((1, 5, 5, 3)), layer, impl)
+  with pytest.raises(
+      ValueError, match=r"^condensed_conv: expects NHWC input of rank 4, got shape \(5, 5, 2\)"
+  ):
+    C.condensed_conv(jnp.ones((5, 5, 2)), layer, impl)
+  with pytest.raises(ValueError, match="kernel does not fit the padded 2x2 input"):
+    C.condensed_conv(jnp.ones((1, 2, 2, 2)), layer.replace(padding="VALID"), impl)
+  mapped = C.condense_conv(kernel, np.ones(kernel.shape, bool), input_hw=(5, 5))
+  mapped = mapped.replace(bias_map=jnp.zeros((5, 5, 4)))
+  with pytest.raises(ValueError, match=r"^layer 'c': .*built for 5x5 inputs, but got 6x6"):
+    C.condensed_conv(jnp.ones((1, 6, 6, 2)), mapped, impl, name="layer 'c'")
+  with pytest.raises(ValueError, match="built for an unknown size"):
+    C.condensed_conv(jnp.ones((1, 5, 5, 2)), layer.replace(bias_map=mapped.bias_map), impl)
+
+
+def test_geometry_is_computed_once_per_input_size():
+  """The boundary sets the layer up for the input size once; kernels only read it."""
+  rng = np.random.default_rng(6)
+  mask = conv_mask(rng, 3, 3, 4, 5, 6, 4)
+  kernel = (rng.standard_normal(mask.shape) * mask).astype(np.float32)
+  sized = C.condense_conv(kernel, mask, None, strides=(2, 2), input_hw=(9, 9))
+  # Same size: the layer itself (its geometry was computed by condense_conv).
+  assert sized.for_input((3, 9, 9, 4)) is sized
+  # Another size (no bias map): a copy set up for it, with the cached geometry.
+  other = sized.for_input((1, 7, 8, 4))
+  assert other.input_hw == (7, 8) and other.geometry is sized.for_input((2, 7, 8, 4)).geometry
+  # A layer condensed without a size works for any size.
+  free = C.condense_conv(kernel, mask, None, strides=(2, 2))
+  assert free.geometry is None
+  real = C.CondensedConv.for_input
+  with mock.patch.object(C.CondensedConv, "for_input", autospec=True, side_effect=real) as check:
+    for hw in ((9, 9), (7, 8)):
+      x = jnp.asarray(rng.standard_normal((2, *hw, 4)), jnp.float32)
+      np.testing.assert_allclose(
+          C.condensed_conv(x, free, "xla"),
+          C.condensed_conv_reference(x, free),
+          rtol=1e-5,
+          atol=1e-5,
+      )
+  checks = [c.args[1] for c in check.call_args_list]
+  assert checks == [(2, 9, 9, 4), (2, 7, 8, 4)]  # once per call, not again in the kernel

@@ -6,13 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srigl_jax.condensed import conv_native
-from srigl_jax.condensed.conv_layer import condense_conv, plane_layout
-from srigl_jax.condensed.conv_xla import condensed_conv_reference
+from srigl_jax import condensed as C
+from srigl_jax.condensed.conv import condense_conv, condensed_conv_reference
+from srigl_jax.condensed.conv import native as conv_native
 
 pytestmark = pytest.mark.skipif(
-    not conv_native.conv_native_available(),
-    reason=f"native conv kernel unavailable: {conv_native.conv_native_error()}",
+    not C.native_available(), reason=f"native kernels unavailable: {C.native_error()}"
 )
 
 
@@ -28,7 +27,7 @@ def make_conv(rng, kh, kw, cin, cout, k, n_active, bias=True):
 
 
 def isas():
-  return [isa for isa in ("generic", "avx2", "avx512") if isa in conv_native.conv_native_isas()]
+  return [isa for isa in ("generic", "avx2", "avx512") if isa in C.native_isas("conv")]
 
 
 # (x shape, (kh, kw), cout, k, n_active, strides, padding, bias, taps dtype)
@@ -86,16 +85,39 @@ def test_pointwise_through_either_kernel(monkeypatch, min_pixels):
 def test_bias_map_and_dtype():
   rng = np.random.default_rng(1)
   kernel, mask, b = make_conv(rng, 3, 3, 4, 6, 9, 5)
-  layer = condense_conv(kernel, mask, b, strides=(2, 2), padding="SAME")
+  layer = condense_conv(kernel, mask, b, strides=(2, 2), padding="SAME", input_hw=(9, 8))
   x = jnp.asarray(rng.standard_normal((3, 9, 8, 4)), jnp.bfloat16)
-  lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
-  bias_map = jnp.asarray(rng.standard_normal((lo.oh, lo.ow, 6)), jnp.float32)
-  layer = layer.replace(bias_map=bias_map, input_hw=(9, 8))
+  geo = layer.geometry
+  bias_map = jnp.asarray(rng.standard_normal((geo.oh, geo.ow, 6)), jnp.float32)
+  layer = layer.replace(bias_map=bias_map)
   got = conv_native.condensed_conv_native(x, layer)
   assert got.dtype == jnp.float32  # promoted with the float32 values
   np.testing.assert_allclose(got, condensed_conv_reference(x, layer), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(C.condensed_conv(x, layer, "native"), got)
   with pytest.raises(ValueError, match="per-position bias"):
-    conv_native.condensed_conv_native(x[:, :7], layer)
+    C.condensed_conv(x[:, :7], layer, "native")
+
+
+@pytest.mark.parametrize(
+    "x_shape,ks,strides", [((2, 9, 8, 6), 3, (2, 1)), ((2, 9, 8, 6), 1, (2, 2))]
+)
+def test_bf16_values_accumulate_in_fp32(x_shape, ks, strides, monkeypatch):
+  """bf16-stored values, read as bf16, equal fp32 math on them (both paths, every variant)."""
+  if ks == 1:  # through the Dense kernel
+    monkeypatch.setattr(conv_native, "_POINTWISE_DENSE_MIN_PIXELS", 0)
+    conv_native.condensed_conv_native.clear_cache()
+  rng = np.random.default_rng(4)
+  kernel, mask, b = make_conv(rng, ks, ks, x_shape[-1], 10, 5 * ks, 8)
+  layer = condense_conv(kernel, mask, b, strides=strides, padding="SAME")
+  lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  want = condensed_conv_reference(x, lb.replace(values=lb.values.astype(jnp.float32)))
+  for isa in ["auto"] + isas():
+    got = conv_native.condensed_conv_native(x, lb, isa=isa)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=isa)
+  assert C.condensed_conv(x.astype(jnp.bfloat16), lb, "native").dtype == jnp.bfloat16
+  conv_native.condensed_conv_native.clear_cache()
 
 
 @pytest.mark.parametrize("batch,hw,cin,threads", [(1, 56, 32, 0), (4, 20, 64, 2), (1, 7, 256, 0)])

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srigl_jax.condensed.conv_layer import condense_conv, plane_layout
-from srigl_jax.condensed.conv_pallas import (
+from srigl_jax import condensed as C
+from srigl_jax.condensed.conv import (
     ConvBlockSizes,
+    condense_conv,
     condensed_conv_pallas,
-    condensed_conv_pallas_reference,
+    condensed_conv_reference,
 )
 
 # scripts/gpu_check.sh runs these tests on a GPU, where the kernel is compiled
@@ -39,6 +40,7 @@ def make_conv(
     padding="SAME",
     bias=True,
     index_dtype=None,
+    input_hw=None,
 ):
   """A random CondensedConv: n_active of cout channels with k taps each."""
   kh, kw = kernel_size
@@ -55,6 +57,7 @@ def make_conv(
       strides=strides,
       padding=padding,
       index_dtype=index_dtype,
+      input_hw=input_hw,
   )
 
 
@@ -89,7 +92,7 @@ def test_pallas_conv_matches_reference(case, index_dtype):
   )
   assert layer.taps.dtype == index_dtype
   x = jnp.asarray(rng.standard_normal((batch, *hw, cin)), jnp.float32)
-  want = condensed_conv_pallas_reference(x, layer)
+  want = condensed_conv_reference(x, layer)
   got = condensed_conv_pallas(x, layer, block_sizes=SMALL, interpret=INTERPRET)
   assert got.shape == want.shape and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -97,12 +100,12 @@ def test_pallas_conv_matches_reference(case, index_dtype):
 
 def test_pallas_conv_default_blocks_bf16_and_bias_map():
   rng = np.random.default_rng(7)
-  layer = make_conv(rng, (3, 3), 4, 6, 9, 5, strides=(2, 2), padding="SAME")
+  layer = make_conv(rng, (3, 3), 4, 6, 9, 5, strides=(2, 2), padding="SAME", input_hw=(7, 9))
   x = jnp.asarray(rng.standard_normal((3, 7, 9, 4)), jnp.float32)
-  lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
-  bias_map = jnp.asarray(rng.standard_normal((lo.oh, lo.ow, 6)), jnp.float32)
-  layer = layer.replace(bias_map=bias_map, input_hw=(7, 9))
-  want = condensed_conv_pallas_reference(x, layer)
+  geo = layer.geometry
+  bias_map = jnp.asarray(rng.standard_normal((geo.oh, geo.ow, 6)), jnp.float32)
+  layer = layer.replace(bias_map=bias_map)
+  want = condensed_conv_reference(x, layer)
   # Default block sizes: the column block is capped to the small grid.
   got = condensed_conv_pallas(x, layer, interpret=INTERPRET)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -115,7 +118,7 @@ def test_pallas_conv_default_blocks_bf16_and_bias_map():
   x16 = x.astype(jnp.bfloat16)
   got16 = condensed_conv_pallas(x16, layer16, block_sizes=SMALL, interpret=INTERPRET)
   assert got16.dtype == jnp.bfloat16
-  want16 = condensed_conv_pallas_reference(
+  want16 = condensed_conv_reference(
       x16.astype(jnp.float32), layer16.replace(values=layer16.values.astype(jnp.float32))
   )
   np.testing.assert_allclose(got16.astype(jnp.float32), want16, rtol=3e-2, atol=6e-2)
@@ -126,12 +129,12 @@ def test_pallas_conv_empty_and_errors():
   layer = make_conv(rng, (3, 3), 2, 4, 3, 0)  # every channel ablated
   x = jnp.asarray(rng.standard_normal((2, 5, 5, 2)), jnp.float32)
   got = condensed_conv_pallas(x, layer, interpret=INTERPRET)
-  np.testing.assert_allclose(got, condensed_conv_pallas_reference(x, layer), atol=1e-6)
+  np.testing.assert_allclose(got, condensed_conv_reference(x, layer), atol=1e-6)
   layer = make_conv(rng, (3, 3), 2, 4, 3, 4)
   with pytest.raises(ValueError, match="power of two"):
     condensed_conv_pallas(x, layer, block_sizes=ConvBlockSizes(block_cols=24), interpret=INTERPRET)
-  with pytest.raises(ValueError, match="channels"):
-    condensed_conv_pallas(x[..., :1], layer, interpret=INTERPRET)
+  with pytest.raises(ValueError, match="input has 1 channels but the layer expects 2"):
+    C.condensed_conv(x[..., :1], layer, impl="pallas")
   # Gather addresses are int32: a 2**31-element plane buffer is refused
   # (checked on shapes only, nothing is allocated).
   big = make_conv(rng, (1, 1), 256, 8, 4, 8)

@@ -158,11 +158,72 @@ def test_ragged_conv_mask_is_refused_unless_structured():
   flat = m.reshape(-1, m.shape[-1])
   flat[np.nonzero(~flat[:, col])[0][0], col] = True  # one extra tap
   masks["conv_1"]["kernel"] = flat.reshape(m.shape)
-  with pytest.raises(ValueError, match="'conv_1' is not constant fan-in"):
+  with pytest.raises(
+      ValueError, match="'conv_1' is not constant fan-in.*on_unsupported='structured'"
+  ):
     C.convert_model(model, variables, masks, x, fold="none")
-  converted = C.convert_model(model, variables, masks, x, fold="none", on_ragged="structured")
+  converted = C.convert_model(model, variables, masks, x, fold="none", on_unsupported="structured")
   assert converted.plan["layers"]["conv_1"]["format"] == "structured"
   assert_close(converted.apply(x, impl="xla"), masked_logits(model, variables, masks, x))
+  with pytest.raises(ValueError, match="on_unsupported must be one of"):
+    C.convert_model(model, variables, masks, x, on_unsupported="mask")
+
+
+class DilatedConv(nn.Module):
+  """A sparse dilated convolution: no condensed kernel, but a structured form."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(6, (3, 3), kernel_dilation=2, padding="SAME", name="dilated")(x)
+    return nn.Dense(3, name="head")(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_dilated_conv_is_refused_unless_structured():
+  model = DilatedConv()
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 7, 3)), jnp.float32)
+  variables = model.init(jax.random.key(0), x)
+  mask = np.zeros((27, 6), bool)
+  for j in (0, 2, 3, 5):  # channels 1 and 4 ablated, 5 taps each
+    mask[np.random.default_rng(j).choice(27, 5, replace=False), j] = True
+  masks = {
+      "dilated": {"kernel": mask.reshape(3, 3, 3, 6), "bias": None},
+      "head": {"kernel": None, "bias": None},
+  }
+  with pytest.raises(
+      ValueError, match="'dilated' is a dilated convolution.*on_unsupported='structured'"
+  ):
+    C.convert_model(model, variables, masks, x)
+  for kw in (dict(on_unsupported="structured"), dict(format="structured")):
+    converted = C.convert_model(model, variables, masks, x, **kw)
+    entry = converted.plan["layers"]["dilated"]
+    assert (entry["format"], entry["active_neurons"], entry["fan_in"]) == ("structured", 4, 5)
+    assert_close(converted.apply(x, impl="xla"), masked_logits(model, variables, masks, x))
+
+
+def test_converted_layers_have_the_one_condensed_format():
+  """Converted params are the fields of CondensedLayer / CondensedConv, as condense_* gives.
+
+  Saved artefacts (orbax variables + the JSON plan) depend on these names.
+  """
+  model, variables, masks, x = trained_like("cnn")
+  converted = C.convert_model(model, variables, masks, x, fold="none", fold_batchnorm=False)
+  params = converted.variables["params"]
+  for path, entry in converted.plan["layers"].items():
+    assert {"kind", "format", "neurons", "active_neurons", "dense_fan_in", "fan_in"} <= set(entry)
+    mask = np.asarray(masks[path]["kernel"])
+    kernel = np.asarray(variables["params"][path]["kernel"]) * mask
+    bias = np.asarray(variables["params"][path]["bias"])
+    if entry["kind"] == "conv":
+      want = C.condense_conv(kernel, mask, bias)
+      fields = {"values": want.values, "taps": want.taps}
+    else:
+      want = C.condense_dense(kernel, mask, bias)
+      fields = {"values": want.values, "indices": want.indices}
+    fields.update(neuron_ids=want.neuron_ids, bias=want.bias)
+    assert set(params[path]) == set(fields), path
+    for name, value in fields.items():
+      np.testing.assert_array_equal(params[path][name], value, err_msg=f"{path}/{name}")
+  assert {e["kind"] for e in converted.plan["layers"].values()} == {"conv", "dense"}
 
 
 def test_sparse_depthwise_conv_is_refused():

@@ -8,11 +8,12 @@ import time
 
 import numpy as np
 import pytest
+from fixtures import fake_tfds
 
 from srigl_jax import data
 from srigl_jax.data import augment as aug
-from srigl_jax.data import fake_tfds, pipeline, tfds_source
 from srigl_jax.data import idx as idx_lib
+from srigl_jax.data import pipeline, tfds_source
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""Tests of srigl_jax.export: workdir -> inference folder -> served model.
+"""Tests of srigl_jax.export and srigl_jax.serving: workdir -> inference folder -> served model.
 
 One tiny SRigL run (MLP 784-64-64-10, 80%, gamma_sal 0.95 so that neurons are
 ablated, 20 steps) is trained once for the module, on 8 fake CPU devices in a
@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 import srigl_jax
-from srigl_jax import export, train
+from srigl_jax import export, serving
+from srigl_jax.serving.report import summary_line
+from srigl_jax.training import build, loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
@@ -172,7 +174,7 @@ def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
   # The artefact survives a move: it holds everything it needs.
   path = str(tmp_path / 'moved')
   shutil.copytree(os.path.join(workdir, 'inference'), path)
-  model = export.load_inference_model(path)
+  model = serving.load_inference_model(path)
   raw, labels = raw_test_images(50)
   x = model.preprocess(raw)
   assert x.shape == (50, 28, 28, 1) and x.dtype == np.float32
@@ -187,7 +189,7 @@ def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
 
 
 def test_bad_input_to_the_loaded_model_names_the_fix(run):
-  model = export.load_inference_model(os.path.join(run[0], 'inference'))
+  model = serving.load_inference_model(os.path.join(run[0], 'inference'))
   raw, _ = raw_test_images(4)
   with pytest.raises(ValueError, match=r'uint8.*call model\.preprocess'):
     model(raw[..., None])
@@ -258,10 +260,10 @@ def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
   }
   for i, (message, damage) in enumerate(cases.items()):
     with pytest.raises(
-        export.ArtefactError,
+        serving.ArtefactError,
         match=f'not a complete inference artefact: {message}' r'.*python -m srigl_jax\.export',
     ):
-      export.load_inference_model(broken(f'c{i}', damage))
+      serving.load_inference_model(broken(f'c{i}', damage))
 
   def wrong_shape(p):
     with open(os.path.join(p, 'manifest.json')) as f:
@@ -270,10 +272,20 @@ def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
     with open(os.path.join(p, 'manifest.json'), 'w') as f:
       json.dump(manifest, f)
 
-  with pytest.raises(export.ArtefactError, match='do not match the manifest'):
-    export.load_inference_model(broken('shape', wrong_shape))
-  with pytest.raises(export.ArtefactError, match='does not exist'):
-    export.load_inference_model(str(tmp_path / 'nowhere'))
+  with pytest.raises(serving.ArtefactError, match='do not match the manifest'):
+    serving.load_inference_model(broken('shape', wrong_shape))
+  with pytest.raises(serving.ArtefactError, match='does not exist'):
+    serving.load_inference_model(str(tmp_path / 'nowhere'))
+
+  def newer_format(p):
+    with open(os.path.join(p, 'manifest.json')) as f:
+      manifest = json.load(f)
+    manifest['format_version'] = serving.FORMAT_VERSION + 1
+    with open(os.path.join(p, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+
+  with pytest.raises(serving.ArtefactError, match='upgrade srigl_jax'):
+    serving.load_inference_model(broken('newer', newer_format))
 
 
 def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
@@ -281,15 +293,16 @@ def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
   config, model, state, _ = export.restore_run(workdir)
   masks = jax.tree.map(lambda _: None, state.params)
   out = str(tmp_path / 'dense')
+  dataset = build.build(config).dataset  # The eval data to verify on.
   with caplog.at_level(logging.INFO):
     report = export.export_model(
-        model, state.params, {}, masks, config, out, step=20, timing_s=0.02
+        model, state.params, {}, masks, config, out, step=20, dataset=dataset, timing_s=0.02
     )
   assert 'nothing to condense' in caplog.text
   assert report['kind'] == 'dense'
   assert report['condensed_accuracy'] == report['masked_accuracy']
-  assert export.summary_line(report).startswith('dense model (nothing to condense)')
-  served = export.load_inference_model(out)
+  assert summary_line(report).startswith('dense model (nothing to condense)')
+  served = serving.load_inference_model(out)
   assert served.kind == 'dense'
   assert {r['format'] for r in served.layers.values()} == {'dense'}
   x = served.preprocess(raw_test_images(3)[0])
@@ -370,7 +383,7 @@ def test_eight_device_workdir_exports_and_serves_on_one_device(run, tmp_path, co
   assert served.returncode == 0, served.stderr[-3000:]
   result = json.loads(served.stdout.strip().splitlines()[-1])
   assert result['devices'] == 1
-  x = export.apply_preprocessing(
+  x = serving.apply_preprocessing(
       json.load(open(os.path.join(out, 'manifest.json')))['preprocessing'], raw
   )
   np.testing.assert_allclose(
@@ -397,7 +410,7 @@ def test_failed_export_keeps_the_summary_and_fails_the_run(tmp_path, monkeypatch
       }
   )
   with pytest.raises(ValueError, match="layer 'dense_0' cannot be followed"):
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
   assert summary['final_step'] == 4 and 'inference' not in summary
@@ -413,11 +426,12 @@ def test_preprocessing_record_replays_the_eval_pipeline():
   assert spec['output_shape'] == [28, 28, 1] and spec['resize'] is None
   raw = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
   np.testing.assert_array_equal(
-      export.apply_preprocessing(spec, raw), augment.normalize(raw[..., None], (0.2860,), (0.3530,))
+      serving.apply_preprocessing(spec, raw),
+      augment.normalize(raw[..., None], (0.2860,), (0.3530,)),
   )
   # ImageNet-style: images of any size, centre-cropped and resized.
   spec = export.preprocessing_spec(srigl_jax.data.default_input_config('imagenet2012'))
   assert spec['resize'] == 224 and len(spec['mean']) == 3
   images = [np.full((300, 400, 3), 128, np.uint8), np.full((256, 256, 3), 128, np.uint8)]
-  out = export.apply_preprocessing(spec, images)
+  out = serving.apply_preprocessing(spec, images)
   assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 
 import srigl_jax.condensed as C
-from srigl_jax.condensed.conv_layer import condense_conv
-from srigl_jax.condensed.conv_pallas import condensed_conv_pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -44,7 +42,7 @@ def _dense_case(dtype, index_dtype, batch):
 
 
 def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
-  """`condensed_conv_pallas` on a 15x15 SAME conv with 21 of 24 channels active."""
+  """`condensed_conv(impl="pallas")` on a 15x15 SAME conv with 21 of 24 channels active."""
   rng = np.random.default_rng(0)
   kh, kw = kernel_size
   cin, cout, n_active = (3 if kh == 7 else 16), 24, 21
@@ -53,7 +51,7 @@ def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
   for j in rng.choice(cout, n_active, replace=False):
     mask[rng.choice(fan, max(1, fan // 10), replace=False), j] = True
   kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
-  layer = condense_conv(
+  layer = C.condense_conv(
       kernel,
       mask.reshape(kernel.shape),
       rng.standard_normal(cout).astype(np.float32),
@@ -63,7 +61,7 @@ def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
   )
   layer = layer.replace(values=layer.values.astype(dtype), bias=layer.bias.astype(dtype))
   x = jnp.asarray(rng.standard_normal((batch, 15, 15, cin)), dtype)
-  return (lambda x, layer: condensed_conv_pallas(x, layer)), (x, layer)
+  return (lambda x, layer: C.condensed_conv(x, layer, impl="pallas")), (x, layer)
 
 
 KERNELS = [

@@ -13,15 +13,15 @@ import math
 import re
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 from conftest import load_config
 
 import srigl_jax
-from srigl_jax import config_lib, models, train
+from srigl_jax import config_lib
 from srigl_jax.sparsity import layers as layers_lib
+from srigl_jax.training import build, optimizer
 
 _IMAGENET = 1_281_167
 # name -> (input shape, classes, paper sparsities).
@@ -36,18 +36,12 @@ _CONFIGS = {
 
 @functools.cache
 def _build(name):
-  """The config (SRigL, 90%) and its abstract train state, as the trainer."""
+  """The config (SRigL, 90%) and its abstract train state: the trainer's build, no data."""
   shape, classes, _ = _CONFIGS[name]
   config = load_config(name, 'method=srigl,sparsity=0.9')
-  model = models.get_model(
-      config.model.name, classes, dtype=jnp.float32, **config.model.kwargs.to_dict()
-  )
-  lr_fn = train.create_learning_rate_fn(config.optim, 100, config.num_train_steps)
-  tx = train.create_optimizer(config, lr_fn, jax.random.key(1))
-  order = {}
-  init = train.make_init_fn(config, model, tx, shape, jax.random.key(2), order)
-  state = jax.eval_shape(init, jax.random.key(0))
-  return config, state, order
+  run = build.build(config, open_dataset=False)
+  assert (run.image_shape, run.num_classes) == (shape, classes)
+  return config, run.abstract_state, run.call_order
 
 
 def _specs(state):
@@ -172,7 +166,7 @@ def test_mobilenet_depthwise_dense():
 
 
 def _lr(config, steps_per_epoch, step):
-  fn = train.create_learning_rate_fn(config.optim, steps_per_epoch, config.num_train_steps)
+  fn = optimizer.create_learning_rate_fn(config.optim, steps_per_epoch, config.num_train_steps)
   return float(fn(step))
 
 

@@ -50,31 +50,30 @@ def _write_idx_images(path, images):
 
 def test_readme_deploy_example_serves_an_exported_model(tmp_path):
   """The Deploy snippet loads a freshly exported artefact and predicts."""
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import srigl_jax  # pylint: disable=g-import-not-at-top
-  from srigl_jax import export, train  # pylint: disable=g-import-not-at-top
+  from srigl_jax import export  # pylint: disable=g-import-not-at-top
+  from srigl_jax.training import build  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from test_train import small_config  # pylint: disable=g-import-not-at-top
 
   # A freshly initialised sparse model stands in for a trained one: the
-  # snippet only needs an artefact, and training would cost the suite time.
+  # snippet only needs an artefact (unverified: no dataset given), and
+  # training would cost the suite time.
   config = small_config(**{"sparsity.gamma_sal": 0.95})
-  model, image_shape, _ = export._build_model(config)  # pylint: disable=protected-access
-  tx = train.create_optimizer(config, lambda _: 0.1, jax.random.key(0))
-  state = train.make_init_fn(config, model, tx, image_shape, jax.random.key(1))(jax.random.key(2))
+  run = build.build(config, open_dataset=False)
+  state = run.init(run.init_key)
   workdir = tmp_path / "workdir" / "fashion_mnist"
   export.export_model(
-      model,
+      run.model,
       state.params,
       state.batch_stats,
       srigl_jax.get_masks(state.opt_state),
       config,
       str(workdir / "inference"),
       step=0,
-      verify=False,
   )
 
   code = _deploy_block().replace("workdir/fashion_mnist", str(workdir))

@@ -7,8 +7,9 @@ images, 8 CPU devices, masks updated every 15 steps until 75% of training, a
 checkpoint every 20 steps. One uninterrupted run is the reference of both the
 killed run and the 2-process run. They need Debian's dataset-fashion-mnist.
 
-The bad-input tests call `train.train_and_evaluate` in this process and check
-that the error comes before the trainer compiles any of its jitted functions.
+The bad-input tests call `training.loop.train_and_evaluate` in this process and
+check that the error comes before the trainer compiles any of its jitted
+functions.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from conftest import CONFIGS, FMNIST_DIR, HAVE_FMNIST, REPO, cli_flags, load_con
 from flax.training import train_state
 
 import srigl_jax
-from srigl_jax import checkpointing, checks, faults, metric_writers, train
+from srigl_jax import config_lib, models
 from srigl_jax import data as data_lib
+from srigl_jax.training import checkpointing, checks, faults, loop, metric_writers
 
 CONFIG_FILE = os.path.join(CONFIGS, 'fashion_mnist.py')
 SEED = int(os.environ.get('SRIGL_RELIABILITY_SEED', str(random.randrange(10**6))))
@@ -424,7 +426,7 @@ BAD_CONFIGS = {
 def test_bad_config_fails_before_compiling(name, tmp_path, compile_log):
   overrides, error, regex = BAD_CONFIGS[name]
   with pytest.raises(error, match=regex) as info:
-    train.train_and_evaluate(small_config(**overrides), str(tmp_path))
+    loop.train_and_evaluate(small_config(**overrides), str(tmp_path))
   print(f'{name}: {info.value}')
   assert not _trainer_compiled(compile_log), compile_log
   assert not finished_steps(str(tmp_path))
@@ -447,7 +449,7 @@ def test_missing_or_truncated_dataset_fails_before_compiling(damage, tmp_path, c
   config.input.num_train_examples = 512
   error = data_lib.DatasetNotFoundError if damage == 'missing' else data_lib.DataFormatError
   with pytest.raises(error, match='train-images') as info:
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
   print(f'{damage}: {info.value}')
   assert not _trainer_compiled(compile_log), compile_log
 
@@ -463,25 +465,46 @@ def test_unknown_key_and_wrong_type_are_named():
   # A config file that builds its own groups is checked against the schema.
   config.sparsity = ml_collections.ConfigDict({**config.sparsity.to_dict(), 'gama_sal': 0.5})
   with pytest.raises(
-      checks.ConfigError,
+      config_lib.ConfigError,
       match=r"Unknown config key 'sparsity.gama_sal'.*" r'Did you mean "gamma_sal"',
-  ):
+  ) as info:
     checks.check_config(config, n_devices=1)
+  assert info.value.field == 'sparsity.gama_sal'
   config = small_config()
   config.optim = ml_collections.ConfigDict({**config.optim.to_dict(), 'learning_rate': '0.1'})
   with pytest.raises(
-      checks.ConfigError,
+      config_lib.ConfigError,
       match=r"'optim.learning_rate' has the wrong type.*0.1 is "
       r"of original type <class 'str'>.*--config.optim",
-  ):
+  ) as info:
     checks.check_config(config, n_devices=1)
+  assert info.value.field == 'optim.learning_rate'
+
+
+# The config field each bad config's error names (`ConfigError.field`).
+BAD_FIELDS = {
+    'sparsity_1': 'sparsity.sparsity',
+    'sparsity_negative': 'sparsity.sparsity',
+    'gamma_sal_negative': 'sparsity.gamma_sal',
+    'delta_0': 'sparsity.update_every',
+    'stop_step_0': 'sparsity.stop_step',
+    'stop_step_negative': 'sparsity.stop_step',
+    'fan_in_0': 'sparsity.sparsity',
+    'batch_not_divisible': 'batch_size',
+}
 
 
 @pytest.mark.parametrize('name', sorted(BAD_CONFIGS))
-def test_preflight_names_the_field_and_the_fix(name, tmp_path):
+def test_preflight_names_the_field_and_the_fix_before_reading_data(name, tmp_path):
+  # The data directory is empty: any read of it would fail with
+  # DatasetNotFoundError, so the config's error must come first.
   overrides, _, _ = BAD_CONFIGS[name]
-  with pytest.raises(checks.ConfigError, match='Fix|[Ll]ower the sparsity'):
-    train.preflight(small_config(**overrides), str(tmp_path))
+  config = small_config(**overrides)
+  config.input = data_lib.default_input_config('fashion_mnist')
+  config.input.data_dir = str(tmp_path / 'no_data')
+  with pytest.raises(config_lib.ConfigError, match='Fix|[Ll]ower the sparsity') as info:
+    loop.preflight(config, str(tmp_path / 'run'))
+  assert info.value.field == BAD_FIELDS[name]
 
 
 def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
@@ -492,19 +515,19 @@ def test_paper_config_switched_to_synthetic_data_passes_preflight(tmp_path):
   config.input.num_train_examples = 512
   config.input.num_eval_examples = 128
   config.eval_batch_size = 128
-  assert checks.input_geometry(config.input) == ((32, 32, 3), 10)
-  trainer = train.preflight(config, str(tmp_path))
-  assert trainer.abstract_state.params['head']['kernel'].shape == (512, 10)
+  assert data_lib.input_geometry(config.input) == ((32, 32, 3), 10)
+  trainer = loop.preflight(config, str(tmp_path))
+  assert trainer.run.abstract_state.params['head']['kernel'].shape == (512, 10)
 
 
 def test_max_global_sparsity_is_the_limit(tmp_path):
   # The trainer's own eval_shape init accepts the limit and refuses just above.
   config = small_config()
-  params = train.preflight(config, str(tmp_path / 'a')).abstract_state.params
+  params = loop.preflight(config, str(tmp_path / 'a')).run.abstract_state.params
   best = checks.max_global_sparsity(params, config)
-  train.preflight(small_config(**{'sparsity.sparsity': best}), str(tmp_path / 'b'))
-  with pytest.raises(checks.ConfigError, match=f'{best:.4f}'):
-    train.preflight(
+  loop.preflight(small_config(**{'sparsity.sparsity': best}), str(tmp_path / 'b'))
+  with pytest.raises(config_lib.ConfigError, match=f'{best:.4f}'):
+    loop.preflight(
         small_config(**{'sparsity.sparsity': min(best + 2e-3, 0.9999)}), str(tmp_path / 'c')
     )
 
@@ -517,26 +540,28 @@ def save_checkpoint(workdir, config, step=25):
 
 def test_workdir_of_another_model_or_sparsity_is_refused(tmp_path):
   workdir = str(tmp_path)
-  checks.check_workdir(workdir, small_config())  # Fresh: nothing to compare.
+  checkpointing.check_workdir(workdir, small_config())  # Fresh: nothing to compare.
   save_checkpoint(workdir, small_config())
   # The checkpoint's own metadata decides, not the readable copy.
   os.remove(os.path.join(workdir, checkpointing.FINGERPRINT_FILE))
-  checks.check_workdir(workdir, small_config(**{'num_train_steps': 400}))
+  checkpointing.check_workdir(workdir, small_config(**{'num_train_steps': 400}))
   with pytest.raises(
-      checks.WorkdirMismatchError, match=r'sparsity.sparsity: checkpoint 0.8 vs config 0.9'
+      checkpointing.WorkdirMismatchError, match=r'sparsity.sparsity: checkpoint 0.8 vs config 0.9'
   ):
-    checks.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
-  with pytest.raises(checks.WorkdirMismatchError, match=r'model.kwargs'):
-    checks.check_workdir(workdir, small_config(**{'model.kwargs.hidden_sizes': (64, 64)}))
+    checkpointing.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
+  with pytest.raises(checkpointing.WorkdirMismatchError, match=r'model.kwargs'):
+    checkpointing.check_workdir(workdir, small_config(**{'model.kwargs.hidden_sizes': (64, 64)}))
   # A resumed run would read other batches: refused too.
   with pytest.raises(
-      checks.WorkdirMismatchError, match=r"input.augment: checkpoint 'none' vs config 'crop'"
+      checkpointing.WorkdirMismatchError, match=r"input.augment: checkpoint 'none' vs config 'crop'"
   ):
-    checks.check_workdir(workdir, small_config(**{'input.augment': 'crop'}))
-  with pytest.raises(checks.WorkdirMismatchError, match=r'batch_size: checkpoint 32 vs config 64'):
-    checks.check_workdir(workdir, small_config(batch_size=64))
+    checkpointing.check_workdir(workdir, small_config(**{'input.augment': 'crop'}))
+  with pytest.raises(
+      checkpointing.WorkdirMismatchError, match=r'batch_size: checkpoint 32 vs config 64'
+  ):
+    checkpointing.check_workdir(workdir, small_config(batch_size=64))
   # Where the data lives and how many workers read it do not change the batches.
-  checks.check_workdir(
+  checkpointing.check_workdir(
       workdir, small_config(**{'input.num_workers': 1, 'input.num_threads': 2, 'input.prefetch': 4})
   )
 
@@ -559,35 +584,35 @@ def test_checkpoint_of_an_earlier_data_order_is_refused(tmp_path, order):
   ) as manager:
     manager.save(25, args=ocp.args.StandardSave({'w': jnp.zeros(3)}), custom_metadata=old)
   with pytest.raises(
-      checks.WorkdirMismatchError, match=rf'data_order: checkpoint {order!r} vs config'
+      checkpointing.WorkdirMismatchError, match=rf'data_order: checkpoint {order!r} vs config'
   ):
-    checks.check_workdir(workdir, small_config())
+    checkpointing.check_workdir(workdir, small_config())
 
 
 def test_checkpoint_without_metadata_is_checked_against_fingerprint_json(tmp_path):
   # The layout of older versions: fingerprint.json and plain checkpoints.
   workdir = str(tmp_path)
-  checks.check_workdir(workdir, small_config())  # Writes fingerprint.json.
+  checkpointing.check_workdir(workdir, small_config())  # Writes fingerprint.json.
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     manager.save(25, args=ocp.args.StandardSave({'w': jnp.zeros(3)}))
-  checks.check_workdir(workdir, small_config())
-  with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
-    checks.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
+  checkpointing.check_workdir(workdir, small_config())
+  with pytest.raises(checkpointing.WorkdirMismatchError, match='sparsity.sparsity'):
+    checkpointing.check_workdir(workdir, small_config(**{'sparsity.sparsity': 0.9}))
 
 
 def test_trainer_refuses_a_workdir_of_another_sparsity(tmp_path, compile_log):
   workdir = str(tmp_path)
   save_checkpoint(workdir, small_config())  # A run at sparsity 0.8.
-  with pytest.raises(checks.WorkdirMismatchError, match='sparsity.sparsity'):
-    train.train_and_evaluate(small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
+  with pytest.raises(checkpointing.WorkdirMismatchError, match='sparsity.sparsity'):
+    loop.train_and_evaluate(small_config(num_train_steps=4, **{'sparsity.sparsity': 0.9}), workdir)
   assert not _trainer_compiled(compile_log)
 
 
 def test_trainer_refuses_an_unknown_key(tmp_path, compile_log):
   config = small_config()
   config.sparsity = ml_collections.ConfigDict({**config.sparsity.to_dict(), 'gama_sal': 0.5})
-  with pytest.raises(checks.ConfigError, match='gama_sal'):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(config_lib.ConfigError, match='gama_sal'):
+    loop.train_and_evaluate(config, str(tmp_path))
   assert not _trainer_compiled(compile_log)
 
 
@@ -601,7 +626,7 @@ def _tiny_problem():
   `step(state, x, y, skip)`: skip (a traced bool, so both tests share one
   compile) turns on skip-bad-steps.
   """
-  model = train.models.get_model('mlp', 10, hidden_sizes=(16, 16))
+  model = models.get_model('mlp', 10, hidden_sizes=(16, 16))
   tx = srigl_jax.sparse_optimizer(
       optax.sgd(0.1, momentum=0.9),
       method='srigl',
@@ -699,7 +724,7 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
       'optim.decay_factor': 1e30,
   }
   with pytest.raises(FloatingPointError, match=r'at step (1[7-9]|2\d)') as info:
-    train.train_and_evaluate(small_config(**blowup), workdir)
+    loop.train_and_evaluate(small_config(**blowup), workdir)
   print(f'diverged: {info.value}')
   assert finished_steps(workdir) == [10]
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
@@ -737,7 +762,7 @@ def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, nan_batches):
       r"'dense_0/(kernel|bias)' and \d more; stopping: the latest "
       r'checkpoint \(step 5\)',
   ) as info:
-    train.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   print(f'nan batch: {info.value}')
   assert finished_steps(str(tmp_path)) == [5]
 
@@ -745,7 +770,7 @@ def test_trainer_names_the_step_and_layer_of_a_nan(tmp_path, nan_batches):
 def test_trainer_skip_bad_steps_finishes_the_run(tmp_path, nan_batches):
   nan_batches({7, 12})
   config = small_config(num_train_steps=20, checkpoint_every=10, eval_every=0, skip_bad_steps=True)
-  state = train.train_and_evaluate(config, str(tmp_path))
+  state = loop.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 20
   for leaf in jax.tree.leaves(state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))

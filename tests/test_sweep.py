@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from srigl_jax import reports, sweep
+from srigl_jax import config_lib, reports, sweep
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FMNIST = '/usr/share/datasets/fashion-mnist'
@@ -83,6 +83,49 @@ def test_grid_config_spec_overrides_and_errors(tmp_path):
     )
   with pytest.raises(ValueError, match=r'\(0, 1\)'):
     sweep.expand_grid(['configs/fashion_mnist.py'], ['rigl'], [1.0], [0], str(tmp_path))
+
+
+def test_check_grid_names_the_runs_that_cannot_train(tmp_path):
+  config = os.path.join(_REPO, 'configs', 'fashion_mnist.py')
+  runs = sweep.expand_grid(
+      [config, f'{config}:model=mlp@num_train_stepz=3'],
+      ['dense', 'srigl', 'srigl@gamma_sal=-0.5'],
+      [0.9],
+      [0, 1],
+      str(tmp_path),
+      ['num_train_steps=20', 'model.kwargs.hidden_sizes=(16,16)'],
+  )
+  assert sweep.run_config(runs[0]).model.kwargs.hidden_sizes == (16, 16)
+  failed = sweep.check_grid(runs)
+  # One check per config x method x sparsity: the seeds share it.
+  by_dir = {os.path.relpath(r.workdir, tmp_path): e for r, e in failed}
+  gamma = by_dir.pop(os.path.join('fashion_mnist', 'srigl@gamma_sal=-0.5', 's0.9', 'seed0'))
+  assert isinstance(gamma, config_lib.ConfigError) and gamma.field == 'sparsity.gamma_sal'
+  # The misspelt override fails all three runs of its config spec, as the
+  # entry point would.
+  assert len(by_dir) == 3 and all('num_train_stepz' in str(e) for e in by_dir.values())
+
+
+def test_sweep_with_an_invalid_config_trains_nothing(tmp_path):
+  out = str(tmp_path / 'sweep')
+  cmd = [
+      sys.executable,
+      '-m',
+      'srigl_jax.sweep',
+      f'--out={out}',
+      f'--configs={os.path.join(_REPO, "configs", "fashion_mnist.py")}',
+      '--methods=dense,srigl@gamma_sal=-0.5',
+      '--sparsities=0.9',
+      '--seeds=0',
+  ]
+  env = dict(os.environ, PYTHONPATH=_REPO, JAX_PLATFORMS='cpu')
+  proc = subprocess.run(
+      cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert 'cannot train; nothing was started' in proc.stdout
+  assert 'ConfigError (sparsity.gamma_sal): sparsity.gamma_sal must be >= 0' in proc.stdout
+  assert not os.path.exists(out)
 
 
 # ----------------------------------------------------------------- resume

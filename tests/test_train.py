@@ -23,7 +23,9 @@ from conftest import CONFIGS, HAVE_FMNIST, REPO, cli_flags, load_config, set_fie
 from ml_collections import config_flags
 
 import srigl_jax
-from srigl_jax import config_lib, metric_writers, train
+from srigl_jax import config_lib, models
+from srigl_jax.training import build, loop, metric_writers, optimizer, steps
+from srigl_jax.training.state import TrainState
 
 CONFIG_NAMES = (
     'fashion_mnist',
@@ -122,14 +124,12 @@ _SHAPES = {  # Input shape and classes of each config's dataset.
 
 @pytest.mark.parametrize('name', CONFIG_NAMES)
 def test_config_builds_a_valid_sparse_model(name):
-  """Model, optimizer and masks of the full-size config, traced abstractly."""
+  """The trainer's build of the full-size config: checks, model, optimizer, masks, no data."""
   config = load_config(name)
-  shape, classes = _SHAPES[name]
-  model = train.models.get_model(config.model.name, classes, **config.model.kwargs.to_dict())
-  tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
-  order = {}
-  init = train.make_init_fn(config, model, tx, shape, jax.random.key(1), order)
-  state = jax.eval_shape(init, jax.random.key(2))
+  run = build.build(config, open_dataset=False)
+  assert (run.image_shape, run.num_classes) == _SHAPES[name]
+  assert run.dataset is None
+  state, order = run.abstract_state, run.call_order
   masks = srigl_jax.get_masks(state)
   sparse = {
       '/'.join(str(k.key) for k in kp) for kp, _ in jax.tree_util.tree_leaves_with_path(masks)
@@ -244,18 +244,36 @@ def test_unknown_override_field_is_an_error():
 
 def test_learning_rate_schedules():
   config = load_config('cifar10_resnet18')
-  lr = train.create_learning_rate_fn(config.optim, steps_per_epoch=10, num_train_steps=2500)
+  lr = optimizer.create_learning_rate_fn(config.optim, steps_per_epoch=10, num_train_steps=2500)
   assert np.isclose(lr(0), 0.1) and np.isclose(lr(769), 0.1)
   assert np.isclose(lr(770), 0.02) and np.isclose(lr(1540), 0.004)
   r50 = load_config('imagenet_resnet50').optim
-  lr = train.create_learning_rate_fn(r50, steps_per_epoch=10, num_train_steps=1000)
+  lr = optimizer.create_learning_rate_fn(r50, steps_per_epoch=10, num_train_steps=1000)
   assert np.isclose(lr(0), 0.0) and np.isclose(lr(25), 0.1)
   assert np.isclose(lr(50), 0.2) and np.isclose(lr(299), 0.2)
   assert np.isclose(lr(300), 0.02) and np.isclose(lr(900), 0.0002)
   vit = load_config('imagenet_vit_b16').optim
-  lr = train.create_learning_rate_fn(vit, steps_per_epoch=1, num_train_steps=116)
+  lr = optimizer.create_learning_rate_fn(vit, steps_per_epoch=1, num_train_steps=116)
   assert np.isclose(lr(8), 1.5e-3) and np.isclose(lr(16), 3e-3)
   assert np.isclose(lr(66), 1.5e-3) and np.isclose(lr(116), 0.0, atol=1e-9)
+
+
+def test_learning_rate_gets_its_epoch_length_once_before_it_is_asked():
+  # The optimizer is built before the Dataset knows the epoch length.
+  config = load_config('cifar10_resnet18')
+  lr = optimizer.LearningRate(config.optim, num_train_steps=2500)
+  with pytest.raises(RuntimeError, match='before its epoch length'):
+    lr(0)
+  lr.set_steps_per_epoch(10)
+  want = optimizer.create_learning_rate_fn(config.optim, 10, 2500)
+  for step in (0, 769, 770, 1540, 2499):
+    assert lr(step) == want(step)
+  with pytest.raises(RuntimeError, match='already'):
+    lr.set_steps_per_epoch(20)
+  config.optim.schedule = 'linear'
+  with pytest.raises(config_lib.ConfigError, match='optim.schedule') as info:
+    optimizer.LearningRate(config.optim, num_train_steps=2500)
+  assert info.value.field == 'optim.schedule'
 
 
 # ------------------------------------------------------------- end to end
@@ -264,7 +282,7 @@ def test_learning_rate_schedules():
 @pytest.fixture(scope='module')
 def full_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('full'))
-  state = train.train_and_evaluate(small_config(), workdir)
+  state = loop.train_and_evaluate(small_config(), workdir)
   return workdir, state
 
 
@@ -322,10 +340,10 @@ def test_masked_weights_are_zero_and_fan_in_is_constant(full_run):
 def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
   workdir_full, state_full = full_run
   workdir = str(tmp_path / 'resumed')
-  first = train.train_and_evaluate(small_config(halt_after_step=12), workdir)
+  first = loop.train_and_evaluate(small_config(halt_after_step=12), workdir)
   assert int(first.step) == 12
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
-  state = train.train_and_evaluate(small_config(), workdir)
+  state = loop.train_and_evaluate(small_config(), workdir)
   assert int(state.step) == 20
   jax.tree.map(
       np.testing.assert_array_equal, jax.device_get(state.params), jax.device_get(state_full.params)
@@ -351,7 +369,7 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tmp_path):
 def test_non_finite_loss_stops_with_the_step(tmp_path, nan_batches):
   nan_batches({7})
   with pytest.raises(FloatingPointError, match=r'Non-finite training loss \(nan\) at step 7;'):
-    train.train_and_evaluate(small_config(), str(tmp_path))
+    loop.train_and_evaluate(small_config(), str(tmp_path))
   # The checkpoint of step 10 was never written.
   assert not os.path.exists(tmp_path / 'checkpoints' / '10')
 
@@ -360,11 +378,11 @@ def test_grad_accumulation_matches_one_batch_and_steps_compile_once():
   config = small_config()
   config.sparsity.method = 'dense'
   config.sparsity.sparsity = 0.0
-  model = train.models.get_model('mlp', 10, hidden_sizes=(16,))
-  tx = train.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
+  model = models.get_model('mlp', 10, hidden_sizes=(16,))
+  tx = optimizer.create_optimizer(config, lambda s: 0.1, jax.random.key(0))
   params = model.init(jax.random.key(1), np.zeros((1, 28, 28, 1)))['params']
-  state = train.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-  state = state.replace(step=jnp.zeros([], jnp.int32))  # as train.py's init
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  state = state.replace(step=jnp.zeros([], jnp.int32))  # as the trainer's init
   rng = np.random.default_rng(0)
   batch = {
       'image': rng.normal(size=(32, 28, 28, 1)).astype(np.float32),
@@ -373,13 +391,13 @@ def test_grad_accumulation_matches_one_batch_and_steps_compile_once():
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)  # as train.py's jitted init
+  state = jax.device_put(state, replicated)  # as the trainer's jitted init
   batch = jax.device_put(batch, sharding)
   outs = []
   for accum in (1, 4):
     config.optim.grad_accum_steps = accum
     step = jax.jit(
-        train.make_train_step(model, config, jax.random.key(2), sharding),
+        steps.make_train_step(model, config, jax.random.key(2), sharding),
         in_shardings=(replicated, sharding),
         out_shardings=(replicated, replicated),
     )
@@ -443,7 +461,7 @@ def test_keep_freed_memory_on_glibc(monkeypatch):
 
 def test_progress_rate_and_eta_exclude_pauses():
   clock = iter([10.0, 12.0, 20.0, 21.0, 30.0, 31.0, 40.0])
-  progress = train.Progress(total_steps=100, clock=lambda: next(clock))
+  progress = loop.Progress(total_steps=100, clock=lambda: next(clock))
   step = jnp.zeros([], jnp.int32)
   progress.step_done(step)  # Step 1 (compiles): the clock starts at 10.
   for _ in range(4):

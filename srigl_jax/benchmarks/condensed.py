@@ -33,20 +33,20 @@ output, each counted once, per second) and the useful FLOP rate
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import sys
-import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.experimental import sparse
 
 from srigl_jax import condensed as C
 from srigl_jax import timing
-from srigl_jax.condensed.xla import scatter_to_outputs
 
 ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
 # Native kernel variants forced through the FFI call's isa attribute; opt-in.
@@ -61,14 +61,6 @@ DEFAULT_LLC_BYTES = 64 * 2**20
 # Fraction of neurons ablated at each sparsity. An assumption standing in for
 # a trained SRigL model (ablation grows with sparsity); override --ablation.
 DEFAULT_ABLATION = {0.8: 0.05, 0.9: 0.1, 0.95: 0.2, 0.99: 0.4}
-
-
-def _floats(s: str) -> list[float]:
-  return [float(v) for v in s.split(",") if v]
-
-
-def _ints(s: str) -> list[int]:
-  return [int(v) for v in s.split(",") if v]
 
 
 def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
@@ -114,22 +106,6 @@ def llc_bytes() -> int:
   except (OSError, subprocess.SubprocessError):
     pass
   return best or DEFAULT_LLC_BYTES
-
-
-def cpu_model() -> str:
-  """The CPU's model name and its widest vector extension."""
-  name, flags = "unknown", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name") and name == "unknown":
-          name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-          flags = set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "-"
-  return f"{name} ({isa})"
 
 
 def tree_nbytes(tree) -> int:
@@ -179,14 +155,7 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
       fns[impl] = bind(impl, lambda x, m, b: (m @ x.T).T + b, m, b)
     elif impl == "structured":
       s = C.structured_from_mask(np.asarray(w), mask, bias)
-      fns[impl] = bind(
-          impl,
-          lambda x, wa, ids, b, sl: scatter_to_outputs(x @ wa + b[ids], sl),
-          s.kernel,
-          s.neuron_ids,
-          b,
-          layer,
-      )
+      fns[impl] = bind(impl, _structured, s.kernel, s.neuron_ids, b)
     elif impl == "condensed_xla":
       fns[impl] = bind(impl, C.condensed_matmul_xla, layer)
     elif impl == "condensed_native":
@@ -202,31 +171,16 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
   return fns, weight_bytes, copies, layer
 
 
-def time_round_robin(fns, x, repeats, budget_s):
-  """Per impl: (median microseconds, repeats, all times in seconds).
-
-  The impls are interleaved in every repeat, so load that comes and goes hits
-  them alike, and `paired_ratio` can compare the calls of one repeat.
-  """
-  for f in fns.values():
-    jax.block_until_ready(f(x))
-    jax.block_until_ready(f(x))
-  times = {name: [] for name in fns}
-  start = time.perf_counter()
-  for r in range(repeats):
-    for name, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(x))
-      times[name].append(time.perf_counter() - t0)
-    if r >= 2 and time.perf_counter() - start > budget_s:
-      break
-  return {name: (float(np.median(t)) * 1e6, len(t), t) for name, t in times.items()}
+def _structured(x, kernel, neuron_ids, bias):
+  """The kept neurons' matmul, placed into the full width (ablated: bias)."""
+  full = jnp.broadcast_to(bias, (x.shape[0], bias.shape[0]))
+  return full.at[:, neuron_ids].set(x @ kernel + bias[neuron_ids])
 
 
-def paired_ratio(res, ref, impl):
-  """Median over repeats of ref's time / impl's time within the same repeat."""
-  a, b = np.asarray(res[ref][2]), np.asarray(res[impl][2])
-  return float(np.median(a / b))
+def time_impls(fns, x, repeats, budget_s) -> timing.Timings:
+  """Every impl called on ``x`` once per round (`timing.time_interleaved`)."""
+  calls = {name: functools.partial(f, x) for name, f in fns.items()}
+  return timing.time_interleaved(calls, budget_s=budget_s, max_rounds=repeats)
 
 
 def available_impls(requested):
@@ -285,22 +239,22 @@ def model_latency(args, rng, dtype, device):
     }
     for batch in (1, 256):
       x = jnp.asarray(rng.standard_normal((batch, args.out_features)), dtype)
-      res = time_round_robin(fns, x, args.repeats, args.budget)
-      paired = paired_ratio(res, "model_dense", "model_condensed")
-      for impl, (us, n, _) in res.items():
+      res = time_impls(fns, x, args.repeats, args.budget)
+      paired = res.paired_ratio("model_dense", "model_condensed")
+      for impl in res.seconds:
         records.append(
             dict(
                 impl=impl,
                 sparsity=s,
                 batch=batch,
-                median_us=us,
-                repeats=n,
+                median_us=res.median_us(impl),
+                repeats=res.rounds,
                 device=device,
                 dtype=args.dtype,
                 x_vs_dense_paired=paired if impl == "model_condensed" else 1.0,
             )
         )
-      d, c = res["model_dense"][0], res["model_condensed"][0]
+      d, c = res.median_us("model_dense"), res.median_us("model_condensed")
       print(
           f"model MLP block {args.out_features}->{args.in_features}->{args.out_features} "
           f"s={s} batch={batch}: dense {d:.1f} us, condensed {c:.1f} us "
@@ -370,59 +324,75 @@ def plot(records, impls, path, title):
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--in-features", type=int, default=3072)
-  p.add_argument("--out-features", type=int, default=768)
-  p.add_argument("--sparsities", type=_floats, default=[0.8, 0.9, 0.95, 0.99])
-  p.add_argument("--batch-sizes", type=_ints, default=[1, 16, 256, 2048])
-  p.add_argument("--impls", type=lambda s: s.split(","), default=list(ALL_IMPLS))
-  p.add_argument("--repeats", type=int, default=50)
-  p.add_argument(
-      "--budget",
-      type=float,
-      default=3.0,
-      help="seconds per (sparsity, batch) point after which repeats stop (min 3)",
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+  """Defines this benchmark's command-line flags on ``fv``; returns it."""
+  flags.DEFINE_integer("in-features", 3072, "Input features of the layer.", flag_values=fv)
+  flags.DEFINE_integer("out-features", 768, "Output features of the layer.", flag_values=fv)
+  flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95", "0.99"], "Sparsities.", flag_values=fv)
+  flags.DEFINE_list("batch-sizes", ["1", "16", "256", "2048"], "Batch sizes.", flag_values=fv)
+  flags.DEFINE_list("impls", list(ALL_IMPLS), f"Impls, of {KNOWN_IMPLS}.", flag_values=fv)
+  known = set(KNOWN_IMPLS)
+  flags.register_validator("impls", known.issuperset, "unknown impls", flag_values=fv)
+  flags.DEFINE_integer("repeats", 50, "Most timed rounds per point.", flag_values=fv)
+  flags.DEFINE_float(
+      "budget",
+      3.0,
+      "Seconds per (sparsity, batch) point after which rounds stop (at least 3 rounds).",
+      flag_values=fv,
   )
-  p.add_argument(
-      "--ablation",
-      type=float,
-      default=None,
-      help=f"fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION})",
+  flags.DEFINE_float(
+      "ablation",
+      None,
+      f"Fraction of ablated neurons (default per sparsity: {DEFAULT_ABLATION}).",
+      flag_values=fv,
   )
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--model", action="store_true", help="also time a whole ViT MLP block")
-  p.add_argument(
-      "--async-dispatch",
-      action="store_true",
-      help="keep JAX's asynchronous CPU dispatch (off by default: a latency "
-      "benchmark waits for every call, and the hand-off to a worker "
-      "thread only adds to every impl's time)",
+  flags.DEFINE_enum(
+      "dtype", "float32", ["float32", "bfloat16"], "Weights and input.", flag_values=fv
   )
-  p.add_argument(
-      "--cache",
-      default="cold",
-      choices=["cold", "warm"],
-      help="cold: cycle through copies of the weights that together exceed the "
-      "last-level cache; warm: one layer timed repeatedly (the paper's setup)",
+  flags.DEFINE_bool("model", False, "Also time a whole ViT MLP block.", flag_values=fv)
+  flags.DEFINE_bool(
+      "async-dispatch",
+      False,
+      "Keep JAX's asynchronous CPU dispatch (off by default: a latency benchmark "
+      "waits for every call, and the hand-off to a worker thread only adds to "
+      "every impl's time).",
+      flag_values=fv,
   )
-  p.add_argument(
-      "--cache-bytes",
-      type=int,
-      default=None,
-      help="last-level cache size for --cache=cold (default: read from the CPU)",
+  flags.DEFINE_enum(
+      "cache",
+      "cold",
+      ["cold", "warm"],
+      "cold: cycle through copies of the weights that together exceed the "
+      "last-level cache; warm: one layer timed repeatedly (the paper's setup).",
+      flag_values=fv,
   )
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--json", help="write the records to this JSON file")
-  p.add_argument("--plot", help="write a PNG of grouped bars per batch size")
-  args = p.parse_args(argv)
-  unknown = set(args.impls) - set(KNOWN_IMPLS)
-  if unknown:
-    p.error(f"unknown impls {sorted(unknown)}; choose from {KNOWN_IMPLS}")
+  flags.DEFINE_integer(
+      "cache-bytes",
+      None,
+      "Last-level cache size for --cache=cold (default: read from the CPU).",
+      flag_values=fv,
+  )
+  flags.DEFINE_integer("seed", 0, "Seed of the random layers and inputs.", flag_values=fv)
+  flags.DEFINE_string("json", None, "Write the records to this JSON file.", flag_values=fv)
+  flags.DEFINE_string("plot", None, "Write a PNG of grouped bars per batch size.", flag_values=fv)
+  return fv
 
+
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  args = types.SimpleNamespace(**{k.replace("-", "_"): v for k, v in fv.flag_values_dict().items()})
+  args.sparsities = [float(v) for v in args.sparsities]
+  args.batch_sizes = [int(v) for v in args.batch_sizes]
   # Restored afterwards: main() may be called from a program with its own setting.
   with timing.sync_cpu_dispatch(enabled=not args.async_dispatch):
     return _run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the benchmark with the command-line flags ``argv`` (default ``sys.argv[1:]``)."""
+  fv = define_flags(flags.FlagValues())
+  return _main(fv([__name__, *(sys.argv[1:] if argv is None else argv)]), fv)
 
 
 def _native_isa(impl: str) -> str | None:
@@ -438,7 +408,7 @@ def _run(args) -> int:
   dtype = jnp.dtype(args.dtype)
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
-  cpu = cpu_model()
+  cpu = timing.cpu_model()
   cache_bytes = args.cache_bytes or llc_bytes()
   impls, skipped = available_impls(args.impls)
   for impl, why in skipped:
@@ -461,12 +431,13 @@ def _run(args) -> int:
     for batch in args.batch_sizes:
       x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
       io_bytes = x.nbytes + batch * args.out_features * dtype.itemsize
-      res = time_round_robin(fns, x, args.repeats, args.budget)
-      for name, (us, n, _) in res.items():
+      res = time_impls(fns, x, args.repeats, args.budget)
+      for name in res.seconds:
+        us = res.median_us(name)
         paired = {
-            f"x_vs_{ref}_paired": paired_ratio(res, ref, name)
+            f"x_vs_{ref}_paired": res.paired_ratio(ref, name)
             for ref in ("dense", "bcsr")
-            if ref in res
+            if ref in res.seconds
         }
         moved = weight_bytes[name] + io_bytes
         records.append(
@@ -475,7 +446,7 @@ def _run(args) -> int:
                 sparsity=s,
                 batch=batch,
                 median_us=us,
-                repeats=n,
+                repeats=res.rounds,
                 **paired,
                 device=device,
                 cpu=cpu,
@@ -514,4 +485,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(functools.partial(_main, fv=define_flags(flags.FLAGS)))

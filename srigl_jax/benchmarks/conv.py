@@ -10,6 +10,8 @@ with part of the output channels ablated, and is timed with:
   condensed_xla   `condensed_conv_xla`
   condensed_native `condensed_conv_native` (CPU)
 
+Each layer is condensed for its input size (`condense_conv(..., input_hw=)`).
+
 All impls of one (layer, sparsity, batch) point run round-robin in one
 process, so that background load on a shared machine hits them alike; the
 table gives medians and the dense / impl ratio of medians. JAX's asynchronous
@@ -20,19 +22,18 @@ CPU dispatch is off while timing (every call is waited for anyway).
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import sys
-import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from srigl_jax.benchmarks.condensed import cpu_model
-from srigl_jax.condensed import conv_native
-from srigl_jax.condensed.conv_layer import condense_conv, plane_layout
-from srigl_jax.condensed.conv_xla import condensed_conv_xla, finish_conv_output
+from srigl_jax import condensed as C
+from srigl_jax import timing
 
 ALL_IMPLS = ("dense", "structured", "condensed_xla", "condensed_native")
 
@@ -67,10 +68,11 @@ def make_conv(rng, cin, cout, ksize, sparsity, ablation):
 
 def build_impls(impls, kernel, mask, bias, stride, padding, x_shape):
   """name -> jitted fn(x) for one layer."""
-  layer = condense_conv(kernel, mask, bias, strides=(stride, stride), padding=padding)
-  lo = plane_layout(x_shape, layer.kernel_size, layer.strides, layer.padding)
+  layer = C.condense_conv(
+      kernel, mask, bias, strides=(stride, stride), padding=padding, input_hw=x_shape[1:3]
+  )
   conv = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), lo.pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+      x, w, (stride, stride), layer.geometry.pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
   )
   masked = jnp.asarray(np.where(mask, kernel, 0))
   b = jnp.asarray(bias)
@@ -81,32 +83,16 @@ def build_impls(impls, kernel, mask, bias, stride, padding, x_shape):
       out[name] = jax.jit(lambda x, w=masked: conv(x, w) + b)
     elif name == "structured":
       ws = masked[..., ids]
-      out[name] = jax.jit(lambda x, w=ws: finish_conv_output(conv(x, w), layer))
+      out[name] = jax.jit(lambda x, w=ws: layer.finish(conv(x, w)))
     elif name == "condensed_xla":
-      out[name] = jax.jit(lambda x: condensed_conv_xla(x, layer))
+      out[name] = jax.jit(lambda x: C.condensed_conv_xla(x, layer))
     elif name == "condensed_native":
-      if not conv_native.conv_native_available():
+      if not C.native_available():
         continue
-      out[name] = jax.jit(lambda x: conv_native.condensed_conv_native(x, layer))
+      out[name] = jax.jit(lambda x: C.condensed_conv_native(x, layer))
     else:
       raise ValueError(f"unknown impl {name!r}; choose from {ALL_IMPLS}")
   return out
-
-
-def time_point(fns, x, repeats, budget_s):
-  """Round-robin timing; returns name -> median seconds."""
-  for f in fns.values():
-    f(x).block_until_ready()  # compile and warm up
-  times = {n: [] for n in fns}
-  start = time.perf_counter()
-  for r in range(repeats):
-    for n, f in fns.items():
-      t0 = time.perf_counter()
-      f(x).block_until_ready()
-      times[n].append(time.perf_counter() - t0)
-    if r >= 2 and time.perf_counter() - start > budget_s:
-      break
-  return {n: float(np.median(t)) for n, t in times.items()}
 
 
 def run(layers, sparsities, batches, impls, repeats, budget_s, seed=0, log=print):
@@ -119,12 +105,12 @@ def run(layers, sparsities, batches, impls, repeats, budget_s, seed=0, log=print
       for batch in batches:
         x = jnp.asarray(rng.standard_normal((batch, h, w, cin)), jnp.float32)
         fns = build_impls(impls, kernel, mask, bias, stride, padding, x.shape)
-        med = time_point(fns, x, repeats, budget_s)
-        rec = dict(
-            layer=name, sparsity=sp, batch=batch, us={n: round(t * 1e6, 1) for n, t in med.items()}
-        )
-        if "dense" in med:
-          rec["speedup_vs_dense"] = {n: round(med["dense"] / t, 2) for n, t in med.items()}
+        calls = {n: functools.partial(f, x) for n, f in fns.items()}
+        res = timing.time_interleaved(calls, budget_s=budget_s, max_rounds=repeats, warmup=1)
+        us = res.medians_us()
+        rec = dict(layer=name, sparsity=sp, batch=batch, us={n: round(t, 1) for n, t in us.items()})
+        if "dense" in us:
+          rec["speedup_vs_dense"] = {n: round(us["dense"] / t, 2) for n, t in us.items()}
         records.append(rec)
         log(json.dumps(rec))
   return records
@@ -144,48 +130,53 @@ def format_table(records) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--layers", default=",".join(LAYERS))
-  p.add_argument("--sparsities", default="0.8,0.9,0.95")
-  p.add_argument("--batches", default="1,64")
-  p.add_argument("--impls", default=",".join(ALL_IMPLS))
-  p.add_argument("--repeats", type=int, default=15)
-  p.add_argument(
-      "--budget",
-      type=float,
-      default=2.0,
-      help="seconds of timing per point before stopping early (>= 3 repeats)",
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+  """Defines this benchmark's command-line flags on ``fv``; returns it."""
+  flags.DEFINE_list("layers", list(LAYERS), f"Layers, of {list(LAYERS)}.", flag_values=fv)
+  flags.DEFINE_list("sparsities", ["0.8", "0.9", "0.95"], "Sparsities.", flag_values=fv)
+  flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.", flag_values=fv)
+  flags.DEFINE_list("impls", list(ALL_IMPLS), f"Impls, of {ALL_IMPLS}.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 15, "Most timed rounds per point.", flag_values=fv)
+  flags.DEFINE_float(
+      "budget", 2.0, "Seconds of timing per point (at least 3 rounds).", flag_values=fv
   )
-  p.add_argument("--json", default=None)
-  args = p.parse_args(argv)
-  saved = jax.config.values["jax_cpu_enable_async_dispatch"]
-  jax.config.update("jax_cpu_enable_async_dispatch", False)
-  try:
+  flags.DEFINE_string(
+      "json", None, "Write the records and machine to this JSON file.", flag_values=fv
+  )
+  return fv
+
+
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  with timing.sync_cpu_dispatch():
     records = run(
-        [s for s in args.layers.split(",") if s],
-        [float(s) for s in args.sparsities.split(",") if s],
-        [int(s) for s in args.batches.split(",") if s],
-        [s for s in args.impls.split(",") if s],
-        args.repeats,
-        args.budget,
+        fv.layers,
+        [float(s) for s in fv.sparsities],
+        [int(s) for s in fv.batches],
+        fv.impls,
+        fv.repeats,
+        fv.budget,
         log=lambda s: print(s, file=sys.stderr),
     )
-  finally:
-    jax.config.update("jax_cpu_enable_async_dispatch", saved)
-  isas = conv_native.conv_native_isas()
   meta = dict(
-      cpu=cpu_model(),
-      native_isa=isas.get("auto", "unavailable"),
+      cpu=timing.cpu_model(),
+      native_isa=C.native_isas("conv").get("auto", "unavailable"),
       devices=len(jax.devices()),
       jax=jax.__version__,
   )
   print(f"# {meta['cpu']}, native kernel: {meta['native_isa']}")
   print(format_table(records))
-  if args.json:
-    with open(args.json, "w") as f:
+  if fv.json:
+    with open(fv.json, "w") as f:
       json.dump(dict(meta=meta, records=records), f, indent=1)
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the benchmark with the command-line flags ``argv`` (default ``sys.argv[1:]``)."""
+  fv = define_flags(flags.FlagValues())
+  _main(fv([__name__, *(sys.argv[1:] if argv is None else argv)]), fv)
+
+
 if __name__ == "__main__":
-  main()
+  app.run(functools.partial(_main, fv=define_flags(flags.FLAGS)))

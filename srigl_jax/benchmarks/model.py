@@ -21,20 +21,21 @@ the two calls' ratio) and the largest error against dense on the same input.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 import srigl_jax
 from srigl_jax import condensed as C
 from srigl_jax import timing
-from srigl_jax.benchmarks.condensed import cpu_model
 from srigl_jax.models import get_model
 
 # name -> (input shape without batch, classes, distribution, dense layer regexes)
@@ -54,14 +55,6 @@ IMPLS = ("dense", "structured", "condensed")
 # Fraction of neurons ablated per layer at each sparsity (the layer benchmark's
 # assumption standing in for a trained model); override with --ablation.
 DEFAULT_ABLATION = {0.8: 0.05, 0.9: 0.1, 0.95: 0.2, 0.99: 0.4}
-
-
-def _floats(s):
-  return [float(v) for v in s.split(",") if v]
-
-
-def _ints(s):
-  return [int(v) for v in s.split(",") if v]
 
 
 def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
@@ -134,30 +127,15 @@ def _redraw_density(rng, path, p, density, ablation):
 def trained_model(workdir):
   """(model, variables, masks, input shape) of a run's newest checkpoint."""
   from srigl_jax import export  # pylint: disable=g-import-not-at-top
+  from srigl_jax.data import input_geometry  # pylint: disable=g-import-not-at-top
 
   config, model, state, _ = export.restore_run(workdir)
   variables = {"params": state.params}
   if getattr(state, "batch_stats", None):
     variables["batch_stats"] = state.batch_stats
   masks = srigl_jax.get_masks(state.opt_state)
-  shape, _ = export.checks.input_geometry(config.input)
+  shape, _ = input_geometry(config.input)
   return model, variables, masks, tuple(shape)
-
-
-def time_interleaved(fns, x, repeats, budget_s):
-  """Per-impl lists of seconds, every impl called once per repeat."""
-  for f in fns.values():
-    jax.block_until_ready(f(x))
-  times = {k: [] for k in fns}
-  start = time.perf_counter()
-  for r in range(repeats):
-    for k, f in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f(x))
-      times[k].append(time.perf_counter() - t0)
-    if r >= 2 and time.perf_counter() - start > budget_s:
-      break
-  return times
 
 
 def bench_model(
@@ -199,30 +177,31 @@ def bench_model(
   for batch in batches:
     x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
     want = np.asarray(fns["dense"](x), np.float64) if "dense" in fns else None
-    times = time_interleaved(fns, x, repeats, budget_s)
-    for impl, t in times.items():
+    calls = {impl: functools.partial(f, x) for impl, f in fns.items()}
+    res = timing.time_interleaved(calls, budget_s=budget_s, max_rounds=repeats, warmup=1)
+    us_of = res.medians_us()
+    for impl in calls:
       err = None
       if want is not None:
         got = np.asarray(fns[impl](x), np.float64)
         err = float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))
       paired = None
-      if "dense" in times and impl != "dense":
-        paired = float(np.median(np.asarray(times["dense"]) / np.asarray(t)))
+      if "dense" in calls and impl != "dense":
+        paired = res.paired_ratio("dense", impl)
       rec = {
           "model": name,
           "sparsity": sparsity,
           "batch": batch,
           "impl": impl,
-          "median_us": float(np.median(t)) * 1e6,
-          "repeats": len(t),
+          "median_us": us_of[impl],
+          "repeats": res.rounds,
           "paired_speedup_vs_dense": paired,
           "max_rel_err": err,
       }
       records.append(rec)
-    dense_us = np.median(times["dense"]) * 1e6 if "dense" in times else None
+    dense_us = us_of.get("dense")
     line = f"{name:>20s} s={sparsity:.2f} b={batch:<4d}"
-    for impl, t in times.items():
-      us = np.median(t) * 1e6
+    for impl, us in us_of.items():
       ratio = f" ({dense_us / us:.2f}x)" if dense_us and impl != "dense" else ""
       line += f"  {impl} {us / 1e3:8.2f} ms{ratio}"
     log(line)
@@ -275,32 +254,25 @@ def plot(records, path):
   fig.savefig(path, dpi=110)
 
 
-def _run(args, names, impls, batches):
+def _run(fv: flags.FlagValues):
   """Records of every model (or of the trained run) at every batch size."""
-  if args.workdir:
-    model, variables, masks, shape = trained_model(args.workdir)
+  batches = [int(b) for b in fv["batch-sizes"].value]
+  budget_s = fv["budget-s"].value
+  if fv.workdir:
+    model, variables, masks, shape = trained_model(fv.workdir)
     sp = float(1 - np.mean([np.mean(m) for m in jax.tree.leaves(masks)]))
     return bench_model(
-        args.workdir,
-        model,
-        variables,
-        masks,
-        shape,
-        sp,
-        batches,
-        args.repeats,
-        args.budget_s,
-        impls,
+        fv.workdir, model, variables, masks, shape, sp, batches, fv.repeats, budget_s, fv.impls
     )
   records = []
-  for name in names:
-    for s in _floats(args.sparsity):
-      abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
+  for name in fv.model:
+    for s in (float(v) for v in fv.sparsity):
+      abl = fv.ablation if fv.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
       model, variables, masks, shape = synthetic_model(
-          name, s, abl, **json.loads(args.model_kwargs)
+          name, s, abl, **json.loads(fv["model-kwargs"].value)
       )
       recs = bench_model(
-          name, model, variables, masks, shape, s, batches, args.repeats, args.budget_s, impls
+          name, model, variables, masks, shape, s, batches, fv.repeats, budget_s, fv.impls
       )
       for r in recs:
         r["ablation"] = abl
@@ -308,37 +280,48 @@ def _run(args, names, impls, batches):
   return records
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--model", default="resnet50,resnet18,vit_s16")
-  ap.add_argument("--sparsity", default="0.9")
-  ap.add_argument("--batch-sizes", default="1,64")
-  ap.add_argument(
-      "--ablation",
-      type=float,
-      default=None,
-      help="fraction of neurons ablated per layer (default: by sparsity)",
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+  """Defines this benchmark's command-line flags on ``fv``; returns it."""
+  flags.DEFINE_list(
+      "model", ["resnet50", "resnet18", "vit_s16"], f"Models, of {sorted(MODELS)}.", flag_values=fv
   )
-  ap.add_argument("--impls", default=",".join(IMPLS))
-  ap.add_argument("--repeats", type=int, default=15)
-  ap.add_argument("--budget-s", type=float, default=30.0, help="time budget per point")
-  ap.add_argument("--workdir", default=None, help="benchmark a trained run instead")
-  ap.add_argument("--model-kwargs", default="{}", help="JSON overrides, e.g. '{\"width\": 8}'")
-  ap.add_argument("--json", default=None)
-  ap.add_argument("--plot", default=None)
-  args = ap.parse_args(argv)
-  impls = tuple(i for i in args.impls.split(",") if i)
-  bad = set(impls) - set(IMPLS)
-  if bad:
-    ap.error(f"unknown impls {sorted(bad)}; choose from {IMPLS}")
-  names = [m for m in args.model.split(",") if m]
-  unknown = [n for n in names if n not in MODELS]
-  if unknown and not args.workdir:
-    ap.error(f"unknown models {unknown}; choose from {sorted(MODELS)}")
+  flags.DEFINE_string(
+      "workdir", None, "Benchmark this trained run instead (ignores --model).", flag_values=fv
+  )
+  flags.register_multi_flags_validator(
+      ["model", "workdir"],
+      lambda f: bool(f["workdir"]) or set(f["model"]) <= set(MODELS),
+      f"unknown models; choose from {sorted(MODELS)}",
+      flag_values=fv,
+  )
+  flags.DEFINE_string("json", None, "Write the records to this JSON file.", flag_values=fv)
+  flags.DEFINE_string("plot", None, "Write a PNG of the speed-ups to this file.", flag_values=fv)
+  flags.DEFINE_list("sparsity", ["0.9"], "Sparsities.", flag_values=fv)
+  flags.DEFINE_list("batch-sizes", ["1", "64"], "Batch sizes.", flag_values=fv)
+  flags.DEFINE_float(
+      "ablation",
+      None,
+      "Fraction of neurons ablated per layer (default: by sparsity).",
+      flag_values=fv,
+  )
+  flags.DEFINE_list("impls", list(IMPLS), f"Impls, of {IMPLS}.", flag_values=fv)
+  known = set(IMPLS)
+  flags.register_validator("impls", known.issuperset, "unknown impls", flag_values=fv)
+  flags.DEFINE_integer("repeats", 15, "Most timed rounds per point.", flag_values=fv)
+  flags.DEFINE_float("budget-s", 30.0, "Seconds of timing per point.", flag_values=fv)
+  flags.DEFINE_string(
+      "model-kwargs", "{}", "JSON overrides of the models, e.g. '{\"width\": 8}'.", flag_values=fv
+  )
+  return fv
+
+
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   with timing.sync_cpu_dispatch():
-    records = _run(args, names, impls, _ints(args.batch_sizes))
+    records = _run(fv)
   meta = {
-      "cpu": cpu_model(),
+      "cpu": timing.cpu_model(),
       "native_isa": C.native_isas().get("auto", "unavailable"),
       "backend": jax.default_backend(),
       "jax": jax.__version__,
@@ -346,13 +329,18 @@ def main(argv=None):
   }
   for r in records:
     r.update(meta)
-  if args.json:
-    with open(args.json, "w") as f:
+  if fv.json:
+    with open(fv.json, "w") as f:
       json.dump(records, f, indent=1)
-  if args.plot:
-    plot(records, args.plot)
-  return records
+  if fv.plot:
+    plot(records, fv.plot)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the benchmark with the command-line flags ``argv`` (default ``sys.argv[1:]``)."""
+  fv = define_flags(flags.FlagValues())
+  _main(fv([__name__, *(sys.argv[1:] if argv is None else argv)]), fv)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  app.run(functools.partial(_main, fv=define_flags(flags.FLAGS)))

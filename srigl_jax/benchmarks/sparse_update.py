@@ -17,10 +17,12 @@ machine load.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,29 +31,31 @@ import optax
 from absl import app, flags
 
 import srigl_jax
-from srigl_jax import models
-
-_JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed repeats per measurement.")
-_DELTA = flags.DEFINE_integer("delta", 100, "Mask update period for the overhead.")
-_SPARSITY = flags.DEFINE_float("sparsity", 0.9, "Global sparsity (ERK).")
-_TRAIN_BATCH = flags.DEFINE_integer(
-    "train_batch", 0, "If > 0, also time a full ResNet-50 training step at this batch."
-)
-_SKIP_RESNET = flags.DEFINE_bool("skip_resnet50", False, "Only run the CNN part.")
+from srigl_jax import models, timing
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-  """Median seconds per call of each fn, timed round-robin."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in times.items()}
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+  """Defines this benchmark's command-line flags on ``fv``; returns it."""
+  flags.DEFINE_string("json", None, "Write the results to this JSON file.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 7, "Timed repeats per measurement.", flag_values=fv)
+  flags.DEFINE_integer("delta", 100, "Mask update period for the overhead.", flag_values=fv)
+  flags.DEFINE_float("sparsity", 0.9, "Global sparsity (ERK).", flag_values=fv)
+  flags.DEFINE_integer(
+      "train_batch",
+      0,
+      "If > 0, also time a full ResNet-50 training step at this batch.",
+      flag_values=fv,
+  )
+  flags.DEFINE_bool("skip_resnet50", False, "Only run the CNN part.", flag_values=fv)
+  return fv
+
+
+def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+  """Median seconds per call of each fn over ``repeats`` interleaved rounds."""
+  res = timing.time_interleaved(
+      fns, budget_s=float("inf"), max_rounds=repeats, min_rounds=repeats, warmup=1
+  )
+  return {name: us * 1e-6 for name, us in res.medians_us().items()}
 
 
 def _random_params(shapes, seed=0):
@@ -116,7 +120,7 @@ def bench_resnet50(repeats: int, sparsity: float, train_batch: int) -> dict:
       return optax.apply_updates(p, u)
 
     fns["resnet50_train_step"] = lambda: train_step(params, plain_state)
-  t = _interleaved(fns, repeats)
+  t = _median_seconds(fns, repeats)
   stats = srigl_jax.layer_stats(sparse_full(grads, upd_state, params)[1])
   out = {
       "n_params": int(n_params),
@@ -161,7 +165,7 @@ def bench_cnn_overhead(repeats: int, sparsity: float, delta: int) -> dict:
   s_params = srigl_jax.apply_masks(params, s_state)
   u_state = s_state._replace(count=jnp.int32(delta - 1))
   d_state = inner.init(params)
-  t = _interleaved(
+  t = _median_seconds(
       {
           "dense_train_step": lambda: dense_step(params, d_state),
           "srigl_train_step": lambda: sp_step(s_params, s_state),
@@ -179,21 +183,28 @@ def bench_cnn_overhead(repeats: int, sparsity: float, delta: int) -> dict:
   }
 
 
-def main(argv):
-  del argv
+def _main(argv: Sequence[str], fv: flags.FlagValues) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   result = {
       "device": f"{jax.devices()[0].platform}:{platform.processor() or platform.machine()}",
       "jax": jax.__version__,
-      "cnn": bench_cnn_overhead(_REPEATS.value, _SPARSITY.value, _DELTA.value),
+      "cnn": bench_cnn_overhead(fv.repeats, fv.sparsity, fv.delta),
   }
   print(json.dumps(result["cnn"], indent=2))
-  if not _SKIP_RESNET.value:
-    result["resnet50"] = bench_resnet50(_REPEATS.value, _SPARSITY.value, _TRAIN_BATCH.value)
+  if not fv.skip_resnet50:
+    result["resnet50"] = bench_resnet50(fv.repeats, fv.sparsity, fv.train_batch)
     print(json.dumps(result["resnet50"], indent=2))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if fv.json:
+    with open(fv.json, "w") as f:
       json.dump(result, f, indent=2)
 
 
+def main(argv: Sequence[str] | None = None) -> None:
+  """Runs the benchmark with the command-line flags ``argv`` (default ``sys.argv[1:]``)."""
+  fv = define_flags(flags.FlagValues())
+  _main(fv([__name__, *(sys.argv[1:] if argv is None else argv)]), fv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(functools.partial(_main, fv=define_flags(flags.FLAGS)))

@@ -1,48 +1,56 @@
 """Condensed inference for constant fan-in sparse layers.
 
-`condense` turns trained (params, masks) into condensed layers,
-`condensed_matmul` runs them with the fastest kernel for the device, and
-`condense_conv` / `condensed_conv` do the same for convolutions, and
-`convert_model` turns a whole trained Flax model into a `ConvertedModel` with
-its sparse Dense, attention and Conv layers condensed, BatchNorm folded and
-ablated neurons folded away.
+``dense/`` and ``conv/`` hold the two layer kinds side by side, each with the
+same parts: ``format`` (the storage pytree and the function that condenses a
+kernel from its mask), ``reference`` (plain jnp, what the tests compare
+against), ``xla``, ``native`` (C++ via XLA FFI, CPU) and ``pallas`` (GPU).
+`condensed_matmul` and `condensed_conv` (``dispatch``) check their input and
+run the fastest kernel for the device. ``structured`` is the fallback format
+for layers that cannot be condensed. ``convert/`` converts for inference: a
+params tree (`condense`, Dense layers) or a whole trained Flax model
+(`convert_model` -> `ConvertedModel`: sparse Dense, attention and Conv layers
+condensed, BatchNorm folded, ablated neurons folded away).
 """
 
-from srigl_jax.condensed.conv_layer import CondensedConv, condense_conv
-from srigl_jax.condensed.conv_native import condensed_conv_native, conv_native_available
-from srigl_jax.condensed.conv_pallas import ConvBlockSizes, condensed_conv_pallas
-from srigl_jax.condensed.conv_xla import condensed_conv_reference, condensed_conv_xla
-from srigl_jax.condensed.convert import ConvertedModel, condensed_apply, convert_model
-from srigl_jax.condensed.dispatch import IMPLS, condensed_conv, condensed_matmul, resolve_impl
-from srigl_jax.condensed.layer import (
+from srigl_jax.condensed._native_lib import native_available, native_error, native_isas
+from srigl_jax.condensed.conv import (
+    CondensedConv,
+    ConvBlockSizes,
+    ConvGeometry,
+    condense_conv,
+    condensed_conv_native,
+    condensed_conv_pallas,
+    condensed_conv_reference,
+    condensed_conv_xla,
+    conv_geometry,
+)
+from srigl_jax.condensed.convert import ConvertedModel, condense, condensed_apply, convert_model
+from srigl_jax.condensed.dense import (
+    BlockSizes,
     CondensedLayer,
-    StructuredLayer,
-    condense,
     condense_dense,
-    index_dtype_for,
-    structured_from_mask,
-)
-from srigl_jax.condensed.native import (
     condensed_matmul_native,
-    native_available,
-    native_error,
-    native_isas,
+    condensed_matmul_pallas,
+    condensed_matmul_reference,
+    condensed_matmul_xla,
+    index_dtype_for,
 )
-from srigl_jax.condensed.pallas_gpu import BlockSizes, condensed_matmul_pallas
-from srigl_jax.condensed.xla import condensed_matmul_reference, condensed_matmul_xla
+from srigl_jax.condensed.dispatch import IMPLS, condensed_conv, condensed_matmul, resolve_impl
+from srigl_jax.condensed.structured import StructuredLayer, structured_from_mask
 
 __all__ = [
     "BlockSizes",
-    "ConvBlockSizes",
     "CondensedConv",
-    "ConvertedModel",
     "CondensedLayer",
+    "ConvBlockSizes",
+    "ConvGeometry",
+    "ConvertedModel",
     "IMPLS",
     "StructuredLayer",
     "condense",
+    "condense_conv",
     "condense_dense",
     "condensed_apply",
-    "condense_conv",
     "condensed_conv",
     "condensed_conv_native",
     "condensed_conv_pallas",
@@ -53,7 +61,7 @@ __all__ = [
     "condensed_matmul_pallas",
     "condensed_matmul_reference",
     "condensed_matmul_xla",
-    "conv_native_available",
+    "conv_geometry",
     "convert_model",
     "index_dtype_for",
     "native_available",

@@ -1,20 +1,48 @@
-"""`condensed_matmul`: one entry point that picks the fastest kernel."""
+"""`condensed_matmul` and `condensed_conv`: the public entry points, which pick a kernel.
+
+They check their input against the layer once, here, and hand the kernels a
+layer set up for it (for a conv: with the `ConvGeometry` of the input size);
+the kernels trust what they are given.
+"""
 
 from __future__ import annotations
 
 import logging
 
 import jax
-import jax.numpy as jnp
 
-from srigl_jax.condensed import native
-from srigl_jax.condensed.layer import CondensedLayer
-from srigl_jax.condensed.pallas_gpu import condensed_matmul_pallas
-from srigl_jax.condensed.xla import condensed_matmul_reference, condensed_matmul_xla
+from srigl_jax.condensed import _native_lib
+from srigl_jax.condensed.conv import (
+    CondensedConv,
+    condensed_conv_native,
+    condensed_conv_pallas,
+    condensed_conv_reference,
+    condensed_conv_xla,
+)
+from srigl_jax.condensed.dense import (
+    CondensedLayer,
+    condensed_matmul_native,
+    condensed_matmul_pallas,
+    condensed_matmul_reference,
+    condensed_matmul_xla,
+)
 
 __all__ = ["IMPLS", "condensed_conv", "condensed_matmul", "resolve_impl"]
 
 IMPLS = ("auto", "native", "pallas", "xla", "reference")
+
+_MATMUL = {
+    "native": condensed_matmul_native,
+    "pallas": condensed_matmul_pallas,
+    "xla": condensed_matmul_xla,
+    "reference": condensed_matmul_reference,
+}
+_CONV = {
+    "native": condensed_conv_native,
+    "pallas": condensed_conv_pallas,
+    "xla": condensed_conv_xla,
+    "reference": condensed_conv_reference,
+}
 
 _log = logging.getLogger(__name__)
 _noticed = False
@@ -25,9 +53,9 @@ def _notice_fallback() -> None:
   if not _noticed:
     _noticed = True
     _log.warning(
-        "srigl_jax: native CPU condensed kernel unavailable (%s); using the "
-        "slower XLA gather-matmul.",
-        native.native_error(),
+        "srigl_jax: native CPU condensed kernels unavailable (%s); using the "
+        "slower XLA kernels.",
+        _native_lib.native_error(),
     )
 
 
@@ -40,6 +68,9 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
 
   Returns:
     'native', 'pallas', 'xla' or 'reference'.
+
+  Raises:
+    ValueError: ``impl`` is not one of `IMPLS`.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
@@ -47,7 +78,7 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
     return impl
   backend = backend or jax.default_backend()
   if backend == "cpu":
-    if native.native_available():
+    if _native_lib.native_available():
       return "native"
     _notice_fallback()
     return "xla"
@@ -56,96 +87,60 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
   return "xla"
 
 
-def condensed_matmul(x: jax.Array, layer: CondensedLayer, impl: str = "auto") -> jax.Array:
+def condensed_matmul(
+    x: jax.Array, layer: CondensedLayer, impl: str = "auto", *, name: str = "condensed_matmul"
+) -> jax.Array:
   """``x @ W + b`` for a condensed layer, with the fastest available kernel.
 
-  ``impl='auto'`` uses the native C++ kernel on CPU (the XLA path, after a
+  ``impl='auto'`` uses the native C++ kernel on CPU (the XLA kernel, after a
   one-line notice, when it was not built), the Pallas kernel on GPU and the
-  XLA gather-matmul elsewhere. Only 'xla' and 'reference' are differentiable.
+  XLA kernel elsewhere. Only 'xla' and 'reference' are differentiable.
 
   Args:
     x: ``(..., in_features)`` input.
-    layer: a `CondensedLayer` (from `condense`).
+    layer: a `CondensedLayer` (from `condense_dense` or `condense`).
     impl: 'auto', 'native', 'pallas', 'xla' or 'reference'.
+    name: what an error about the input names.
 
   Returns:
     ``(..., out_features)``; ablated neurons output their bias.
+
+  Raises:
+    ValueError: ``x`` does not have ``in_features`` features, or an unknown
+      ``impl``.
   """
-  if x.shape[-1] != layer.in_features:
-    raise ValueError(
-        f"condensed_matmul: x has {x.shape[-1]} features but the layer expects "
-        f"{layer.in_features}"
-    )
-  which = resolve_impl(impl)
-  if which == "native":
-    return native.condensed_matmul_native(x, layer)
-  if which == "pallas":
-    return condensed_matmul_pallas(x, layer)
-  if which == "xla":
-    return condensed_matmul_xla(x, layer)
-  return condensed_matmul_reference(x, layer)
+  layer = layer.for_input(x.shape, name)
+  return _MATMUL[resolve_impl(impl)](x, layer)
 
 
-def _conv_native_available() -> bool:
-  from srigl_jax.condensed import conv_native
+def condensed_conv(
+    x: jax.Array, layer: CondensedConv, impl: str = "auto", *, name: str = "condensed_conv"
+) -> jax.Array:
+  """A condensed convolution with the fastest available kernel.
 
-  return conv_native.conv_native_available()
-
-
-def condensed_conv(x: jax.Array, layer, impl: str = "auto") -> jax.Array:
-  """A condensed convolution (`CondensedConv`) with the fastest available kernel.
-
-  ``impl='auto'`` uses the native C++ kernel on CPU (XLA when it was not
-  built), the Pallas kernel on GPU and the XLA kernel elsewhere. Only 'xla'
-  and 'reference' are differentiable.
+  ``impl='auto'`` uses the native C++ kernel on CPU (the XLA kernel when it
+  was not built) and the XLA kernel on TPU. On GPUs it runs the densified
+  kernel under cuDNN (`condensed_conv_reference` at default precision): the
+  Pallas conv kernel measured 6.5x slower than cuDNN's dense convolution at
+  90% sparsity (docs/benchmarks/gpu/gpu_tune.json); ``impl='pallas'`` still
+  selects it. Only 'xla' and 'reference' are differentiable.
 
   Args:
     x: ``(b, h, w, cin)`` NHWC input.
-    layer: the `CondensedConv`.
+    layer: a `CondensedConv` (from `condense_conv` or `convert_model`).
     impl: 'auto', 'native', 'pallas', 'xla' or 'reference'.
+    name: what an error about the input names.
 
   Returns:
     ``(b, oh, ow, cout)``; ablated channels output their bias.
+
+  Raises:
+    ValueError: ``x`` is not NHWC with ``in_channels`` channels, the layer
+      has a bias map built for another input size, the kernel does not fit
+      the padded input, or an unknown ``impl``.
   """
-  from srigl_jax.condensed.conv_xla import condensed_conv_reference, condensed_conv_xla
-
-  layer.check_input(x.shape)
+  layer = layer.for_input(x.shape, name)
   which = resolve_impl(impl)
-  if which == "native":
-    if impl == "native" or _conv_native_available():
-      from srigl_jax.condensed.conv_native import condensed_conv_native
-
-      return condensed_conv_native(x, layer)
-    which = "xla"
   if which == "pallas" and impl == "auto":
-    # Measured on an H200 (docs/benchmarks/gpu/gpu_tune.json): the Pallas conv
-    # is 6.5x slower than cuDNN's dense conv at 90% sparsity, so 'auto' runs
-    # the densified kernel there; impl='pallas' still selects the kernel.
-    return _conv_densified(x, layer)
-  if which == "pallas":
-    from srigl_jax.condensed.conv_pallas import condensed_conv_pallas
-
-    return condensed_conv_pallas(x, layer)
-  if which == "xla":
-    return condensed_conv_xla(x, layer)
-  return condensed_conv_reference(x, layer)
-
-
-@jax.jit
-def _conv_densified(x, layer):
-  """The condensed conv as a dense convolution of its densified kernel."""
-  from srigl_jax.condensed.conv_layer import plane_layout
-
-  dtype = jnp.result_type(x.dtype, layer.values.dtype)
-  lo = plane_layout(x.shape, layer.kernel_size, layer.strides, layer.padding)
-  y = jax.lax.conv_general_dilated(
-      x.astype(dtype),
-      layer.to_dense().astype(dtype),
-      layer.strides,
-      lo.pads,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-  )
-  y = y + layer.bias_or_zeros(dtype)
-  if layer.bias_map is not None:
-    y = y + layer.bias_map.astype(dtype)
-  return y
+    return condensed_conv_reference(x, layer, precision=None)
+  return _CONV[which](x, layer)

@@ -3,6 +3,7 @@
 from srigl_jax.sparsity.layers import (
     DEFAULT_NO_ABLATION,
     LayerSpec,
+    SparseArgumentError,
     build_layer_specs,
     default_fan_in_axes,
     erk_densities,
@@ -22,3 +23,25 @@ from srigl_jax.sparsity.transform import (
     srigl,
     static_sparse,
 )
+
+__all__ = [
+    "DEFAULT_NO_ABLATION",
+    "METHODS",
+    "LayerSpec",
+    "SparseArgumentError",
+    "SparseState",
+    "apply_masks",
+    "build_layer_specs",
+    "default_fan_in_axes",
+    "erk_densities",
+    "find_sparse_state",
+    "get_masks",
+    "global_sparsity",
+    "layer_stats",
+    "rigl",
+    "set_sparse",
+    "sparse_init",
+    "sparse_optimizer",
+    "srigl",
+    "static_sparse",
+]

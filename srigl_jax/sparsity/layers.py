@@ -30,6 +30,19 @@ DEFAULT_NO_ABLATION = (r"(^|/)(head|classifier|logits)/kernel$",)
 _ATTENTION_QKV = ("query", "key", "value")
 
 
+class SparseArgumentError(ValueError):
+  """An argument of the sparse optimizer is out of range.
+
+  Attributes:
+    argument: the name of the argument (e.g. 'gamma_sal'), for callers that map
+      it to a setting of their own.
+  """
+
+  def __init__(self, argument: str, message: str):
+    super().__init__(message)
+    self.argument = argument
+
+
 def path_str(key_path: Sequence[Any]) -> str:
   """Turns a jax key path into 'a/b/kernel'."""
   parts = []
@@ -143,9 +156,10 @@ def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
   if not isinstance(sparsity, (int, float, np.floating)) or isinstance(sparsity, bool):
     raise TypeError(f"{name} must be a float in [0, 1), got {sparsity!r}.")
   if not 0.0 <= float(sparsity) < 1.0:
-    raise ValueError(
+    raise SparseArgumentError(
+        name,
         f"{name}={sparsity!r} is outside [0, 1): it is the fraction of weights "
-        "set to zero, e.g. 0.9 keeps 10% of each sparse layer."
+        "set to zero, e.g. 0.9 keeps 10% of each sparse layer.",
     )
   return float(sparsity)
 
@@ -203,7 +217,7 @@ def _compile_patterns(patterns: Sequence[str] | str | None, what: str):
     try:
       out.append(re.compile(p))
     except re.error as e:
-      raise ValueError(f"{what} pattern {p!r} is not a valid regex: {e}") from e
+      raise SparseArgumentError(what, f"{what} pattern {p!r} is not a valid regex: {e}") from e
   return out
 
 
@@ -212,9 +226,10 @@ def resolve_sparse_rule(rule: str | SparseRule | None) -> SparseRule:
     return kernels_rule
   if isinstance(rule, str):
     if rule not in SPARSE_RULES:
-      raise ValueError(
+      raise SparseArgumentError(
+          "sparse_rule",
           f"Unknown sparse rule {rule!r}; valid names are {sorted(SPARSE_RULES)}"
-          " or a callable (path, shape) -> bool."
+          " or a callable (path, shape) -> bool.",
       )
     return SPARSE_RULES[rule]
   if not callable(rule):
@@ -256,9 +271,13 @@ def build_layer_specs(
   """
   validate_sparsity(sparsity)
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}.")
+    raise SparseArgumentError(
+        "distribution", f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}."
+    )
   if erk_power_scale <= 0:
-    raise ValueError(f"erk_power_scale must be > 0, got {erk_power_scale}.")
+    raise SparseArgumentError(
+        "erk_power_scale", f"erk_power_scale must be > 0, got {erk_power_scale}."
+    )
   rule = resolve_sparse_rule(sparse_rule)
   dense_pats = _compile_patterns(dense_layers, "dense_layers")
   abl_pats = _compile_patterns(no_ablation, "no_ablation")

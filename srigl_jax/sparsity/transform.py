@@ -29,7 +29,7 @@ from jax import lax
 from srigl_jax.sparsity import layers as layers_lib
 from srigl_jax.sparsity import select
 from srigl_jax.sparsity import updates as upd
-from srigl_jax.sparsity.layers import LayerSpec
+from srigl_jax.sparsity.layers import LayerSpec, SparseArgumentError
 
 METHODS = ("dense", "static", "set", "rigl", "srigl")
 
@@ -245,40 +245,51 @@ class _Config:
   fan_in_axes: Any
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(argument: str, name: str, value: Any, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    raise SparseArgumentError(argument, f"{name} must be an integer >= {minimum}, got {value!r}.")
   return value
 
 
 def _validate(cfg: _Config) -> None:
   if cfg.method not in METHODS:
-    raise ValueError(f"Unknown method {cfg.method!r}; valid methods are {METHODS}.")
+    raise SparseArgumentError(
+        "method", f"Unknown method {cfg.method!r}; valid methods are {METHODS}."
+    )
   layers_lib.validate_sparsity(cfg.sparsity)
   if cfg.distribution not in layers_lib.DISTRIBUTIONS:
-    raise ValueError(
+    raise SparseArgumentError(
+        "distribution",
         f"distribution={cfg.distribution!r} is unknown; valid names are "
-        f"{layers_lib.DISTRIBUTIONS}."
+        f"{layers_lib.DISTRIBUTIONS}.",
     )
   if not cfg.erk_power_scale > 0:
-    raise ValueError(f"erk_power_scale must be > 0, got {cfg.erk_power_scale}.")
-  _check_int("update_every (delta)", cfg.update_every, 1)
-  _check_int("stop_step (T_end)", cfg.stop_step, 1)
-  _check_int("grad_accumulation", cfg.grad_accumulation, 1)
+    raise SparseArgumentError(
+        "erk_power_scale", f"erk_power_scale must be > 0, got {cfg.erk_power_scale}."
+    )
+  _check_int("update_every", "update_every (delta)", cfg.update_every, 1)
+  _check_int("stop_step", "stop_step (T_end)", cfg.stop_step, 1)
+  _check_int("grad_accumulation", "grad_accumulation", cfg.grad_accumulation, 1)
   if cfg.grad_accumulation > cfg.update_every:
-    raise ValueError(
+    raise SparseArgumentError(
+        "grad_accumulation",
         f"grad_accumulation={cfg.grad_accumulation} exceeds update_every="
         f"{cfg.update_every}: the grow score can only average the mini-batches "
-        "since the last mask update."
+        "since the last mask update.",
     )
   if not 0.0 < cfg.drop_fraction <= 1.0:
-    raise ValueError(f"drop_fraction (alpha) must be in (0, 1], got {cfg.drop_fraction}.")
+    raise SparseArgumentError(
+        "drop_fraction", f"drop_fraction (alpha) must be in (0, 1], got {cfg.drop_fraction}."
+    )
   if not cfg.gamma_sal >= 0.0:
-    raise ValueError(f"gamma_sal must be >= 0 (0 disables ablation), got {cfg.gamma_sal}.")
+    raise SparseArgumentError(
+        "gamma_sal", f"gamma_sal must be >= 0 (0 disables ablation), got {cfg.gamma_sal}."
+    )
   if cfg.gamma_sal > 1.0:
-    raise ValueError(
+    raise SparseArgumentError(
+        "gamma_sal",
         f"gamma_sal={cfg.gamma_sal} > 1 would ablate every neuron with fewer "
-        "salient weights than its whole fan-in; use a value in [0, 1]."
+        "salient weights than its whole fan-in; use a value in [0, 1].",
     )
   layers_lib.resolve_sparse_rule(cfg.sparse_rule)
   layers_lib._compile_patterns(cfg.dense_layers, "dense_layers")
@@ -287,8 +298,9 @@ def _validate(cfg: _Config) -> None:
 
 def _as_key(key: Any) -> jax.Array:
   if key is None:
-    raise ValueError(
-        "A PRNG key is required (key=jax.random.key(seed)); srigl_jax uses no " "hidden seed."
+    raise SparseArgumentError(
+        "key",
+        "A PRNG key is required (key=jax.random.key(seed)); srigl_jax uses no " "hidden seed.",
     )
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -344,6 +356,10 @@ def sparse_optimizer(
 
   Returns:
     An optax.GradientTransformationExtraArgs whose update requires params.
+
+  Raises:
+    SparseArgumentError: an argument out of range (a `ValueError` whose
+      `argument` attribute names it).
   """
   if method == "dense":
     sparsity = 0.0

@@ -1,6 +1,6 @@
 """The jitted steps: train (with gradient accumulation), eval, mask statistics.
 
-Each `make_*` returns a plain function that the trainer jits with its
+Each `make_*` returns a plain function that the trainer loop jits with its
 shardings and donated buffers.
 """
 
@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import srigl_jax
-from srigl_jax import faults
-from srigl_jax.train_state import TrainState
+from srigl_jax.sparsity import transform as sparse_transform
+from srigl_jax.training import faults
+from srigl_jax.training.state import TrainState
 
 _LAYER_FIELDS = ('density', 'active_neurons', 'neurons', 'fan_in', 'min_fan_in')
 
@@ -117,8 +117,8 @@ def make_eval_step(model):
 
 def sparsity_metrics(state: TrainState) -> dict[str, jax.Array]:
   """Global sparsity and per-layer mask statistics as flat scalar metrics."""
-  out = {'global_sparsity': srigl_jax.global_sparsity(state.opt_state, state.params)}
-  for path, stats in srigl_jax.layer_stats(state.opt_state).items():
+  out = {'global_sparsity': sparse_transform.global_sparsity(state.opt_state, state.params)}
+  for path, stats in sparse_transform.layer_stats(state.opt_state).items():
     for field in _LAYER_FIELDS:
       out[f'{path}/{field}'] = stats[field]
   return out

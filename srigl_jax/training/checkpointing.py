@@ -17,7 +17,8 @@
 
 `fingerprint.json` next to `checkpoints/` is a readable copy of the
 fingerprint for tools that read the workdir without orbax (`srigl_jax.export`
-records it in the inference manifest).
+records it in the inference manifest); `checkpoint_fingerprint` reads the one a
+checkpoint carries.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from absl import logging
 CHECKPOINT_DIR = 'checkpoints'
 FINGERPRINT_FILE = 'fingerprint.json'
 _FINGERPRINT_VERSION = 1
-# The order in which the input pipeline reads and augments examples; a
-# checkpoint saved under another order continued on other batches. /1 was
-# grain's index shuffle with per-example augmentation draws; /2 is a numpy
-# permutation per epoch with per-batch draws.
+# The order in which the input pipeline reads and augments examples: a numpy
+# permutation per epoch and augmentation draws per batch. A checkpoint that
+# records another order (or none) was trained on other batches.
 DATA_ORDER = 'grain-shuffled-batches/2'
 
 # The fields that decide the shapes and meaning of what a checkpoint holds:
@@ -107,20 +107,44 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
     except (KeyError, AttributeError):
       node = None
     out[key] = _jsonable(node)
-  # The order of the batch stream: checkpoints of the pre-grain pipeline
-  # (which lack this field) read their data in another order.
+  # What a resumed run goes on to read depends on the order of the batch
+  # stream too.
   out['data_order'] = DATA_ORDER
   # Momentum on/off changes the optimizer state's structure.
   out['optim.momentum>0'] = bool(config.optim.get('momentum') or 0.0)
   return out
 
 
+def checkpoint_fingerprint(workdir: str, step: int) -> dict[str, Any] | None:
+  """The fingerprint the checkpoint of `step` carries as orbax metadata, or None.
+
+  Args:
+    workdir: the run's directory (holding `checkpoints/`).
+    step: a complete checkpoint's step.
+
+  Returns:
+    The fingerprint; None for a checkpoint without metadata or one that cannot
+    be read.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.join(workdir, CHECKPOINT_DIR),
+      options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+  )
+  try:
+    custom = getattr(manager.metadata(step), 'custom_metadata', None)
+  except Exception:  # pylint: disable=broad-except
+    custom = None  # Checkpoints written without metadata; not an error.
+  finally:
+    manager.close()
+  return dict(custom) if custom else None
+
+
 def _saved_fingerprint(workdir: str) -> tuple[int | None, dict | None]:
   """(newest complete step, its fingerprint) of the workdir's checkpoints.
 
-  The fingerprint comes from the checkpoint's orbax metadata; a checkpoint of
-  an older version without it falls back to `fingerprint.json`. Both are
-  None when the workdir holds no complete checkpoint.
+  The fingerprint comes from the checkpoint's orbax metadata; for a
+  checkpoint saved without metadata it comes from `fingerprint.json`. Both
+  are None when the workdir holds no complete checkpoint.
   """
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   if not os.path.isdir(ckpt_dir):

@@ -24,14 +24,17 @@ structure, so no layer pairs are declared by hand:
    depthwise conv, another consumer), the producer emits it as its bias.
 4. *BatchNorm.* An eval-mode BatchNorm that reads only the output of a sparse
    layer is folded into that layer's values and bias, and skipped at run time.
-5. Sparse Dense, Conv (``feature_group_count=1``) and attention
+5. Sparse Dense, Conv (``feature_group_count=1``, no dilation) and attention
    (`nn.DenseGeneral`) kernels are stored condensed; ``format='structured'``
-   stores them with ablated neurons removed but dense kernels instead.
+   stores them with ablated neurons removed but dense kernels instead, and
+   ``on_unsupported='structured'`` does so for the layers that cannot be
+   condensed (masks that are not constant fan-in, dilated convolutions).
 6. It checks itself: the converted model must reproduce the masked model on
    a probe input, else it raises naming the first layer that differs.
 
-`ConvertedModel.apply` runs the *unchanged* model definition with a method
-interceptor that routes every converted layer to its kernel.
+`ConvertedModel.apply` (`srigl_jax.condensed.convert.converted`) runs the
+*unchanged* model definition with a method interceptor that routes every
+converted layer to its kernel.
 """
 
 from __future__ import annotations
@@ -46,14 +49,22 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed.conv_layer import CondensedConv, condense_conv, normalize_padding
-from srigl_jax.condensed.dispatch import condensed_conv, condensed_matmul
-from srigl_jax.condensed.layer import CondensedLayer, condense_dense
+from srigl_jax.condensed.conv import condense_conv
+from srigl_jax.condensed.convert.analysis import (
+    LINEAR,
+    eval_abstract,
+    module_path,
+    trace,
+    use_counts,
+)
+from srigl_jax.condensed.convert.converted import ConvertedModel, as_pair
+from srigl_jax.condensed.dense import condense_dense, fan_in_counts
+from srigl_jax.condensed.structured import structured_from_mask
 
-__all__ = ["ConvertedModel", "convert_model", "condensed_apply"]
+__all__ = ["convert_model"]
 
-_LINEAR = ("conv_general_dilated", "dot_general")
 _FORMATS = ("condensed", "structured")
+_ON_UNSUPPORTED = ("error", "structured")
 # Relative tolerance of the self-check, on the largest logit.
 _CHECK_RTOL = 1e-4
 
@@ -66,355 +77,9 @@ def _key_name(k) -> str:
   return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
-# ---------------------------------------------------------------------------
-# The converted model.
-
-
-@dataclasses.dataclass
-class ConvertedModel:
-  """A model converted for inference.
-
-  Attributes:
-    model: the original Flax module (its definition is unchanged).
-    variables: ``{'params': ..., 'batch_stats': ...}`` with converted layers;
-      arrays only, so orbax saves it as it is.
-    plan: a JSON-serialisable description: per layer its kind, format,
-      neurons, active neurons, fan-in and density; the folded BatchNorms; the
-      input shape a per-position bias map was built for.
-  """
-
-  model: nn.Module
-  variables: Any
-  plan: dict
-
-  def apply(self, x, impl: str = "auto"):
-    """Logits of the converted model (not jitted; wrap it in `jax.jit`)."""
-    return condensed_apply(self.model, self.variables, self.plan, x, impl=impl)
-
-  __call__ = apply
-
-
-def _module_path(module: nn.Module) -> str:
-  return _join(module.scope.path)
-
-
-def _as_tuple(v, n=2):
-  if v is None:
-    return (1,) * n
-  if isinstance(v, int):
-    return (v,) * n
-  return tuple(int(s) for s in v)
-
-
 def _dense_general_axes(module, x_ndim):
   axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
   return tuple(sorted(a % x_ndim for a in axis))
-
-
-def _apply_condensed_layer(module, entry, x, impl):
-  p = module.variables["params"]
-  kind = entry["kind"]
-  if kind == "conv":
-    layer = CondensedConv(
-        values=p["values"],
-        taps=p["taps"],
-        neuron_ids=p["neuron_ids"],
-        bias=p["bias"],
-        bias_map=p.get("bias_map"),
-        kernel_size=_as_tuple(module.kernel_size),
-        in_channels=int(x.shape[-1]),
-        out_channels=int(p["bias"].shape[0]),
-        strides=_as_tuple(module.strides),
-        padding=normalize_padding(module.padding),
-        input_hw=None if entry.get("input_hw") is None else tuple(entry["input_hw"]),
-    )
-    layer.check_input(x.shape, name=f"layer '{_module_path(module)}'")
-    return condensed_conv(x, layer, impl)
-  lead, x2 = _flatten_dense_input(module, entry, x)
-  layer = CondensedLayer(
-      values=p["values"],
-      indices=p["indices"],
-      neuron_ids=p["neuron_ids"],
-      bias=p["bias"],
-      in_features=int(x2.shape[-1]),
-      out_features=int(p["bias"].shape[0]),
-  )
-  y = condensed_matmul(x2, layer, impl)
-  return y.reshape(*lead, *entry["out_shape"])
-
-
-def _flatten_dense_input(module, entry, x):
-  n_in = len(entry["in_shape"])
-  if tuple(x.shape[x.ndim - n_in :]) != tuple(entry["in_shape"]):
-    raise ValueError(
-        f"layer '{_module_path(module)}': input of shape {tuple(x.shape)} does "
-        f"not end in the converted fan-in shape {tuple(entry['in_shape'])}."
-    )
-  lead = x.shape[: x.ndim - n_in]
-  return lead, x.reshape(*lead, -1)
-
-
-def _apply_structured_layer(module, entry, x):
-  p = module.variables["params"]
-  ids = p["neuron_ids"]
-  bias = p["bias"]
-  if entry["kind"] == "conv":
-    pads = normalize_padding(module.padding)
-    y = jax.lax.conv_general_dilated(
-        x,
-        p["kernel"].astype(x.dtype),
-        window_strides=_as_tuple(module.strides),
-        padding=pads,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-  else:
-    lead, x2 = _flatten_dense_input(module, entry, x)
-    y = x2 @ p["kernel"].astype(x.dtype)
-  full = jnp.broadcast_to(bias.astype(y.dtype), (*y.shape[:-1], bias.shape[0]))
-  y = full.at[..., ids].add(y)
-  if p.get("bias_map") is not None:
-    y = y + p["bias_map"].astype(y.dtype)
-  if entry["kind"] != "conv":
-    y = y.reshape(*lead, *entry["out_shape"])
-  return y
-
-
-def _interceptor(plan: Mapping[str, Any], impl: str):
-  layers = plan["layers"]
-  folded = set(plan.get("folded_batchnorms", {}))
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name != "__call__":
-      return next_fun(*args, **kwargs)
-    path = _module_path(context.module)
-    if path in folded:
-      return args[0]
-    entry = layers.get(path)
-    if entry is None or entry["format"] == "dense":
-      return next_fun(*args, **kwargs)
-    x = jnp.asarray(args[0])
-    if entry["format"] == "condensed":
-      return _apply_condensed_layer(context.module, entry, x, impl)
-    return _apply_structured_layer(context.module, entry, x)
-
-  return interceptor
-
-
-def condensed_apply(model: nn.Module, variables, plan, x, *, impl: str = "auto", **kwargs):
-  """Runs ``model`` on converted variables (see `convert_model`).
-
-  Args:
-    model: the original Flax module.
-    variables: `ConvertedModel.variables`.
-    plan: `ConvertedModel.plan`.
-    x: the model input.
-    impl: kernel choice: 'auto', 'native', 'pallas', 'xla' or 'reference'.
-    **kwargs: passed to ``model.apply`` (the eval mode is the default).
-
-  Returns:
-    What ``model.apply`` returns.
-  """
-  with nn.intercept_methods(_interceptor(plan, impl)):
-    return model.apply(variables, x, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# Tracing: which eqn consumes which kernel, which BatchNorm follows which layer.
-
-
-@dataclasses.dataclass
-class _Call:
-  path: str
-  module: nn.Module
-  in_var: Any
-  out_var: Any
-
-
-def _var(t):
-  v = getattr(t, "val", None)
-  return v if isinstance(v, jcore.Var) else None
-
-
-def _trace(model, variables, x1):
-  calls: list[_Call] = []
-
-  def recorder(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and args:
-      calls.append(_Call(_module_path(context.module), context.module, _var(args[0]), _var(out)))
-    return out
-
-  def forward(v, x):
-    with nn.intercept_methods(recorder):
-      return model.apply(v, x)
-
-  closed = jax.make_jaxpr(forward)(variables, x1)
-  return closed, calls
-
-
-def _use_counts(jaxpr) -> dict:
-  counts: dict = {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.invars:
-      if isinstance(v, jcore.Var):
-        counts[v] = counts.get(v, 0) + 1
-  for v in jaxpr.outvars:
-    if isinstance(v, jcore.Var):
-      counts[v] = counts.get(v, 0) + 1
-  return counts
-
-
-# ---------------------------------------------------------------------------
-# Constant analysis: which values do not depend on the input, and their value.
-#
-# Every variable is a pair (value, unknown): a concrete array for batch 1 and
-# a bool array marking the entries that depend on the input. Rules by kind of
-# primitive keep the marks exact: elementwise ops OR their operands' marks,
-# structural ops move the marks as they move the data, reductions and pooling
-# mark an output that reads any marked input, and linear ops mark an output
-# iff a non-zero weight meets a marked input. Anything else is wholly marked
-# once any operand is.
-
-_STRUCTURAL = frozenset(
-    {
-        "reshape",
-        "transpose",
-        "broadcast_in_dim",
-        "squeeze",
-        "expand_dims",
-        "slice",
-        "concatenate",
-        "pad",
-        "rev",
-        "copy",
-        "copy_p",
-    }
-)
-_REDUCTIONS = frozenset(
-    {
-        "reduce_sum",
-        "reduce_max",
-        "reduce_min",
-        "reduce_prod",
-        "reduce_and",
-        "reduce_or",
-        "argmax",
-        "argmin",
-    }
-)
-_WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
-
-
-def _fill(val, unk):
-  return np.where(unk, np.zeros((), val.dtype), val)
-
-
-def _linear_eval(eqn, a, b):
-  """Partial evaluation of a bilinear op (conv or dot) on marked operands."""
-  prim = eqn.primitive
-  out_dtype = eqn.outvars[0].aval.dtype
-
-  def run(u, v):
-    return np.asarray(prim.bind(jnp.asarray(u), jnp.asarray(v), **eqn.params))
-
-  (av, au), (bv, bu) = a, b
-  av, bv = _fill(av, au), _fill(bv, bu)
-  val = run(av, bv).astype(out_dtype)
-  if not au.any() and not bu.any():
-    return val, np.zeros(val.shape, bool)
-  f = lambda m: m.astype(np.float32)
-  params = dict(eqn.params)
-  params.pop("preferred_element_type", None)
-  touch_a, touch_b = f(au | (av != 0)), f(bu | (bv != 0))
-  ind = lambda u, v: np.asarray(
-      prim.bind(jnp.asarray(u), jnp.asarray(v), **{**params, "preferred_element_type": jnp.float32})
-  )
-  unk = (ind(f(au), touch_b) + ind(touch_a, f(bu))) > 0
-  return val, unk
-
-
-def _sub_jaxpr(eqn):
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-    j = eqn.params.get(key)
-    if isinstance(j, jcore.ClosedJaxpr):
-      return j
-  return None
-
-
-def _marks(eqn, ins, outs):
-  """The unknown marks of an eqn's outputs (see the section comment)."""
-  name = eqn.primitive.name
-  unks = [u for _, u in ins]
-  if not any(u.any() for u in unks):
-    return [np.zeros(np.shape(o), bool) for o in outs]
-  shapes = [np.shape(o) for o in outs]
-  if name in _STRUCTURAL:
-    moved = eqn.primitive.bind(
-        *[jnp.asarray(u) for u in unks], **{k: v for k, v in eqn.params.items()}
-    )
-    moved = moved if eqn.primitive.multiple_results else [moved]
-    return [np.asarray(m).astype(bool) for m in moved]
-  if name in _REDUCTIONS:
-    axes = tuple(eqn.params["axes"])
-    return [np.asarray(unks[0].any(axis=axes)).reshape(shapes[0])]
-  if name in _WINDOWS:
-    p = eqn.params
-    m = jax.lax.reduce_window(
-        jnp.asarray(unks[0], jnp.float32),
-        0.0,
-        jax.lax.max,
-        p["window_dimensions"],
-        p["window_strides"],
-        p["padding"],
-        p["base_dilation"],
-        p["window_dilation"],
-    )
-    return [np.asarray(m) > 0]
-  if len(outs) == 1 and _broadcasts_to([np.shape(u) for u in unks], shapes[0]):
-    out = np.zeros(shapes[0], bool)
-    for u in unks:
-      out = out | u  # size-1 axes broadcast, as jaxpr elementwise ops allow
-    return [out]
-  return [np.ones(s, bool) for s in shapes]
-
-
-def _broadcasts_to(shapes, out) -> bool:
-  try:
-    return np.broadcast_shapes(*shapes, out) == tuple(out)
-  except ValueError:
-    return False
-
-
-def _eval_abstract(jaxpr, consts, args, record=None):
-  env: dict = {}
-
-  def read(v):
-    if isinstance(v, jcore.Literal):
-      val = np.asarray(v.val)
-      return val, np.zeros(val.shape, bool)
-    return env[v]
-
-  for v, c in zip(jaxpr.constvars, consts):
-    c = np.asarray(c)
-    env[v] = (c, np.zeros(c.shape, bool))
-  for v, a in zip(jaxpr.invars, args):
-    env[v] = a
-  for eqn in jaxpr.eqns:
-    ins = [read(v) for v in eqn.invars]
-    if eqn.primitive.name in _LINEAR:
-      outs = [_linear_eval(eqn, ins[0], ins[1])]
-      if record is not None:
-        record[eqn] = ins[0]
-    elif (sub := _sub_jaxpr(eqn)) is not None:
-      outs = _eval_abstract(sub.jaxpr, sub.consts, ins)
-    else:
-      res = eqn.primitive.bind(*[jnp.asarray(_fill(v, u)) for v, u in ins], **eqn.params)
-      res = [np.asarray(r) for r in (res if eqn.primitive.multiple_results else [res])]
-      outs = list(zip(res, _marks(eqn, ins, res)))
-    for v, o in zip(eqn.outvars, outs):
-      if not isinstance(v, jcore.DropVar):
-        env[v] = o
-  return [read(v) for v in jaxpr.outvars]
 
 
 # ---------------------------------------------------------------------------
@@ -437,6 +102,8 @@ class _Layer:
   in_shape: tuple = ()
   out_shape: tuple = ()
   input_hw: tuple | None = None
+  # Why the kernel has no condensed form whatever its mask, or None.
+  not_condensable: str | None = None
 
 
 def _flat_leaves(tree):
@@ -480,7 +147,7 @@ def convert_model(
     format: str = "condensed",
     fold: str | Iterable[str] = "auto",
     fold_batchnorm: bool = True,
-    on_ragged: str = "error",
+    on_unsupported: str = "error",
     check: bool = True,
     impl: str = "auto",
 ) -> ConvertedModel:
@@ -501,8 +168,12 @@ def convert_model(
     fold: ``'auto'`` folds known-constant inputs into every sparse consumer,
       ``'none'`` folds nothing, or a collection of layer paths to fold into.
     fold_batchnorm: fold eval-mode BatchNorm into the sparse layer before it.
-    on_ragged: a sparse layer whose mask is not constant fan-in (RigL, SET):
-      ``'error'`` raises, ``'structured'`` stores it structured.
+    on_unsupported: what to do with a sparse layer that cannot be condensed
+      (a mask that is not constant fan-in, as RigL and SET give; a dilated
+      convolution): ``'error'`` raises, ``'structured'`` stores it with its
+      ablated neurons removed and a dense kernel. Sparse grouped or depthwise
+      convolutions and kernels the converter cannot follow are refused
+      either way.
     check: run the self-check against the masked model.
     impl: kernel choice for the self-check.
 
@@ -510,15 +181,17 @@ def convert_model(
     The `ConvertedModel`.
 
   Raises:
-    ValueError: a conv or Dense mask is not constant fan-in (with
-      ``on_ragged='error'``), a grouped or depthwise conv is marked sparse, a
-      sparse kernel is used in a way the converter cannot follow, or the
-      self-check fails (naming the first layer that differs).
+    ValueError: a layer cannot be condensed (with ``on_unsupported='error'``),
+      a grouped or depthwise conv is marked sparse, a sparse kernel is used
+      in a way the converter cannot follow, or the self-check fails (naming
+      the first layer that differs).
   """
   if format not in _FORMATS:
     raise ValueError(f"convert_model: format must be one of {_FORMATS}, got {format!r}")
-  if on_ragged not in ("error", "structured"):
-    raise ValueError(f"convert_model: on_ragged must be 'error' or 'structured', got {on_ragged!r}")
+  if on_unsupported not in _ON_UNSUPPORTED:
+    raise ValueError(
+        f"convert_model: on_unsupported must be one of {_ON_UNSUPPORTED}, got {on_unsupported!r}"
+    )
   if isinstance(fold, str) and fold not in ("auto", "none"):
     raise ValueError(
         f"convert_model: fold must be 'auto', 'none' or a collection of layer paths, got {fold!r}"
@@ -552,7 +225,7 @@ def convert_model(
 
   sample_input = jnp.asarray(sample_input)
   x1 = jnp.zeros((1, *sample_input.shape[1:]), sample_input.dtype)
-  closed, calls = _trace(model, variables, x1)
+  closed, calls = trace(model, variables, x1)
   jaxpr = closed.jaxpr
   flat_vars = _flat_leaves(variables)
   n_vars = len(flat_vars)
@@ -583,7 +256,7 @@ def convert_model(
     mod_path = _join(path[:-1])
     call = by_path.get(mod_path)
     uses = consumers.get(vpath, [])
-    if call is None or len(uses) != 1 or uses[0].primitive.name not in _LINEAR:
+    if call is None or len(uses) != 1 or uses[0].primitive.name not in LINEAR:
       raise _unsupported(
           mod_path,
           "has a sparse kernel that is not consumed by exactly one convolution "
@@ -593,6 +266,7 @@ def convert_model(
           "the layer once.",
       )
     module = call.module
+    not_condensable = None
     kernel = np.asarray(_get(params, path), np.float32)
     node = _get(params, path[:-1])
     had_bias = "bias" in node
@@ -606,12 +280,9 @@ def convert_model(
             "depthwise and grouped convs dense (sparsity.dense_layers, e.g. "
             "'.*depthwise.*').",
         )
-      if _as_tuple(module.kernel_dilation) != (1, 1) or _as_tuple(module.input_dilation) != (1, 1):
-        raise _unsupported(
-            mod_path,
-            "uses a dilated convolution",
-            "Keep it dense (sparsity.dense_layers); dilation has no condensed kernel.",
-        )
+      dilations = (getattr(module, "kernel_dilation", 1), getattr(module, "input_dilation", 1))
+      if any(as_pair(d) != (1, 1) for d in dilations):
+        not_condensable = "is a dilated convolution, which has no condensed kernel"
       kind = "conv"
     else:
       kind = "dense"
@@ -643,13 +314,14 @@ def convert_model(
         had_bias=had_bias,
         in_shape=tuple(in_shape),
         out_shape=tuple(out_shape),
+        not_condensable=not_condensable,
     )
 
   # BatchNorm folds: a BN that reads exactly a sparse layer's output, which
   # nothing else reads.
   folded_bn: dict[str, str] = {}
   if fold_batchnorm:
-    counts = _use_counts(jaxpr)
+    counts = use_counts(jaxpr)
     out_of = {c.out_var: c.path for c in calls if c.out_var is not None}
     for c in calls:
       if not isinstance(c.module, nn.BatchNorm) or c.in_var is None:
@@ -674,7 +346,7 @@ def convert_model(
   x_unknown = (np.zeros(x1.shape, x1.dtype), np.ones(x1.shape, bool))
   args = [(np.asarray(leaf), np.zeros(np.shape(leaf), bool)) for _, leaf in flat_vars]
   args.append(x_unknown)
-  _eval_abstract(jaxpr, closed.consts, args, record=lhs_values)
+  eval_abstract(jaxpr, closed.consts, args, record=lhs_values)
 
   fold_set = None if isinstance(fold, str) else {str(f) for f in fold}
   for layer in layers.values():
@@ -713,7 +385,7 @@ def convert_model(
   # Build the converted params.
   plan_layers: dict[str, dict] = {}
   for layer in layers.values():
-    entry, new_params = _convert_layer(layer, format, on_ragged, x1.shape)
+    entry, new_params = _convert_layer(layer, format, on_unsupported)
     plan_layers[layer.path] = entry
     _set(params, tuple(layer.path.split("/")), new_params)
   _prune_empty(variables)
@@ -749,7 +421,7 @@ def _self_check(model, masked_variables, converted, sample_input, impl):
     def interceptor(next_fun, args, kwargs, context):
       y = next_fun(*args, **kwargs)
       if context.method_name == "__call__" and isinstance(y, jax.Array):
-        store.setdefault(_module_path(context.module), np.asarray(y, np.float64))
+        store.setdefault(module_path(context.module), np.asarray(y, np.float64))
       return y
 
     return interceptor
@@ -832,9 +504,10 @@ def _fold_known_inputs(layer: _Layer, a) -> None:
   layer.folded_inputs = int(fold.sum())
 
 
-def _convert_layer(layer: _Layer, format: str, on_ragged: str, x_shape):
+def _convert_layer(layer: _Layer, format: str, on_unsupported: str):
+  """The plan entry and the converted params of one sparse layer."""
   m = layer.mask
-  counts = m.reshape(-1, m.shape[-1]).sum(axis=0)
+  counts = fan_in_counts(m)
   active = counts > 0
   entry = {
       "kind": layer.kind,
@@ -851,45 +524,41 @@ def _convert_layer(layer: _Layer, format: str, on_ragged: str, x_shape):
     entry["out_shape"] = [int(d) for d in layer.out_shape]
   if layer.bias_map is not None:
     entry["input_hw"] = [int(d) for d in layer.input_hw]
-  ragged = bool(active.any() and counts[active].min() != counts[active].max())
+  # Folding removes taps unevenly from a constant fan-in mask; such a layer
+  # is condensed with its shorter rows padded.
+  why_not = layer.not_condensable
+  if why_not is None and layer.folded_inputs == 0 and active.any():
+    lo, hi = int(counts[active].min()), int(counts[active].max())
+    if lo != hi:
+      why_not = (
+          f"is not constant fan-in: its active neurons have between {lo} and {hi} non-zero inputs"
+      )
   fmt = format
-  if ragged and fmt == "condensed" and layer.folded_inputs == 0:
-    if on_ragged == "error":
+  if fmt == "condensed" and why_not is not None:
+    if on_unsupported == "error":
       raise _unsupported(
           layer.path,
-          f"is not constant fan-in: its active neurons have between "
-          f"{int(counts[active].min())} and {int(counts[active].max())} non-zero inputs",
-          "Condensed layers need SRigL's constant fan-in masks; for RigL/SET "
-          "runs pass on_ragged='structured' (ablated neurons removed, dense kernels).",
+          why_not,
+          "Condensed layers need SRigL's constant fan-in masks and undilated "
+          "convolutions; pass on_unsupported='structured' to store such layers "
+          "with their ablated neurons removed and dense kernels (e.g. for "
+          "RigL/SET runs).",
       )
     fmt = "structured"
   entry["format"] = fmt
   kernel = np.where(m, layer.kernel, 0).astype(np.float32)
-  bias_map = None if layer.bias_map is None else jnp.asarray(layer.bias_map)
   if fmt == "condensed":
     if layer.kind == "conv":
-      c = condense_conv(
-          kernel,
-          m,
-          layer.bias,
-          strides=_as_tuple(layer.module.strides),
-          padding="VALID",
-          name=layer.path,
-          allow_ragged=True,
-      )
+      c = condense_conv(kernel, m, layer.bias, name=layer.path, allow_ragged=True)
       new = {"values": c.values, "taps": c.taps, "neuron_ids": c.neuron_ids, "bias": c.bias}
     else:
       c = condense_dense(kernel, m, layer.bias, name=layer.path, allow_ragged=True)
       new = {"values": c.values, "indices": c.indices, "neuron_ids": c.neuron_ids, "bias": c.bias}
-    entry["fan_in"] = int(c.values.shape[1])
+    entry["fan_in"] = c.fan_in
   else:
-    ids = np.nonzero(active)[0].astype(np.int32)
-    new = {
-        "kernel": jnp.asarray(kernel[..., ids]),
-        "neuron_ids": jnp.asarray(ids),
-        "bias": jnp.asarray(layer.bias),
-    }
+    st = structured_from_mask(kernel, m, layer.bias, name=layer.path)
+    new = {"kernel": st.kernel, "neuron_ids": st.neuron_ids, "bias": st.bias}
     entry["fan_in"] = int(counts[active].max()) if active.any() else 0
-  if bias_map is not None:
-    new["bias_map"] = bias_map
+  if layer.bias_map is not None:
+    new["bias_map"] = jnp.asarray(layer.bias_map)
   return entry, new

@@ -1,17 +1,18 @@
-"""Training loop: config -> data -> model -> sparse optimizer -> trained state.
+"""The training loop: `train_and_evaluate(config, workdir)` and its `preflight`.
 
-`train_and_evaluate(config, workdir)` trains with SRigL (or a baseline) under
-data parallelism over all devices and leaves in `workdir`:
+`train_and_evaluate` trains with SRigL (or a baseline) under data parallelism
+over all devices and leaves in `workdir`:
 
   checkpoints/       orbax checkpoints (params, batch stats, optimizer state
                      with the masks, step; the run's fingerprint as metadata),
                      saved asynchronously; a second run of the same command
                      resumes from the latest one, data order included. On
                      SIGTERM the run saves the step it finished and returns
-                     (see `srigl_jax.checkpointing`).
+                     (see `training.checkpointing`).
   metrics.jsonl      one JSON object per line: {'step': ..., ...}.
   events.out.tfevents.*  the same scalars for TensorBoard.
   config.json        the resolved config.
+  inference/         the condensed model, verified and timed (`srigl_jax.export`).
   accuracy.png, active_neurons.png, summary.json   written at the end.
 
 metrics.jsonl holds one record per logged step, with the fields due at that
@@ -23,11 +24,12 @@ path), `L/density`, `L/active_neurons`, `L/neurons`, `L/fan_in` (largest
 fan-in of a neuron), `L/min_fan_in` (smallest over active neurons); at every
 eval `eval_accuracy` and `eval_loss`.
 
-The trainer's parts: `train_state` (TrainState, optax schedules, optimizer,
-init), `train_steps` (the jitted train/eval steps, mask statistics),
-`checkpointing` (orbax, fingerprint, preemption), `reports` (summary.json and
-plots, shared with the sweep); this module holds the mesh, the progress clock
-and the loop.
+`preflight` runs every check before anything is compiled: `training.build`
+(the config, checked by the owner of each group, and every layer's fan-in),
+the workdir's checkpoints (`training.checkpointing.check_workdir`), and only
+then opens the Dataset. This module adds the mesh and shardings, the jitted
+steps (`training.steps`), the progress clock and the loop; `reports` writes
+summary.json and the plots at the end.
 
 Sharding: a 1-D ('data',) mesh; batches are split over it, and the train
 state (params, batch stats, optimizer state with the masks) is replicated, so
@@ -48,24 +50,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-import srigl_jax
-from srigl_jax import checkpointing, checks, config_lib, faults, metric_writers, models
-from srigl_jax import data as data_lib
-from srigl_jax import export as export_lib
-
-# The parts of the trainer, under the names callers of `srigl_jax.train` use.
-from srigl_jax.reports import write_summary_and_plots
-from srigl_jax.sparsity import layers as layers_lib
-from srigl_jax.train_state import (
-    TrainState,
-    create_learning_rate_fn,
-    create_optimizer,
-    make_init_fn,
-)
-from srigl_jax.train_steps import make_eval_step, make_train_step, sparsity_metrics
+from srigl_jax import config_lib, export, reports
+from srigl_jax.serving.report import summary_line
+from srigl_jax.sparsity import transform as sparse_transform
+from srigl_jax.training import build as build_lib
+from srigl_jax.training import checkpointing, faults, metric_writers
+from srigl_jax.training.state import TrainState
+from srigl_jax.training.steps import make_eval_step, make_train_step, sparsity_metrics
 
 # ------------------------------------------------------------------ helpers
 
@@ -77,9 +70,14 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if n == -1:
     n = len(devices)
   if not 1 <= n <= len(devices):
-    raise ValueError(f'mesh.data={config.mesh.data} but {len(devices)} devices ' 'are available.')
+    raise config_lib.ConfigError(
+        f'mesh.data={config.mesh.data} but {len(devices)} devices are available.',
+        field='mesh.data',
+    )
   if jax.process_count() > 1 and n != len(devices):
-    raise ValueError('A multi-process run must use all devices (mesh.data=-1).')
+    raise config_lib.ConfigError(
+        'A multi-process run must use all devices (mesh.data=-1).', field='mesh.data'
+    )
   return jax.sharding.Mesh(np.asarray(devices[:n]), ('data',))
 
 
@@ -210,24 +208,56 @@ def _write_config(config, workdir):
 # -------------------------------------------------------------------- main
 
 
-@dataclasses.dataclass
-class _Trainer:
-  """What the loop needs, built from the config before anything is compiled."""
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """A built run on a mesh: its shardings and jitted steps (nothing compiled yet).
 
-  config: ml_collections.ConfigDict
-  dataset: data_lib.Dataset
-  model: Any
-  lr_fn: optax.Schedule
-  init: Callable[[jax.Array], TrainState]
-  init_key: jax.Array
-  abstract_state: TrainState
+  Attributes:
+    run: the run (`training.build`), its Dataset open.
+    state_sharding: the train state's sharding (replicated).
+    batch_sharding: the batches' sharding (split over 'data').
+    train_step, eval_step, stats_fn: the jitted steps.
+    n_devices: devices of the mesh.
+  """
+
+  run: build_lib.Run
   state_sharding: Any
   batch_sharding: jax.sharding.NamedSharding
-  call_order: dict[str, int]
   train_step: Callable
   eval_step: Callable
   stats_fn: Callable
   n_devices: int
+
+  @classmethod
+  def create(cls, run: build_lib.Run, mesh: jax.sharding.Mesh) -> Trainer:
+    """Shardings over `mesh` and the jitted steps of `run`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    state_sharding = jax.tree.map(lambda _: replicated, run.abstract_state)
+    return cls(
+        run=run,
+        state_sharding=state_sharding,
+        batch_sharding=batch_sharding,
+        train_step=jax.jit(
+            make_train_step(run.model, run.config, run.dropout_key, batch_sharding),
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        ),
+        eval_step=jax.jit(
+            make_eval_step(run.model),
+            in_shardings=(state_sharding, batch_sharding),
+            out_shardings=replicated,
+        ),
+        stats_fn=jax.jit(
+            sparsity_metrics, in_shardings=(state_sharding,), out_shardings=replicated
+        ),
+        n_devices=mesh.devices.size,
+    )
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.run.config
 
   @property
   def num_train_steps(self) -> int:
@@ -236,7 +266,7 @@ class _Trainer:
   def evaluate(self, state: TrainState) -> dict[str, float]:
     """Accuracy and loss over the eval split."""
     totals = None
-    batches = self.dataset.eval_batches()
+    batches = self.run.dataset.eval_batches()
     try:
       for batch in batches:
         sums = self.eval_step(state, _to_global(batch, self.batch_sharding))
@@ -248,78 +278,14 @@ class _Trainer:
     return {'eval_accuracy': totals['correct'] / count, 'eval_loss': totals['loss'] / count}
 
 
-def _build(config: ml_collections.ConfigDict, mesh) -> _Trainer:
-  """Data, model, optimizer, abstract state and the jitted steps (no compile).
-
-  The sparse optimizer checks its settings when it is built, and
-  `jax.eval_shape` of the init checks every layer's fan-in: a bad config
-  fails here, before any compile.
-  """
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  dataset = data_lib.create_dataset(
-      config.input,
-      seed=config.seed,
-      global_batch_size=config.batch_size,
-      eval_batch_size=config.eval_batch_size or config.batch_size,
-  )
-  model = models.get_model(
-      config.model.name,
-      dataset.num_classes,
-      dtype=jnp.dtype(config.model.dtype),
-      **config.model.kwargs.to_dict(),
-  )
-  init_key, sparse_key, reinit_key, dropout_key = jax.random.split(jax.random.key(config.seed), 4)
-  lr_fn = create_learning_rate_fn(
-      config.optim, dataset.steps_per_epoch, int(config.num_train_steps)
-  )
-  tx = create_optimizer(config, lr_fn, sparse_key)
-  call_order: dict[str, int] = {}
-  init = make_init_fn(config, model, tx, tuple(dataset.image_shape), reinit_key, call_order)
-  try:
-    abstract_state = jax.eval_shape(init, init_key)
-  except layers_lib.FanInError as e:
-    x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-    params = jax.eval_shape(
-        lambda k: model.init({'params': k, 'dropout': k}, x, train=False), init_key
-    )
-    raise checks.explain_fan_in_error(e, params['params'], config) from None
-  state_sharding = jax.tree.map(lambda _: replicated, abstract_state)
-  return _Trainer(
-      config=config,
-      dataset=dataset,
-      model=model,
-      lr_fn=lr_fn,
-      init=init,
-      init_key=init_key,
-      abstract_state=abstract_state,
-      state_sharding=state_sharding,
-      batch_sharding=batch_sharding,
-      call_order=call_order,
-      train_step=jax.jit(
-          make_train_step(model, config, dropout_key, batch_sharding),
-          in_shardings=(state_sharding, batch_sharding),
-          out_shardings=(state_sharding, replicated),
-          donate_argnums=(0,),
-      ),
-      eval_step=jax.jit(
-          make_eval_step(model),
-          in_shardings=(state_sharding, batch_sharding),
-          out_shardings=replicated,
-      ),
-      stats_fn=jax.jit(sparsity_metrics, in_shardings=(state_sharding,), out_shardings=replicated),
-      n_devices=mesh.devices.size,
-  )
-
-
-def _initial_state(t: _Trainer, ckpt: checkpointing.Checkpointer) -> TrainState:
+def _initial_state(t: Trainer, ckpt: checkpointing.Checkpointer) -> TrainState:
   """The newest checkpoint's state, or a fresh one."""
   latest = ckpt.latest_step()
   if latest is None:
-    return jax.jit(t.init, out_shardings=t.state_sharding)(t.init_key)
+    return jax.jit(t.run.init, out_shardings=t.state_sharding)(t.run.init_key)
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      t.abstract_state,
+      t.run.abstract_state,
       t.state_sharding,
   )
   state = ckpt.restore(latest, target)
@@ -339,7 +305,7 @@ def _open_writer(workdir: str, config, start_step: int):
   )
 
 
-def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
+def _train_loop(t: Trainer, state: TrainState, ckpt, writer, progress):
   """Trains until the end, `halt_after_step` or a preemption.
 
   Returns:
@@ -347,12 +313,12 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
   """
   config = t.config
   monitor = faults.FaultMonitor(
-      faults.leaf_paths(t.abstract_state.params),
-      t.call_order,
+      faults.leaf_paths(t.run.abstract_state.params),
+      t.run.call_order,
       skip_bad_steps=bool(config.get('skip_bad_steps', False)),
   )
   method, _ = config_lib.optimizer_method(config)
-  dynamic, stop_step = method in ('set', 'rigl', 'srigl'), (config_lib.resolve_stop_step(config))
+  dynamic, stop_step = method in ('set', 'rigl', 'srigl'), config_lib.resolve_stop_step(config)
   log_every, eval_every = max(1, int(config.log_every)), int(config.eval_every)
   ckpt_every = int(config.checkpoint_every)
   end_step = t.num_train_steps
@@ -363,7 +329,7 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
   last_eval: dict[str, float] = {}
   if step == 0:
     writer.write_scalars(0, _scalars(t.stats_fn(state)))  # The initial masks.
-  train_iter = t.dataset.train_batches(start_step=step)
+  train_iter = t.run.dataset.train_batches(start_step=step)
   try:
     while step < end_step:
       state, metrics = t.train_step(state, _to_global(next(train_iter), t.batch_sharding))
@@ -381,7 +347,12 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
       if step % log_every == 0 or do_eval or do_ckpt or mask_update:
         record.update(
             _train_scalars(
-                pending, monitor, ckpt.latest_step(), progress, step, float(t.lr_fn(step - 1))
+                pending,
+                monitor,
+                ckpt.latest_step(),
+                progress,
+                step,
+                float(t.run.learning_rate(step - 1)),
             )
         )
         pending.clear()
@@ -418,7 +389,7 @@ def _train_loop(t: _Trainer, state: TrainState, ckpt, writer, progress):
   return state, step, last_eval
 
 
-def _finish(t: _Trainer, state, step, last_eval, workdir, progress):
+def _finish(t: Trainer, state, step, last_eval, workdir, progress):
   """Process 0 at the end of training: export, summary.json and the plots.
 
   Raises:
@@ -439,29 +410,32 @@ def _finish(t: _Trainer, state, step, last_eval, workdir, progress):
   elif config.get('export', True):
     # The payoff of sparse training: a verified, faster inference model.
     try:
-      inference = export_lib.export_model(
-          t.model,
+      inference = export.export_model(
+          t.run.model,
           state.params,
           state.batch_stats,
-          srigl_jax.get_masks(state.opt_state),
+          sparse_transform.get_masks(state.opt_state),
           config,
           os.path.join(workdir, 'inference'),
           step=step,
           workdir=workdir,
+          dataset=t.run.dataset,
       )
     except Exception as e:  # pylint: disable=broad-except
       export_error = e
-  write_summary_and_plots(
+  reports.write_summary_and_plots(
       workdir,
       config,
       _scalars(t.stats_fn(state)),
       last_eval,
       steps_per_sec=progress.steps_per_sec,
       n_devices=t.n_devices,
-      num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.abstract_state.params)),
-      call_order=t.call_order,
+      num_params=t.run.num_params,
+      call_order=t.run.call_order,
       inference=inference,
   )
+  if inference is not None:
+    logging.info('%s', summary_line(inference))
   if export_error is not None:
     logging.error(
         'Export failed; training finished and is checkpointed. '
@@ -482,8 +456,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     The final TrainState (of the step saved on SIGTERM, if preempted).
 
   Raises:
-    FloatingPointError: the training loss became NaN or infinite.
-    ValueError: an invalid config (before anything is compiled).
+    ValueError: a workdir that is a URL, not a path.
+    config_lib.ConfigError: an invalid config (before anything is compiled).
+    checkpointing.WorkdirMismatchError: the workdir holds another run.
+    faults.NonFiniteError: the training loss or a gradient became NaN or
+      infinite (a FloatingPointError).
+    Exception: the export's error, after summary.json and the plots.
   """
   if '://' in workdir:
     raise ValueError(
@@ -507,43 +485,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str, mesh=None) -> _Trainer:
+def preflight(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh | None = None
+) -> Trainer:
   """Every check before anything is compiled; returns the trainer, built.
 
-  In order: the config (keys, types, ranges, batch sizes; no data read), the
-  workdir's checkpoints (same run), then the trainer itself, whose
-  `jax.eval_shape` of its init checks every sparse layer's fan-in.
+  In order, all before any data is read: the config and every layer's fan-in
+  (`training.build`), then the workdir's checkpoints (same run); then the
+  Dataset is opened.
 
   Args:
     config: the full config.
     workdir: the run's directory (absolute).
     mesh: the device mesh (default: `create_mesh(config)`).
 
+  Returns:
+    The `Trainer`.
+
   Raises:
-    checks.ConfigError: an invalid config, naming the field and the fix.
+    config_lib.ConfigError: an invalid config, naming the field and the fix.
     checkpointing.WorkdirMismatchError: the workdir holds another run.
     data.DatasetNotFoundError, data.DataFormatError: the data.
   """
   mesh = create_mesh(config) if mesh is None else mesh
-  checks.check_config(config, mesh.devices.size)
+  run = build_lib.build(config, n_devices=mesh.devices.size, open_dataset=False)
   checkpointing.check_workdir(workdir, config, write=jax.process_index() == 0)
-  return _build(config, mesh)
+  return Trainer.create(build_lib.with_dataset(run), mesh)
 
 
-def _log_run(t: _Trainer) -> None:
+def _log_run(t: Trainer) -> None:
   config = t.config
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t.abstract_state.params))
   logging.info(
       'Model %s (%d params), %s at sparsity %.3f, %d devices, global batch %d, '
       '%d steps (%d per epoch), masks updated every %d steps until step %d.',
       config.model.name,
-      n_params,
+      t.run.num_params,
       config.sparsity.method,
       config.sparsity.sparsity,
       t.n_devices,
       config.batch_size,
       t.num_train_steps,
-      t.dataset.steps_per_epoch,
+      t.run.dataset.steps_per_epoch,
       config.sparsity.update_every,
       config_lib.resolve_stop_step(config),
   )

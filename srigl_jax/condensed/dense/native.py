@@ -1,0 +1,56 @@
+"""Condensed matmul with the native C++ CPU kernel, called from inside jit via XLA FFI.
+
+The kernel (``csrc/dense/``, loaded by `srigl_jax.condensed._native_lib`)
+splits the active neurons, and for batches > 1 16/32/64-wide batch tiles of
+the transposed input, over XLA's intra-op thread pool, and uses AVX-512/AVX2
+code where the CPU has it. It writes the full output itself, ablated neurons
+included.
+
+Inference-only: the FFI call has no derivative rule; use
+`condensed_matmul_xla` to differentiate.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from srigl_jax.condensed import _native_lib
+from srigl_jax.condensed.dense.format import CondensedLayer
+
+__all__ = ["condensed_matmul_native"]
+
+
+@functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
+def condensed_matmul_native(
+    x: jax.Array, layer: CondensedLayer, *, max_threads: int = 0, isa: str = "auto"
+) -> jax.Array:
+  """Condensed matmul with the native multithreaded C++ kernel (CPU only).
+
+  Accumulates in float32. bfloat16 values are read as bfloat16 (fewer bytes
+  per weight); other value dtypes, the input and the bias are converted to
+  float32, and the float32 result to the promoted dtype of x and the values.
+
+  Args:
+    x: ``(..., in_features)`` input (`condensed_matmul` checks it).
+    layer: the condensed layer (int16 or int32 indices).
+    max_threads: cap on threads (0 = XLA's intra-op pool size).
+    isa: kernel variant: 'auto', 'generic', 'avx2' or 'avx512'.
+
+  Returns:
+    ``(..., out_features)`` in the promoted dtype of x and the values.
+
+  Raises:
+    RuntimeError: the library is not available (see `native_error`).
+    ValueError: an unknown ``isa``.
+  """
+  lead = x.shape[:-1]
+  out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  out_shape = (x2.shape[0], layer.out_features)
+  y = _native_lib.ffi_call(
+      "dense", out_shape, x2, layer.indices, layer, max_threads=max_threads, isa=isa
+  )
+  return y.astype(out_dtype).reshape(*lead, layer.out_features)
