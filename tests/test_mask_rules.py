@@ -265,9 +265,11 @@ def test_threshold_is_floor_not_ceil():
 
 
 # W and G of the ablation cases: neuron 3 holds the three smallest weights and
-# its gradients are high (6, 5, 4) but below the layer's top-3 (9, 8, 7), so
+# its gradients are high (6, 5, 4) but below the layer's top-3 (9.5, 9, 8), so
 # none of them is salient. (3, 0) holds 0.77 although inactive: a stale value
 # that must neither count as kept nor survive as the start of a new weight.
+# Neuron 0's largest |G|, 9.5, is at a weight it keeps, (0, 0): growth must
+# pass over it to the largest among its inactive entries.
 _W_ABL = _values(
     _D,
     _N,
@@ -290,7 +292,7 @@ _W_ABL = _values(
 _G_ABL = _values(
     _D,
     _N,
-    {(3, 0): 9.0, (4, 1): 8.0, (0, 2): 7.0, (0, 3): 6.0, (1, 3): 5.0, (2, 3): 4.0},
+    {(0, 0): 9.5, (3, 0): 9.0, (4, 1): 8.0, (0, 2): 7.0, (0, 3): 6.0, (1, 3): 5.0, (2, 3): 4.0},
     background=_small_distinct,
 )
 
@@ -298,12 +300,13 @@ _G_ABL = _values(
 def test_ablation_minimum_threshold_and_growth_only_for_active_neurons():
   # Drop: top-9 |W| among active weights = all of neurons 0-2 ((3, 0) = 0.77
   # is inactive and ranks below every active weight); neuron 3 loses all 3.
-  # Top-3 |G|: (3, 0), (4, 1), (0, 2): counts c = [4, 4, 4, 0].
+  # Top-3 |G|: (0, 0) (kept already), (3, 0), (4, 1): counts c = [4, 4, 3, 0].
   # gamma 0.2: floor(0.6) = 0, raised to tau = 1; guard: the 3rd largest is
-  # 4 >= 1. Neuron 3 (c = 0) is ablated although its gradients (6, 5, 4) beat
-  # every gradient the active neurons grow by: growth only tops up active
+  # 3 >= 1. Neuron 3 (c = 0) is ablated although its gradients (6, 5, 4) beat
+  # most gradients the active neurons grow by: growth only tops up active
   # neurons. k' = floor(12 / 3) = 4 (from the 3 active neurons, not all 4):
-  # neurons 0, 1, 2 grow one weight each, at (3, 0), (4, 1), (0, 2).
+  # neurons 0, 1, 2 grow one weight each, the largest |G| among their
+  # inactive entries: (3, 0) (not (0, 0), which is active), (4, 1), (0, 2).
   new, kernel, _, inner, g_bias = _one_update(_OLD, _W_ABL, _G_ABL, alpha=0.25, gamma_sal=0.2)
   np.testing.assert_array_equal(
       new, _mask(_D, _N, {0: (0, 1, 2, 3), 1: (0, 1, 2, 4), 2: (0, 3, 4, 5), 3: ()})
