@@ -8,6 +8,7 @@ schedule: T_end, delta, grow-score accumulation, batch size, optimizer,
 learning rate and its schedule, weight decay, label smoothing.
 """
 
+import fractions
 import functools
 import math
 import re
@@ -118,6 +119,8 @@ def test_layers_at_full_size(name):
     ss = specs if s == 0.9 else _trainer_specs(config, state.params, s)
     for path, spec in ss.items():
       assert spec.k0 >= 1, (s, path, spec)
+      # Every sparse layer may ablate neurons except the classifier head.
+      assert spec.ablation == (path != head), (s, path)
     left_dense = candidates - set(ss)
     if left_dense:
       assert config.sparsity.distribution == 'erk', (s, left_dense)
@@ -125,7 +128,6 @@ def test_layers_at_full_size(name):
           {p: kernels[p] for p in candidates}, s, config.sparsity.erk_power_scale
       )
       assert all(erk[p] >= 1.0 for p in left_dense), (s, left_dense)
-      assert spec.ablation == (path != head), (s, path)
     # Global sparsity of the sparse layers (ERK's dense ones count at
     # density 1, inside the budget): the notes' total sum_i floor((1-s) N_i),
     # less at most one weight per layer from flooring each layer's budget.
@@ -136,6 +138,51 @@ def test_layers_at_full_size(name):
     assert 1 - nonzero / total == pytest.approx(s, abs=1e-5)
     if vit:
       assert all(sp.density == pytest.approx(1 - s) for sp in ss.values())
+
+
+def _budgets_by_hand(shapes, sparsity, distribution):
+  """Per-layer budgets from SRIGL_NOTES section 2, in exact rational arithmetic.
+
+  Independent of `build_layer_specs` and `erk_densities`: uniform gives every
+  layer floor(N_i * (1 - s)); ERK gives density eps * p_i with
+  p_i = sum(shape_i) / prod(shape_i), eps solved so that the non-zeros total
+  sum_i floor((1 - s) N_i), any layer whose density would exceed 1 made dense
+  (out of the budget) and eps solved again until none does.
+
+  Returns:
+    path -> budget; a layer's full size where it is dense.
+  """
+  density = 1 - fractions.Fraction(str(sparsity))
+  sizes = {p: math.prod(shape) for p, shape in shapes.items()}
+  if distribution == 'uniform':
+    return {p: math.floor(n * density) for p, n in sizes.items()}
+  raw = {p: fractions.Fraction(sum(shape), math.prod(shape)) for p, shape in shapes.items()}
+  target = sum(math.floor(n * density) for n in sizes.values())
+  dense = set()
+  while True:
+    free = [p for p in shapes if p not in dense]
+    eps = (target - sum(sizes[p] for p in dense)) / sum(raw[p] * sizes[p] for p in free)
+    over = {p for p in free if eps * raw[p] >= 1}
+    if not over:
+      break
+    dense |= over
+  return {p: sizes[p] if p in dense else math.floor(eps * raw[p] * sizes[p]) for p in shapes}
+
+
+@pytest.mark.parametrize('name', sorted(_CONFIGS))
+def test_budgets_match_an_independent_solve(name):
+  config, state, _ = _build(name)
+  _, _, sparsities = _CONFIGS[name]
+  kernels = _kernels(state.params)
+  candidates = _candidates(config, kernels)
+  for s in sparsities:
+    # At 0.9 the specs the trainer's optimizer holds; elsewhere its arguments.
+    ss = _specs(state) if s == 0.9 else _trainer_specs(config, state.params, s)
+    want = _budgets_by_hand({p: kernels[p] for p in candidates}, s, config.sparsity.distribution)
+    got = {p: ss[p].budget if p in ss else math.prod(kernels[p]) for p in candidates}
+    assert got == want, (s, {p: (got[p], want[p]) for p in got if got[p] != want[p]})
+    # Dense (left out of the specs) exactly where the solve says so.
+    assert set(ss) == {p for p in candidates if want[p] < math.prod(kernels[p])}, s
 
 
 def test_vit_attention_fan_in_axes():

@@ -394,16 +394,21 @@ def test_moments_reset_where_mask_changed(inner_name):
           optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4), optax.adam(0.1)
       ),
   }[inner_name]
-  params = {"Dense_0": {"kernel": jax.random.normal(KEY, (12, 6)), "bias": jnp.zeros((6,))}}
-  tx = _tx("srigl", sparsity=0.7, update_every=3, inner=inner, no_ablation=())
-  state = tx.init(params)
-  params = srigl_jax.apply_masks(params, state)
-  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-  for t in range(1, 4):
-    before = np.asarray(srigl_jax.get_masks(state)["Dense_0"]["kernel"])
-    g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
-    u, state = step(g, state, params)
-    params = optax.apply_updates(params, u)
+  init_params = {"Dense_0": {"kernel": jax.random.normal(KEY, (12, 6)), "bias": jnp.zeros((6,))}}
+
+  def run(update_every):
+    tx = _tx("srigl", sparsity=0.7, update_every=update_every, inner=inner, no_ablation=())
+    state = tx.init(init_params)
+    params = srigl_jax.apply_masks(init_params, state)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    for t in range(1, 4):
+      before = np.asarray(srigl_jax.get_masks(state)["Dense_0"]["kernel"])
+      g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(t), p.shape), params)
+      u, state = step(g, state, params)
+      params = optax.apply_updates(params, u)
+    return before, state, params
+
+  before, state, params = run(update_every=3)
   after = np.asarray(srigl_jax.get_masks(state)["Dense_0"]["kernel"])
   changed = before != after
   assert changed.any()
@@ -416,7 +421,21 @@ def test_moments_reset_where_mask_changed(inner_name):
       assert (leaf[~after] == 0).all()  # inactive positions never accumulate
       assert (leaf[after & ~changed] != 0).any()
   assert n_checked >= 1
-  # Bias (dense) moments untouched by the reset.
+  # A twin run whose masks never change (same masks, gradients and steps):
+  # the reset touches nothing but the kernel's moments where the mask changed,
+  # so the dense bias's moments are equal, and so are the kernel's elsewhere.
+  _, twin, _ = run(update_every=1000)
+  n_bias = 0
+  for leaf, twin_leaf in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(twin.inner_state)):
+    shape = getattr(leaf, "shape", None)
+    if shape == (6,):
+      n_bias += 1
+      assert (np.asarray(leaf) != 0).any()
+      np.testing.assert_array_equal(leaf, twin_leaf)
+    elif shape == (12, 6):
+      np.testing.assert_array_equal(np.asarray(leaf)[~changed], np.asarray(twin_leaf)[~changed])
+  assert n_bias >= 1
+  # Pruned weights are exactly zero.
   k = np.asarray(params["Dense_0"]["kernel"])
   assert (k[~after] == 0).all()
 
