@@ -83,7 +83,7 @@ def _run(impl, x, layer):
 def test_kernels_match_lax_conv(name):
   x, layer, want = _case(name)
   for impl in IMPLS:
-    if impl == 'native' and not C.conv_native_available():
+    if impl == 'native' and not C.native_available():
       continue
     got = np.asarray(_run(impl, x, layer))
     assert got.shape == want.shape, (impl, got.shape, want.shape)
@@ -99,7 +99,7 @@ def test_same_padding_pads_bottom_right_first():
   layer = srigl_jax.condense_conv(kernel, kernel > 0, None, strides=(1, 1), padding='SAME')
   want = np.array([[12, 16, 9], [24, 28, 15], [15, 17, 9]], np.float32)
   for impl in IMPLS:
-    if impl == 'native' and not C.conv_native_available():
+    if impl == 'native' and not C.native_available():
       continue
     got = np.asarray(_run(impl, x, layer))[0, :, :, 0]
     np.testing.assert_array_equal(got, want, err_msg=impl)
