@@ -150,6 +150,8 @@ def base_config(dataset: str) -> ml_collections.ConfigDict:
   c.sparsity.drop_fraction = 0.3  # alpha.
   c.sparsity.gamma_sal = 0.3
   c.sparsity.grad_accumulation = 1  # Mini-batches averaged for the grow score.
+  # Consecutive output neurons sharing one set of inputs (group-shared fan-in).
+  c.sparsity.group_size = 1
   c.sparsity.stop_fraction = 0.75  # T_end = stop_fraction * num_train_steps,
   # unless set to a number (a reference: it follows num_train_steps).
   c.sparsity.stop_step = (

@@ -99,6 +99,10 @@ class LayerSpec:
     fan_in_axes: axes that feed one neuron; the other axes index neurons.
     density: target fraction of non-zero weights, 1 - sparsity.
     ablation: whether SRigL may ablate neurons of this layer.
+    group_size: G, the number of consecutive neurons (columns of the (D, N)
+      matrix of `updates.to_matrix`; output channels of a conv) that share one
+      mask column. 1 (the default) is plain per-neuron training; a layer whose
+      width N is not a multiple of the requested group size trains with 1.
   """
 
   path: str
@@ -106,6 +110,7 @@ class LayerSpec:
   fan_in_axes: tuple[int, ...]
   density: float
   ablation: bool
+  group_size: int = 1
 
   @property
   def size(self) -> int:
@@ -131,6 +136,21 @@ class LayerSpec:
     return self.budget // self.num_neurons
 
   @property
+  def num_groups(self) -> int:
+    """N / G groups of G consecutive neurons (N when ungrouped)."""
+    return self.num_neurons // self.group_size
+
+  def group_view(self) -> GroupSpec:
+    """The layer at group granularity: D inputs, N / G groups, floor(B / G) entries."""
+    return GroupSpec(
+        path=self.path,
+        fan_in=self.fan_in,
+        num_neurons=self.num_groups,
+        budget=self.budget // self.group_size,
+        ablation=self.ablation,
+    )
+
+  @property
   def sparsity(self) -> float:
     return 1.0 - self.density
 
@@ -139,6 +159,37 @@ class LayerSpec:
     """Axis order putting the fan-in axes first (identity for Flax kernels)."""
     rest = tuple(a for a in range(len(self.shape)) if a not in self.fan_in_axes)
     return self.fan_in_axes + rest
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSpec:
+  """A sparse layer seen at group granularity, for group-shared fan-in.
+
+  The group-shared rules run the per-neuron rules of `updates` on the (D, N / G)
+  matrix of group scores, one column per group of G consecutive neurons. This
+  view gives those rules the geometry they read from a `LayerSpec`: each group
+  is one "neuron" with dense fan-in D, and the budget counts (group, input)
+  entries, each standing for G weights. Since floor(floor(B / G) / (N / G)) =
+  floor(B / N), the constant fan-in before ablation `k0` equals the layer's.
+
+  Attributes:
+    path: '/'-joined path of the kernel in the params tree.
+    fan_in: dense fan-in D of every group.
+    num_neurons: the number of groups, N / G.
+    budget: floor(B / G) (group, input) entries.
+    ablation: whether SRigL may ablate groups of this layer.
+  """
+
+  path: str
+  fan_in: int
+  num_neurons: int
+  budget: int
+  ablation: bool
+
+  @property
+  def k0(self) -> int:
+    """Constant fan-in of a group before any ablation, floor(budget / groups)."""
+    return self.budget // self.num_neurons
 
 
 def budget(size: int, density: float) -> int:
@@ -162,6 +213,17 @@ def validate_sparsity(sparsity: float, name: str = "sparsity") -> float:
         "set to zero, e.g. 0.9 keeps 10% of each sparse layer.",
     )
   return float(sparsity)
+
+
+def validate_group_size(group_size: Any) -> int:
+  """Checks `group_size` (an int >= 1; bools are refused) and returns it."""
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+    raise SparseArgumentError(
+        "group_size",
+        f"group_size must be an integer >= 1 (the number of consecutive output "
+        f"neurons sharing one set of inputs; 1 = per-neuron SRigL), got {group_size!r}.",
+    )
+  return group_size
 
 
 def erk_densities(
@@ -248,6 +310,7 @@ def build_layer_specs(
     no_ablation: Sequence[str] | str | None = DEFAULT_NO_ABLATION,
     fan_in_axes: FanInRule | None = None,
     constant_fan_in: bool = True,
+    group_size: int = 1,
 ) -> dict[str, LayerSpec]:
   """Decides the sparse layers of a params tree and their budgets.
 
@@ -261,15 +324,21 @@ def build_layer_specs(
     no_ablation: regexes of layers exempt from neuron ablation.
     fan_in_axes: optional override (path, shape) -> fan-in axes or None.
     constant_fan_in: whether every neuron must receive >= 1 weight (SRigL).
+    group_size: G consecutive neurons share one mask column. Each layer whose
+      width (neuron count N) is a multiple of G gets `group_size=G`; the others
+      get 1 (trained ungrouped), with a logged warning naming them.
 
   Returns:
     path -> LayerSpec for every sparse layer, in tree order. Layers whose
     density is 1 (sparsity 0, or made dense by ERK) are left out.
 
   Raises:
-    ValueError: on bad arguments or a layer whose fan-in would reach 0.
+    ValueError: on bad arguments, a layer whose fan-in would reach 0 (or,
+      grouped without constant fan-in, whose budget is below one group entry
+      of G weights), or a group_size > 1 that divides no sparse layer's width.
   """
   validate_sparsity(sparsity)
+  validate_group_size(group_size)
   if distribution not in DISTRIBUTIONS:
     raise SparseArgumentError(
         "distribution", f"Unknown distribution {distribution!r}; valid names are {DISTRIBUTIONS}."
@@ -325,9 +394,32 @@ def build_layer_specs(
         density=dens,
         ablation=not any(p.search(path) for p in abl_pats),
     )
+    if spec.num_neurons % group_size == 0:
+      spec = dataclasses.replace(spec, group_size=group_size)
     _check_budget(spec, constant_fan_in)
     specs[path] = spec
+  if group_size > 1 and specs:
+    _check_groups(specs, group_size)
   return specs
+
+
+def _check_groups(specs: Mapping[str, LayerSpec], group_size: int) -> None:
+  ungrouped = [s for s in specs.values() if s.group_size != group_size]
+  widths = ", ".join(f"'{s.path}' {s.num_neurons}" for s in ungrouped)
+  if len(ungrouped) == len(specs):
+    raise ValueError(
+        f"group_size={group_size} divides the width (output neurons) of no sparse "
+        f"layer: {widths}. Every layer would train ungrouped. Pass a group_size "
+        "that divides some of these widths, group_size=1 for per-neuron SRigL, "
+        "or change the layer widths."
+    )
+  if ungrouped:
+    logging.warning(
+        "group_size=%d does not divide the width of %s: these layers train "
+        "ungrouped (group size 1).",
+        group_size,
+        widths,
+    )
 
 
 class FanInError(ValueError):
@@ -344,6 +436,14 @@ def _check_budget(spec: LayerSpec, constant_fan_in: bool) -> None:
         f"neuron count. The largest sparsity this layer can take is "
         f"{1 - n / size:.4f}. Lower the sparsity, or keep the layer dense with "
         f"dense_layers=[{re.escape(spec.path)!r}]."
+    )
+  if spec.group_size > 1 and spec.budget < spec.group_size:
+    # Only reachable without constant fan-in (B >= N >= G otherwise).
+    raise FanInError(
+        f"Layer '{spec.path}' (shape {spec.shape}) would keep no group entry at "
+        f"sparsity {spec.sparsity:.4f}: its budget of {spec.budget} weights is "
+        f"below one group of group_size={spec.group_size} weights. Lower the "
+        "sparsity or the group_size, or keep the layer dense."
     )
   if spec.budget < 1:
     raise FanInError(

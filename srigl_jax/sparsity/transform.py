@@ -12,6 +12,12 @@ included), gives masked positions no update from the inner optimizer, and every
 `update_every` steps (until `stop_step`) updates the masks under `lax.cond`
 inside the same jitted call, resetting the inner optimizer's moments wherever
 the mask changed.
+
+With `group_size=G > 1`, G consecutive output neurons of a layer share one
+mask column (notes section 10): every rule runs on (group, input) entries
+scored by the L1 norm over the group's neurons, so SRigL's budget, constant
+fan-in, prune, grow and ablation act per group. G = 1 runs the per-neuron code
+unchanged.
 """
 
 from __future__ import annotations
@@ -197,8 +203,11 @@ def layer_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
 
   Returns:
     path -> {'density', 'active_neurons', 'neurons', 'fan_in', 'min_fan_in',
-    'sparsity_target'}; fan_in is the largest fan-in of a neuron (the constant
-    fan-in k' for SRigL), min_fan_in the smallest over active neurons.
+    'sparsity_target', 'group_size', 'groups', 'active_groups'}; fan_in is the
+    largest fan-in of a neuron (the constant fan-in k' for SRigL), min_fan_in
+    the smallest over active neurons. group_size is the layer's effective group
+    size (1 for a layer trained ungrouped), groups = neurons / group_size, and
+    active_groups counts the groups with at least one active neuron.
   """
   state = find_sparse_state(opt_state)
   specs = state.layers.by_path()
@@ -209,6 +218,7 @@ def layer_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
     spec = specs[path]
     per = jnp.sum(upd.to_matrix(m, spec), axis=0, dtype=jnp.int32)
     active = per > 0
+    active_groups = jnp.any(active.reshape(spec.num_groups, spec.group_size), axis=1)
     out[path] = {
         "density": jnp.mean(m.astype(jnp.float32)),
         "active_neurons": jnp.sum(active, dtype=jnp.int32),
@@ -216,6 +226,9 @@ def layer_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
         "fan_in": jnp.max(per),
         "min_fan_in": jnp.min(jnp.where(active, per, jnp.iinfo(jnp.int32).max)),
         "sparsity_target": jnp.float32(spec.sparsity),
+        "group_size": jnp.int32(spec.group_size),
+        "groups": jnp.int32(spec.num_groups),
+        "active_groups": jnp.sum(active_groups, dtype=jnp.int32),
     }
   return out
 
@@ -243,6 +256,7 @@ class _Config:
   dense_layers: Any
   no_ablation: Any
   fan_in_axes: Any
+  group_size: int
 
 
 def _check_int(argument: str, name: str, value: Any, minimum: int) -> int:
@@ -270,6 +284,7 @@ def _validate(cfg: _Config) -> None:
   _check_int("update_every", "update_every (delta)", cfg.update_every, 1)
   _check_int("stop_step", "stop_step (T_end)", cfg.stop_step, 1)
   _check_int("grad_accumulation", "grad_accumulation", cfg.grad_accumulation, 1)
+  layers_lib.validate_group_size(cfg.group_size)
   if cfg.grad_accumulation > cfg.update_every:
     raise SparseArgumentError(
         "grad_accumulation",
@@ -327,6 +342,7 @@ def sparse_optimizer(
     dense_layers: Sequence[str] | str | None = (),
     no_ablation: Sequence[str] | str | None = layers_lib.DEFAULT_NO_ABLATION,
     fan_in_axes: Callable | None = None,
+    group_size: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps an optax optimizer with dynamic (or static) sparse training.
 
@@ -353,13 +369,31 @@ def sparse_optimizer(
       default).
     fan_in_axes: optional callable (path, shape) -> fan-in axes or None, to
       override the default fan-in geometry (see layers.default_fan_in_axes).
+    group_size: G, group-shared fan-in (notes section 10). G consecutive output
+      neurons (columns of the (D, N) matrix of `updates.to_matrix`; output
+      channels of a conv) share one mask column, each neuron keeping its own
+      weights. The rules run on (group, input) entries: drop score the L1 norm
+      of |W| over the group's neurons, grow score the L1 norm of the grow score
+      |grad| (accumulated when grad_accumulation > 1), budget floor(B / G)
+      entries. SRigL then acts per group: the initial mask draws k0 = floor(B /
+      N) distinct inputs per group; n_prune = floor(n_entries * f_t); a group is
+      ablated when its salient entry count is below tau = max(1,
+      floor(gamma_sal * k0)), the guard keeping at least m + 1 groups with m =
+      floor(B / (G * D)); every active group gets k' = floor(B / (G * active
+      groups)) inputs. RigL, SET and static run their unstructured rules on the
+      entries (1 x G blocks), so each keeps exactly floor(B / G) entries. A
+      layer whose width N is not a multiple of G trains ungrouped (its
+      LayerSpec and `layer_stats` report group_size 1); `init` raises if no
+      sparse layer's width is. 1 (the default) is plain per-neuron training.
 
   Returns:
     An optax.GradientTransformationExtraArgs whose update requires params.
 
   Raises:
     SparseArgumentError: an argument out of range (a `ValueError` whose
-      `argument` attribute names it).
+      `argument` attribute names it), at construction.
+    ValueError: a layer that cannot take the sparsity or the group_size, at
+      `init`.
   """
   if method == "dense":
     sparsity = 0.0
@@ -377,6 +411,7 @@ def sparse_optimizer(
       dense_layers=dense_layers,
       no_ablation=no_ablation,
       fan_in_axes=fan_in_axes,
+      group_size=group_size,
   )
   _validate(cfg)
   base_key = _as_key(key)
@@ -393,6 +428,7 @@ def sparse_optimizer(
         no_ablation=cfg.no_ablation,
         fan_in_axes=cfg.fan_in_axes,
         constant_fan_in=method == "srigl",
+        group_size=cfg.group_size,
     )
     return SparseLayers(tuple(specs.values()))
 
@@ -407,7 +443,14 @@ def sparse_optimizer(
         return None
       spec = specs[path]
       k = jax.random.fold_in(mask_key, index[path])
-      if method == "srigl":
+      if spec.group_size > 1:
+        view = spec.group_view()
+        if method == "srigl":
+          m = upd.random_constant_fan_in_mask(k, view)
+        else:
+          m = upd.random_unstructured_mask(k, view)
+        m = upd.expand_groups(m, spec.group_size)
+      elif method == "srigl":
         m = upd.random_constant_fan_in_mask(k, spec)
       else:
         m = upd.random_unstructured_mask(k, spec)
@@ -431,7 +474,25 @@ def sparse_optimizer(
     """The mask update of every sparse layer (notes section 4)."""
     layer_index = {p: i for i, p in enumerate(specs)}
 
+    def grouped_layer_update(spec, m, w, s, index):
+      # The per-neuron rules on the (D, N / G) matrix of (group, input)
+      # entries, with the group view's budget; see `sparse_optimizer`.
+      size, view = spec.group_size, spec.group_view()
+      m_g = upd.group_any(m, size)
+      w_keys = select.magnitude_keys(upd.group_l1(jnp.where(m, w, jnp.zeros_like(w)), size))
+      if method == "set":
+        g_keys = select.random_keys(jax.random.fold_in(grow_key, index), m_g.shape)
+      else:
+        g_keys = select.magnitude_keys(upd.group_l1(s, size))
+      if method == "srigl":
+        new = upd.srigl_update(m_g, w_keys, g_keys, frac, view, cfg.gamma_sal)
+      else:
+        new = upd.unstructured_update(m_g, w_keys, g_keys, frac)
+      return upd.expand_groups(new, size)
+
     def layer_update(spec, m, w, s, index):
+      if spec.group_size > 1:
+        return grouped_layer_update(spec, m, w, s, index)
       w_keys = select.magnitude_keys(w)
       if method == "set":
         g_keys = select.random_keys(jax.random.fold_in(grow_key, index), m.shape)
@@ -548,10 +609,10 @@ def sparse_optimizer(
 
 
 def _same_geometry_groups(specs: dict[str, LayerSpec]) -> list[list[str]]:
-  """Paths of sparse layers grouped by (D, N, budget, ablation), in tree order."""
+  """Paths of sparse layers grouped by (D, N, budget, ablation, group size), in tree order."""
   groups: dict[tuple, list[str]] = {}
   for path, spec in specs.items():
-    key = (spec.fan_in, spec.num_neurons, spec.budget, spec.ablation)
+    key = (spec.fan_in, spec.num_neurons, spec.budget, spec.ablation, spec.group_size)
     groups.setdefault(key, []).append(path)
   return list(groups.values())
 

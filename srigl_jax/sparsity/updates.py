@@ -5,6 +5,12 @@ Flax kernels, whose fan-in axes lead), one column per neuron. All functions
 are traceable with static shapes; counts that depend on the data (how many to
 prune, how many neurons survive) are traced scalars, handled by the radix
 selection in `select`.
+
+Group-shared fan-in (notes section 10) reuses these rules unchanged: a layer
+with group size G is reduced to the (D, N / G) matrix of its groups
+(`group_l1`, `group_any`), the rules run on it with the layer's `group_view()`
+as their spec, and the group mask is expanded back to the G columns of every
+group (`expand_groups`).
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from srigl_jax.sparsity import select
-from srigl_jax.sparsity.layers import LayerSpec
+from srigl_jax.sparsity.layers import GroupSpec, LayerSpec
+
+# The geometry the per-neuron rules read: a layer, or a layer's groups.
+Geometry = LayerSpec | GroupSpec
 
 
 def to_matrix(x: jax.Array, spec: LayerSpec) -> jax.Array:
@@ -33,6 +42,30 @@ def from_matrix(m: jax.Array, spec: LayerSpec) -> jax.Array:
   if perm != tuple(range(len(spec.shape))):
     x = jnp.transpose(x, [perm.index(a) for a in range(len(perm))])
   return x
+
+
+def group_l1(x: jax.Array, group_size: int) -> jax.Array:
+  """(D, N) -> (D, N / G) float32: the L1 norm of |x| over each group's G columns.
+
+  Groups are G consecutive columns; this is the score of a (group, input) pair
+  (|W| for the drop score, |grad| for the grow score).
+  """
+  d, n = x.shape
+  a = jnp.abs(x.astype(jnp.float32))
+  return jnp.sum(a.reshape(d, n // group_size, group_size), axis=-1)
+
+
+def group_any(mask: jax.Array, group_size: int) -> jax.Array:
+  """(D, N) bool -> (D, N / G) bool: whether any neuron of the group uses the input."""
+  d, n = mask.shape
+  return jnp.any(mask.reshape(d, n // group_size, group_size), axis=-1)
+
+
+def expand_groups(mask: jax.Array, group_size: int) -> jax.Array:
+  """(D, N / G) -> (D, N): every neuron of a group gets its group's column."""
+  d, n_groups = mask.shape
+  out = jnp.broadcast_to(mask[:, :, None], (d, n_groups, group_size))
+  return out.reshape(d, n_groups * group_size)
 
 
 def drop_fraction(step: jax.Array, alpha: float, stop_step: int) -> jax.Array:
@@ -61,17 +94,29 @@ def unstructured_update(
   return keep | grow
 
 
-def ablation_threshold(spec: LayerSpec, gamma_sal: float) -> int:
-  """tau = max(1, floor(gamma_sal * k0)) before the min-neurons guard."""
+def ablation_threshold(spec: Geometry, gamma_sal: float) -> int:
+  """tau = max(1, floor(gamma_sal * k0)) before the min-neurons guard.
+
+  On a layer's `group_view()`, k0 = floor(floor(B / G) / (N / G)) = floor(B / N),
+  so grouped layers use the same threshold, compared with a group's salient
+  (group, input) count.
+  """
   return max(1, int(math.floor(gamma_sal * spec.k0 + 1e-9)))
 
 
-def neurons_to_ablate(counts: jax.Array, spec: LayerSpec, gamma_sal: float) -> jax.Array:
+def neurons_to_ablate(counts: jax.Array, spec: Geometry, gamma_sal: float) -> jax.Array:
   """Step 3-4 of notes section 4: which neurons to ablate given saliency counts.
 
+  tau = max(1, floor(gamma_sal * k0)); the guard lowers it to the (m+1)-th
+  largest count, m = floor(B / D) being the fewest neurons that hold the budget
+  at dense fan-in. On a layer's `group_view()` the "neurons" are its N / G
+  groups and B is floor(B / G), so m = floor(B / (G * D)) groups and tau is
+  unchanged (k0 = floor(B / N)).
+
   Args:
-    counts: int32 (N,), salient weights per neuron.
-    spec: the layer.
+    counts: int32 (N,), salient weights per neuron (or salient entries per
+      group).
+    spec: the layer, or its group view.
     gamma_sal: ablation threshold fraction (> 0).
 
   Returns:
@@ -93,17 +138,21 @@ def srigl_update(
     w_keys: jax.Array,
     g_keys: jax.Array,
     frac: jax.Array,
-    spec: LayerSpec,
+    spec: Geometry,
     gamma_sal: float,
 ) -> jax.Array:
   """One SRigL mask update of one layer (notes section 4, steps 1-7).
+
+  Given a layer's `group_view()` and the (D, N / G) group matrices, this is the
+  group-shared update: budget floor(B / G) entries, k' = floor(B / (G *
+  active groups)), and ablation of whole groups.
 
   Args:
     mask: bool (D, N) current mask.
     w_keys: int32 (D, N) magnitude keys of the weights.
     g_keys: int32 (D, N) magnitude keys of the grow score, all >= 1.
     frac: drop fraction f_t.
-    spec: the layer (budget, fan-in, whether it may ablate).
+    spec: the layer (budget, fan-in, whether it may ablate), or its group view.
     gamma_sal: ablation threshold fraction; 0 disables ablation.
 
   Returns:
@@ -144,14 +193,14 @@ def srigl_update(
   return keep | grow
 
 
-def random_constant_fan_in_mask(key: jax.Array, spec: LayerSpec) -> jax.Array:
+def random_constant_fan_in_mask(key: jax.Array, spec: Geometry) -> jax.Array:
   """Each neuron draws k0 distinct inputs uniformly at random; (D, N) bool."""
   keys = select.random_keys(key, (spec.fan_in, spec.num_neurons))
   k = jnp.full((spec.num_neurons,), spec.k0, jnp.int32)
   return select.top_n_per_column(keys, k)
 
 
-def random_unstructured_mask(key: jax.Array, spec: LayerSpec) -> jax.Array:
+def random_unstructured_mask(key: jax.Array, spec: Geometry) -> jax.Array:
   """Exactly B active weights placed uniformly at random; (D, N) bool."""
   keys = select.random_keys(key, (spec.fan_in, spec.num_neurons))
   return select.top_n(keys, jnp.int32(spec.budget))

@@ -70,6 +70,7 @@ FINGERPRINT_FIELDS = (
     'sparsity.dense_layers',
     'sparsity.no_ablation',
     'sparsity.grad_accumulation',
+    'sparsity.group_size',
     'optim.name',
     'seed',
 )

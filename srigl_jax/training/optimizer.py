@@ -217,6 +217,7 @@ def create_optimizer(
         drop_fraction=float(sp.drop_fraction),
         gamma_sal=gamma_sal,
         grad_accumulation=int(sp.grad_accumulation),
+        group_size=sp.group_size,
         sparse_rule=sp.sparse_rule,
         dense_layers=tuple(sp.dense_layers),
         no_ablation=tuple(sp.no_ablation),
