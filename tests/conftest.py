@@ -16,6 +16,50 @@ CONFIGS = os.path.join(REPO, 'configs')
 FMNIST_DIR = '/usr/share/datasets/fashion-mnist'
 HAVE_FMNIST = os.path.exists(os.path.join(FMNIST_DIR, 'train-labels-idx1-ubyte.gz'))
 
+# With CI=true a skipped test is a failure, unless its reason says it needs a
+# GPU or is one of the long variants behind SRIGL_LONG_TESTS (README, Tests).
+CI = os.environ.get('CI', '').strip().lower() in ('1', 'true', 'yes')
+ALLOWED_CI_SKIPS = ('needs a GPU', 'SRIGL_LONG_TESTS')
+_ci_skips: list[str] = []
+
+
+def pytest_sessionstart(session):
+  """On CI, stops at once when the native kernels or the default data are missing."""
+  del session
+  if not CI:
+    return
+  from srigl_jax import condensed  # pylint: disable=g-import-not-at-top
+
+  missing = []
+  if not condensed.native_available():
+    missing.append(
+        f'the native kernel library is missing ({condensed.native_error()}); '
+        'reinstall with a C++17 compiler and CMake (bash scripts/setup.sh)'
+    )
+  if not HAVE_FMNIST:
+    missing.append(
+        f"Fashion-MNIST is missing from {FMNIST_DIR}; install Debian's "
+        'dataset-fashion-mnist (bash scripts/setup.sh does as root)'
+    )
+  if missing:
+    pytest.exit('CI=true but ' + '; and '.join(missing) + '.', returncode=3)
+
+
+def pytest_runtest_logreport(report):
+  """Records, on CI, every skip that is neither a GPU-only nor a long test."""
+  if CI and report.skipped and not hasattr(report, 'wasxfail'):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(allowed in reason for allowed in ALLOWED_CI_SKIPS):
+      _ci_skips.append(f'{report.nodeid}: {reason}')
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """On CI, fails the run when a test skipped for a reason CI does not accept."""
+  del exitstatus
+  if _ci_skips:
+    print('\nCI=true: these tests skipped, which CI does not accept:\n  ' + '\n  '.join(_ci_skips))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of `configs/<name>.py`, as the entry point loads it."""

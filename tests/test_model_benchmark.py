@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from srigl_jax.benchmarks import model as bench
 
 
@@ -40,5 +42,13 @@ def test_model_benchmark_writes_json_and_plot(tmp_path):
     ):
       assert field in r, field
     assert r["max_rel_err"] <= 1e-4, r
-    assert r["median_us"] > 0
+    np.testing.assert_allclose(r["median_us"], np.median(r["round_us"]))
+    if r["impl"] != "dense":
+      (dense,) = [
+          d
+          for d in records
+          if d["impl"] == "dense" and d["batch"] == r["batch"] and d["model"] == r["model"]
+      ]
+      want = np.median(np.asarray(dense["round_us"]) / np.asarray(r["round_us"]))
+      np.testing.assert_allclose(r["paired_speedup_vs_dense"], want)
   assert records[0]["folded_batchnorms"] > 0 and records[0]["condensed_layers"] > 0

@@ -447,6 +447,7 @@ def _run(args) -> int:
                 batch=batch,
                 median_us=us,
                 repeats=res.rounds,
+                round_us=[t * 1e6 for t in res.seconds[name]],
                 **paired,
                 device=device,
                 cpu=cpu,

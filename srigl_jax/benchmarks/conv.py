@@ -109,6 +109,7 @@ def run(layers, sparsities, batches, impls, repeats, budget_s, seed=0, log=print
         res = timing.time_interleaved(calls, budget_s=budget_s, max_rounds=repeats, warmup=1)
         us = res.medians_us()
         rec = dict(layer=name, sparsity=sp, batch=batch, us={n: round(t, 1) for n, t in us.items()})
+        rec["round_us"] = {n: [t * 1e6 for t in s] for n, s in res.seconds.items()}
         if "dense" in us:
           rec["speedup_vs_dense"] = {n: round(us["dense"] / t, 2) for n, t in us.items()}
         records.append(rec)

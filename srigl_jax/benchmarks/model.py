@@ -195,6 +195,7 @@ def bench_model(
           "impl": impl,
           "median_us": us_of[impl],
           "repeats": res.rounds,
+          "round_us": [t * 1e6 for t in res.seconds[impl]],
           "paired_speedup_vs_dense": paired,
           "max_rel_err": err,
       }
