@@ -3,6 +3,12 @@
 Everything here is static Python computed from the parameter *shapes*; it is
 derived once when the sparse optimizer is initialised and travels with its
 state as static pytree metadata (no arrays).
+
+Parameters are found by their '/'-joined key paths ('linear1/kernel'). A Flax
+NNX state holds each array inside an `nnx.Variable`, which adds the Variable's
+`value` attribute to every path; `unwrap_variables` takes the arrays out once,
+at the entry points of the sparse optimizer, so Linen params and NNX states
+give the same paths and the same trees.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import fractions
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,6 +48,73 @@ class SparseArgumentError(ValueError):
   def __init__(self, argument: str, message: str):
     super().__init__(message)
     self.argument = argument
+
+
+def _nnx_variable_type() -> type | None:
+  # No NNX tree can exist before flax.nnx is imported, and Linen users should
+  # not pay for importing it.
+  nnx = sys.modules.get("flax.nnx")
+  return None if nnx is None else nnx.Variable
+
+
+def _variable_value(variable: Any) -> Any:
+  # flax 0.12 deprecates the `.value` property in favour of `get_value()`.
+  get_value = getattr(variable, "get_value", None)
+  return get_value() if get_value is not None else variable.value
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """`tree` with every Flax NNX Variable replaced by the value it holds.
+
+  `nnx.state(model, nnx.Param)` holds `nnx.Param` Variables, and
+  `nnx.Optimizer` keeps its optimizer state in `OptArray`/`OptVariable`s,
+  while `nnx.Optimizer.update` hands the transformation plain arrays
+  (`nnx.as_pure`). Unwrapping at every entry point makes all of these one
+  layout: paths without the Variable's `value` attribute, and an optimizer
+  state that does not depend on how `init` was called.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    The same tree with each Variable replaced by its value; `tree` itself
+    when it holds no Variable (Linen params).
+  """
+  variable = _nnx_variable_type()
+  if variable is None:
+    return tree
+  is_variable = lambda x: isinstance(x, variable)
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
+  if not any(is_variable(x) for x in leaves):
+    return tree
+  return jax.tree.unflatten(treedef, [_variable_value(x) if is_variable(x) else x for x in leaves])
+
+
+def rewrap_variables(like: Any, values: Any) -> Any:
+  """`values` in the layout of `like`: the inverse of `unwrap_variables`.
+
+  Args:
+    like: a tree that may hold Flax NNX Variables (e.g. `nnx.state(model,
+      nnx.Param)`).
+    values: `unwrap_variables(like)`-shaped tree of new values.
+
+  Returns:
+    `values` with each value put back into a copy of the Variable `like` holds
+    at its place (same type and metadata), so that e.g. `nnx.update(model,
+    ...)` or `optax.apply_updates(like, ...)` takes it; `values` itself when
+    `like` holds no Variable.
+  """
+  variable = _nnx_variable_type()
+  if variable is None:
+    return values
+  is_variable = lambda x: isinstance(x, variable)
+  leaves, treedef = jax.tree.flatten(like, is_leaf=is_variable)
+  if not any(is_variable(x) for x in leaves):
+    return values
+  new = treedef.flatten_up_to(values)
+  return jax.tree.unflatten(
+      treedef, [v.replace(x) if is_variable(v) else x for v, x in zip(leaves, new)]
+  )
 
 
 def path_str(key_path: Sequence[Any]) -> str:
@@ -315,7 +389,8 @@ def build_layer_specs(
   """Decides the sparse layers of a params tree and their budgets.
 
   Args:
-    params: params pytree (arrays or ShapeDtypeStructs).
+    params: params pytree (arrays or ShapeDtypeStructs), e.g. Linen params or
+      a Flax NNX state `nnx.state(model, nnx.Param)`.
     sparsity: global sparsity in [0, 1).
     distribution: 'uniform' or 'erk'.
     erk_power_scale: ERK exponent.
@@ -351,7 +426,7 @@ def build_layer_specs(
   dense_pats = _compile_patterns(dense_layers, "dense_layers")
   abl_pats = _compile_patterns(no_ablation, "no_ablation")
 
-  leaves = jax.tree_util.tree_leaves_with_path(params)
+  leaves = jax.tree_util.tree_leaves_with_path(unwrap_variables(params))
   shapes: dict[str, tuple[int, ...]] = {}
   for kp, leaf in leaves:
     path = path_str(kp)
