@@ -429,6 +429,9 @@ def sparse_optimizer(
   Raises:
     SparseArgumentError: an argument out of range (a `ValueError` whose
       `argument` attribute names it), at construction.
+    NoSparseLayerError: at `init`, sparsity > 0 but no parameter is selected
+      as sparse (a `SparseArgumentError` naming sparse_rule or dense_layers;
+      the message lists the paths seen and the fix).
     ValueError: a layer that cannot take the sparsity or the group_size, at
       `init`.
   """
