@@ -9,9 +9,14 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _blocks():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-  assert len(blocks) >= 2, "README lost its python examples"
-  return blocks
+  return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def _block(marker):
+  """The one README python example that contains `marker`."""
+  blocks = [b for b in _blocks() if marker in b]
+  assert len(blocks) == 1, f"README has {len(blocks)} python examples with {marker!r}, not 1"
+  return blocks[0]
 
 
 def _run(code):
@@ -20,15 +25,37 @@ def _run(code):
   return out.stdout
 
 
+def _check_training_output(stdout, layers):
+  """The loss is learnt and each layer is at its ERK density with constant fan-in.
+
+  Args:
+    stdout: the example's output.
+    layers: path -> (dense fan-in, the density ERK gives it at 90%).
+  """
+  assert float(re.search(r"^loss (\S+)$", stdout, re.M).group(1)) < 0.5
+  found = re.findall(r"^(\S+) density=(\S+) active=(\d+)/(\d+) fan-in=(\d+)$", stdout, re.M)
+  assert [f[0] for f in found] == list(layers), stdout
+  for path, density, active, neurons, fan_in in found:
+    dense_fan_in, want = layers[path]
+    # Every active neuron holds fan-in weights: the density is exactly theirs.
+    assert abs(float(density) - int(active) * int(fan_in) / (dense_fan_in * int(neurons))) < 1e-3
+    assert abs(float(density) - want) < 0.01, (path, density)
+
+
 def test_readme_training_loop_example_runs():
-  stdout = _run(_blocks()[0])
-  loss = float(re.search(r"^loss (\S+)$", stdout, re.M).group(1))
-  assert loss < 0.5
-  assert len(re.findall(r"fan-in=(\d+)", stdout)) == 3
+  stdout = _run(_block("class MLP(nn.Module)"))
+  layers = {"Dense_0/kernel": (64, 0.14), "Dense_1/kernel": (256, 0.06), "head/kernel": (256, 0.8)}
+  _check_training_output(stdout, layers)
+
+
+def test_readme_nnx_example_trains_the_nnx_model_sparse():
+  stdout = _run(_block("nnx.Optimizer"))
+  layers = {"head/kernel": (256, 0.8), "linear1/kernel": (64, 0.14), "linear2/kernel": (256, 0.06)}
+  _check_training_output(stdout, layers)
 
 
 def test_readme_condensed_example_matches_masked_model():
-  stdout = _run(_blocks()[1])
+  stdout = _run(_block("convert_model"))
   assert float(stdout.strip().splitlines()[-1]) < 1e-4
 
 
