@@ -216,13 +216,41 @@ def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(run, tm
   assert report['condensed_accuracy'] == report['masked_accuracy']
   # Exporting over its own artefact replaces it; over anything else, refuses.
   export.export_inference_model(workdir, out, verify=False)
-  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json', 'variables']
-  assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]
+  assert sorted(os.listdir(out)) == [
+      'manifest.json',
+      'report.json',
+      serving.MARKER_FILE,
+      'variables',
+  ]
+  assert sorted(os.listdir(tmp_path)) == ['.again.lock', 'again']
   with pytest.raises(export.ExportError, match='is not an inference folder'):
     export.export_inference_model(workdir, os.path.join(workdir, 'checkpoints'))
   with pytest.raises(export.ExportError, match='is the training workdir'):
     export.export_inference_model(workdir, workdir)
+  with pytest.raises(export.ExportError, match='contains the training workdir'):
+    export.export_inference_model(workdir, os.path.dirname(workdir))
+  # A folder holding a stray manifest.json is not an artefact.
+  stray = tmp_path / 'stray'
+  os.makedirs(stray / 'notes')
+  (stray / 'manifest.json').write_text('{}')
+  with pytest.raises(
+      export.ExportError, match=r'--out=\S+stray exists and is not an inference folder.*holds'
+  ):
+    export.export_inference_model(workdir, str(stray), verify=False)
+  assert sorted(os.listdir(stray)) == ['manifest.json', 'notes']
   assert snapshot(workdir) == before
+
+
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_read(run, tmp_path, monkeypatch):
+  workdir, _ = run
+
+  def never(*args, **kwargs):
+    raise AssertionError('the checkpoint was read before --out was checked')
+
+  monkeypatch.setattr(export, '_restore', never)
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(export.ExportError, match=r'--out=\S+ cannot be written: creating .*a_file'):
+    export.export_inference_model(workdir, str(tmp_path / 'a_file' / 'inference'))
 
 
 def test_workdir_without_a_complete_checkpoint_is_a_clear_error(run, tmp_path):
