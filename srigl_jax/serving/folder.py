@@ -20,8 +20,8 @@ between the two renames of the fallback leaves no NAME, and then the complete
 old artefact is aside: `recover` (called by the next export and by the
 loader) renames it back. Leftovers (temporary folders of dead writers, asides
 with NAME in place, trash) are deleted by the next export, and only if they
-are ours: marked, empty, or a complete format-1 artefact (written before the
-marker existed). Readers (`reading`) take a shared lock while they read, so a
+are ours: marked, or holding nothing but what an export writes (manifest.json,
+report.json, variables/: format-1 exports wrote no marker). Readers (`reading`) take a shared lock while they read, so a
 swap never happens in the middle of a load. The lock file stays next to the
 artefact.
 
@@ -130,12 +130,16 @@ def replace_refusal(path: str) -> str | None:
 
 
 def _is_ours(path: str) -> bool:
-  """A leftover folder we may delete: marked, empty, or a format-1 artefact."""
+  """A leftover folder we may delete: marked, or holding only what an export writes.
+
+  The second covers the temporary folders of format-1 exports, which had no
+  marker, complete or cut off by a kill.
+  """
   try:
-    names = os.listdir(path)
+    names = set(os.listdir(path))
   except OSError:
     return False
-  return not names or MARKER_FILE in names or _is_format_1(path)
+  return MARKER_FILE in names or names <= _FORMAT_1_NAMES
 
 
 def _leftovers(out: str) -> list[tuple[str, str]]:
