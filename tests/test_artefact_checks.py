@@ -119,7 +119,10 @@ def rewrite_arrays(path, change):
 # ------------------------------------------------- what the export writes
 
 
-@pytest.mark.parametrize('name', sorted(TINY))
+# ResNet-50 adds no layer kind to ResNet-18's (convs with folded BatchNorms,
+# residual sums); the rest each bring their own (pre-activation BatchNorms,
+# attention kernels, depthwise convs and squeeze-excite).
+@pytest.mark.parametrize('name', sorted(set(TINY) - {'resnet50'}))
 def test_every_family_exports_an_artefact_that_loads_and_serves(name, tmp_path):
   out = str(tmp_path / 'inference')
   model, variables, masks, x = export_family(name, out)
