@@ -216,13 +216,41 @@ def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(run, tm
   assert report['condensed_accuracy'] == report['masked_accuracy']
   # Exporting over its own artefact replaces it; over anything else, refuses.
   export.export_inference_model(workdir, out, verify=False)
-  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json', 'variables']
-  assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]
+  assert sorted(os.listdir(out)) == [
+      'manifest.json',
+      'report.json',
+      serving.MARKER_FILE,
+      'variables',
+  ]
+  assert sorted(os.listdir(tmp_path)) == ['.again.lock', 'again']
   with pytest.raises(export.ExportError, match='is not an inference folder'):
     export.export_inference_model(workdir, os.path.join(workdir, 'checkpoints'))
   with pytest.raises(export.ExportError, match='is the training workdir'):
     export.export_inference_model(workdir, workdir)
+  with pytest.raises(export.ExportError, match='contains the training workdir'):
+    export.export_inference_model(workdir, os.path.dirname(workdir))
+  # A folder holding a stray manifest.json is not an artefact.
+  stray = tmp_path / 'stray'
+  os.makedirs(stray / 'notes')
+  (stray / 'manifest.json').write_text('{}')
+  with pytest.raises(
+      export.ExportError, match=r'--out=\S+stray exists and is not an inference folder.*holds'
+  ):
+    export.export_inference_model(workdir, str(stray), verify=False)
+  assert sorted(os.listdir(stray)) == ['manifest.json', 'notes']
   assert snapshot(workdir) == before
+
+
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_read(run, tmp_path, monkeypatch):
+  workdir, _ = run
+
+  def never(*args, **kwargs):
+    raise AssertionError('the checkpoint was read before --out was checked')
+
+  monkeypatch.setattr(export, '_restore', never)
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(export.ExportError, match=r'--out=\S+ cannot be written: creating .*a_file'):
+    export.export_inference_model(workdir, str(tmp_path / 'a_file' / 'inference'))
 
 
 def test_workdir_without_a_complete_checkpoint_is_a_clear_error(run, tmp_path):
@@ -330,6 +358,62 @@ def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
   ):
     export.export_inference_model(workdir, out)
   assert not os.path.exists(out)
+
+
+# The top logit of every example, and the runner-up this far below it.
+_TOP, _MARGIN = 10.0, 1e-4
+# The near-tie tolerance at that scale: 1e-3 of the largest |logit| (float32).
+_TOL = 1e-3 * _TOP
+
+
+def _near_ties(monkeypatch, error):
+  """Makes every eval example a near tie, and the converted model flip it by `error`.
+
+  Both models' logits become 0 but for the predicted class (_TOP) and the next
+  class (_TOP - _MARGIN); the converted model adds `error` to the runner-up,
+  which flips every prediction with a logit error of exactly `error`.
+  """
+  real = export.apply_fn
+
+  def tie(logits):
+    rows = jnp.arange(logits.shape[0])
+    top = jnp.argmax(logits, -1)
+    runner = (top + 1) % logits.shape[-1]
+    out = jnp.zeros_like(logits).at[rows, top].set(_TOP).at[rows, runner].set(_TOP - _MARGIN)
+    return out, rows, runner
+
+  def wrong_apply_fn(model, kind, plan, impl):
+    fn = real(model, kind, plan, impl)
+    if plan is None:  # The masked model.
+      return lambda v, x: tie(fn(v, x))[0]
+
+    def converted(v, x):
+      out, rows, runner = tie(fn(v, x))
+      return out.at[rows, runner].add(error)
+
+    return converted
+
+  monkeypatch.setattr(export, 'apply_fn', wrong_apply_fn)
+
+
+def test_a_logit_error_above_the_tie_tolerance_fails_the_export(run, tmp_path, monkeypatch):
+  _near_ties(monkeypatch, 1.1 * _TOL)
+  out = str(tmp_path / 'wrong')
+  with pytest.raises(export.VerificationError, match=r'of \d+ eval predictions differ') as e:
+    export.export_inference_model(run[0], out, timing_s=0.02)
+  assert '|diff| 0.011' in str(e.value)
+  assert os.listdir(tmp_path) == ['.wrong.lock']  # No artefact, no temporary folder.
+
+
+def test_a_flip_within_the_tie_tolerance_is_a_counted_near_tie(run, tmp_path, monkeypatch):
+  _near_ties(monkeypatch, 0.9 * _TOL)
+  out = str(tmp_path / 'ties')
+  report = export.export_inference_model(run[0], out, timing_s=0.02)
+  assert report['near_tie_predictions'] == report['eval_examples'] > 0
+  assert report['differing_predictions'] == 0
+  assert report['max_abs_logit_diff'] == pytest.approx(0.9 * _TOL, rel=1e-3)
+  with open(os.path.join(out, 'report.json')) as f:
+    assert json.load(f)['near_tie_predictions'] == report['eval_examples']
 
 
 # ------------------------------------------------------------ 8 devices

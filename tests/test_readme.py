@@ -75,33 +75,37 @@ def _write_idx_images(path, images):
     f.write(images.tobytes())
 
 
-def test_readme_deploy_example_serves_an_exported_model(tmp_path):
-  """The Deploy snippet loads a freshly exported artefact and predicts."""
+def test_readme_deploy_example_serves_the_masked_models_predictions(tmp_path):
+  """The Deploy snippet serves a freshly exported, verified artefact: the masked model's classes."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   import srigl_jax  # pylint: disable=g-import-not-at-top
-  from srigl_jax import export  # pylint: disable=g-import-not-at-top
+  from srigl_jax import export, serving  # pylint: disable=g-import-not-at-top
   from srigl_jax.training import build  # pylint: disable=g-import-not-at-top
 
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   from test_train import small_config  # pylint: disable=g-import-not-at-top
 
-  # A freshly initialised sparse model stands in for a trained one: the
-  # snippet only needs an artefact (unverified: no dataset given), and
-  # training would cost the suite time.
+  # A freshly initialised sparse model stands in for a trained one (training
+  # would cost the suite time); the export verifies it on the eval split as
+  # the trainer's export does.
   config = small_config(**{"sparsity.gamma_sal": 0.95})
-  run = build.build(config, open_dataset=False)
+  run = build.build(config)
   state = run.init(run.init_key)
+  masks = srigl_jax.get_masks(state.opt_state)
   workdir = tmp_path / "workdir" / "fashion_mnist"
-  export.export_model(
+  report = export.export_model(
       run.model,
       state.params,
       state.batch_stats,
-      srigl_jax.get_masks(state.opt_state),
+      masks,
       config,
       str(workdir / "inference"),
       step=0,
+      dataset=run.dataset,
+      timing_s=0.02,
   )
+  assert report["eval_examples"] > 0 and report["differing_predictions"] == 0
 
   code = _deploy_block().replace("workdir/fashion_mnist", str(workdir))
   images = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
@@ -109,7 +113,20 @@ def test_readme_deploy_example_serves_an_exported_model(tmp_path):
     fake = tmp_path / "t10k-images-idx3-ubyte.gz"
     _write_idx_images(fake, np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8))
     code = code.replace(images, str(fake))
+    images = str(fake)
   stdout = _run(code)
-  classes = re.search(r"^classes \[(.*)\]$", stdout, re.M).group(1)
-  assert len(classes.split(",")) == 8
+  classes = [int(c) for c in re.search(r"^classes \[(.*)\]$", stdout, re.M).group(1).split(",")]
   assert re.search(r"^dense_0 condensed \d+/64 neurons, fan-in \d+$", stdout, re.M)
+
+  # The same 8 raw images through the run's own eval preprocessing and the
+  # masked model.
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  with gzip.open(images) as f:
+    raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:8]
+  x = serving.apply_preprocessing(export.preprocessing_spec(config.input), raw)
+  params = srigl_jax.apply_masks(state.params, masks)
+  logits = np.asarray(run.model.apply({"params": params}, x, train=False))
+  top2 = np.sort(logits, -1)[:, -2:]
+  assert (top2[:, 1] - top2[:, 0]).min() > 1e-4, "a near tie would make this check flaky"
+  assert classes == logits.argmax(-1).tolist()
