@@ -5,6 +5,12 @@ load that comes and goes on a shared machine hits them all alike and their
 ratio stays fair even when absolute times drift. `sync_cpu_dispatch` turns
 JAX's asynchronous CPU dispatch off while timing, and `cpu_model` names the
 CPU a record was measured on.
+
+Device time (`chained_calls`, `per_call_seconds`): a program that makes N
+dependent calls of a function, timed against one that makes ``n_base`` (0 or
+1) of them with the same arguments; the difference over ``N - n_base`` is the
+device time of one call, with the launch and dispatch overhead of the
+program, paid once by both, cancelled.
 """
 
 from __future__ import annotations
@@ -16,9 +22,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Timings", "cpu_model", "sync_cpu_dispatch", "time_interleaved"]
+__all__ = [
+    "Timings",
+    "chained_calls",
+    "cpu_model",
+    "per_call_seconds",
+    "sync_cpu_dispatch",
+    "time_interleaved",
+]
 
 _FLAG = "jax_cpu_enable_async_dispatch"
 
@@ -121,6 +135,76 @@ def time_interleaved(
     if r + 1 >= min_rounds and time.perf_counter() - start > budget_s:
       break
   return Timings(seconds)
+
+
+def chained_calls(fn: Callable[[Any, Any], Any], n: int) -> Callable[[tuple, tuple], tuple]:
+  """A jitted program of ``n`` dependent calls ``fn(x, params)``, one argument set each.
+
+  The program takes ``xs`` and ``params``, tuples of argument sets, and call
+  ``i`` uses set ``i % len(xs)``; pass a set per call (``len(xs) >= n``), so
+  that no two calls are the same computation for XLA to merge. Before each
+  call its arguments pass through one `jax.lax.optimization_barrier`
+  together with the previous call's output, which is returned from there:
+  XLA can neither hoist a call, nor fuse the work of two calls into one
+  kernel, nor schedule call ``i + 1`` (its weight preprocessing included)
+  before call ``i``. (XLA's GPU compiler removes the barriers only after
+  scheduling; its CPU compiler removes them early, so on a CPU the order is
+  not guaranteed.) Every output is returned, so no call is dropped and no
+  extra reduction is timed. The arguments are passed as they are, one buffer
+  per array, as a served model passes its params: no slicing or copying
+  inside the program. Unused arguments are kept (``keep_unused``), so a
+  program of 0 calls takes the same arguments as one of ``n``.
+
+  The calls are still independent in data: where the runtime may overlap
+  independent kernels (XLA's GPU command buffers do by default), serialise
+  it (``--xla_gpu_command_buffer_scheduling_mode=SERIALIZE``).
+
+  Args:
+    fn: ``fn(x, params) -> array or pytree``.
+    n: the number of calls (0 returns one scalar).
+
+  Returns:
+    ``program(xs, params) -> tuple`` of the ``n`` outputs, jitted.
+  """
+
+  def program(xs, params):
+    outs = []
+    for i in range(n):
+      args = (xs[i % len(xs)], params[i % len(params)])
+      if outs:
+        # The previous output leaves through the barrier and is returned from
+        # there: XLA drops a barrier element that nobody reads.
+        x, p, outs[-1] = jax.lax.optimization_barrier((*args, outs[-1]))
+      else:
+        x, p = jax.lax.optimization_barrier(args)
+      outs.append(fn(x, p))
+    return tuple(outs) if outs else (jnp.zeros((), jnp.float32),)
+
+  return jax.jit(program, keep_unused=True)
+
+
+def per_call_seconds(t_n: float, t_base: float, n: int, n_base: int = 0) -> float:
+  """Device time of one call from two chained programs (`chained_calls`).
+
+  ``(t_n - t_base) / (n - n_base)``: what the ``n - n_base`` extra calls
+  added to the program's time; the dispatch, launch and synchronisation that
+  both programs pay once cancel.
+
+  Args:
+    t_n: seconds of the program of ``n`` calls (a median over repeats).
+    t_base: seconds of the program of ``n_base`` calls, same arguments.
+    n: calls in the long program.
+    n_base: calls in the short one (0 or 1).
+
+  Returns:
+    Seconds per call (negative only when noise exceeds the calls' time).
+
+  Raises:
+    ValueError: ``n <= n_base``.
+  """
+  if n <= n_base:
+    raise ValueError(f"the long program needs more calls than the base: n={n}, n_base={n_base}")
+  return (t_n - t_base) / (n - n_base)
 
 
 def cpu_model() -> str:
