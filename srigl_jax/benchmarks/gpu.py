@@ -409,13 +409,28 @@ def _bcsr_build(kernel, mask, bias, dtype):
   return Built(fn, {"m": m, "b": b}, _f64(masked), _f64(b))
 
 
+# Whether the Pallas kernels run in the interpreter; None: unless the default
+# backend is a GPU. Read when a call is traced (tests/test_gpu_lowering.py sets
+# False to export the GPU programs from a CPU).
+PALLAS_INTERPRET: bool | None = None
+
+
+def _pallas_interpret() -> bool:
+  return jax.default_backend() != "gpu" if PALLAS_INTERPRET is None else PALLAS_INTERPRET
+
+
 def _condensed_builder(impl: str):
   def build(kernel, mask, bias, dtype):
     masked = np.where(mask, kernel, 0).astype(dtype)
     layer = C.condense_dense(masked, mask, np.asarray(bias).astype(dtype))
-    if impl == "pallas" and jax.default_backend() != "gpu":
-      # The Pallas interpreter: the same kernel, run by XLA on the CPU.
-      fn = lambda x, l: C.condensed_matmul_pallas(x, l.for_input(x.shape), interpret=True)
+    if impl == "pallas":
+
+      def fn(x, l):
+        if _pallas_interpret():
+          # The Pallas interpreter: the same kernel, run by XLA on the CPU.
+          return C.condensed_matmul_pallas(x, l.for_input(x.shape), interpret=True)
+        return C.condensed_matmul(x, l, impl="pallas")
+
     elif impl == "xla" and jnp.dtype(dtype) == jnp.float32:
 
       def fn(x, l):
