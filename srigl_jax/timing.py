@@ -10,15 +10,20 @@ Device time (`chained_calls`, `per_call_seconds`): a program that makes N
 dependent calls of a function, timed against one that makes ``n_base`` (0 or
 1) of them with the same arguments; the difference over ``N - n_base`` is the
 device time of one call, with the launch and dispatch overhead of the
-program, paid once by both, cancelled.
+program, paid once by both, cancelled. `trace_device_time` reads the same
+from the device's side, a profiler trace of one run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,9 +34,11 @@ __all__ = [
     "Timings",
     "chained_calls",
     "cpu_model",
+    "device_busy",
     "per_call_seconds",
     "sync_cpu_dispatch",
     "time_interleaved",
+    "trace_device_time",
 ]
 
 _FLAG = "jax_cpu_enable_async_dispatch"
@@ -205,6 +212,62 @@ def per_call_seconds(t_n: float, t_base: float, n: int, n_base: int = 0) -> floa
   if n <= n_base:
     raise ValueError(f"the long program needs more calls than the base: n={n}, n_base={n_base}")
   return (t_n - t_base) / (n - n_base)
+
+
+# Lines of a device plane that the profiler derives from the stream lines
+# (the same time again, per XLA op or module): left out of the busy time.
+_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TensorFlow", "Launch")
+
+
+def device_busy(intervals: Sequence[tuple[int, int]]) -> tuple[int, int, int]:
+  """Busy time, span and summed duration (ns) of ``(start, end)`` intervals.
+
+  Busy time is the length of their union; where kernels overlapped, the
+  summed duration exceeds it.
+  """
+  busy, total, end = 0, 0, None
+  for a, b in sorted(intervals):
+    total += b - a
+    if end is None or a >= end:
+      busy += b - a
+      end = b
+    elif b > end:
+      busy += b - end
+      end = b
+  span = max(b for _, b in intervals) - min(a for a, _ in intervals) if intervals else 0
+  return busy, span, total
+
+
+def trace_device_time(call: Callable[[], Any], n: int) -> dict[str, float] | None:
+  """The device's own account of one run of ``call`` (``n`` calls), from a profiler trace.
+
+  Returns:
+    ``busy_us`` (union of the device's kernel and copy intervals) and
+    ``span_us`` (first start to last end), both per call, and ``overlap``
+    (summed durations over busy time: 1.0 when nothing ran concurrently);
+    None without a device plane (CPU) or when the trace fails.
+  """
+  with tempfile.TemporaryDirectory() as d:
+    try:
+      with jax.profiler.trace(d):
+        jax.block_until_ready(call())
+      (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+      data = jax.profiler.ProfileData.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"profiler trace failed: {e!r}", file=sys.stderr)
+      return None
+  intervals = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    lines = list(plane.lines)
+    streams = [l for l in lines if l.name.startswith("Stream")]
+    for line in streams or [l for l in lines if not l.name.startswith(_DERIVED_LINES)]:
+      intervals += [(e.start_ns, e.end_ns) for e in line.events]
+  if not intervals:
+    return None
+  busy, span, total = device_busy(intervals)
+  return dict(busy_us=busy / n / 1e3, span_us=span / n / 1e3, overlap=total / max(busy, 1))
 
 
 def cpu_model() -> str:

@@ -1,9 +1,12 @@
-"""The GPU benchmark (srigl_jax.benchmarks.gpu) in its tiny CPU mode, and its arithmetic.
+"""The GPU benchmarks (srigl_jax.benchmarks.gpu, .train_step) on a CPU, and their arithmetic.
 
 The timing formula, the call planning, the FLOP and byte counts and the floor
 are checked against numbers computed by hand; the chained-call program
 against what XLA compiles; a run of ``--tiny`` for its JSON: every registered
-kernel present with its precision label and within its error bound.
+kernel present with its precision label and within its error bound. For the
+training stage: the step time at a delta, the order of the runs, the merge
+of profile and runs into the SRigL-vs-dense target, and that pinning the
+optimizer's count decides whether the mask update runs.
 """
 
 import dataclasses
@@ -12,11 +15,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax.training import train_state
 
 import srigl_jax.condensed as C
 from srigl_jax import timing
-from srigl_jax.benchmarks import gpu
+from srigl_jax.benchmarks import gpu, train_step
+from srigl_jax.sparsity import transform as sparse_transform
 
 
 def test_per_call_seconds_is_the_difference_over_the_extra_calls():
@@ -49,9 +55,9 @@ def test_chained_calls_make_every_call_behind_a_barrier():
 
 def test_device_busy_counts_overlap_once():
   # [0, 10) and [5, 15) overlap by 5; [20, 25) stands alone.
-  assert gpu.device_busy([(20, 25), (0, 10), (5, 15)]) == (20, 25, 25)
-  assert gpu.device_busy([(0, 4), (4, 8)]) == (8, 8, 8)
-  assert gpu.device_busy([]) == (0, 0, 0)
+  assert timing.device_busy([(20, 25), (0, 10), (5, 15)]) == (20, 25, 25)
+  assert timing.device_busy([(0, 4), (4, 8)]) == (8, 8, 8)
+  assert timing.device_busy([]) == (0, 0, 0)
 
 
 def test_plan_calls():
@@ -175,3 +181,85 @@ def test_a_registered_impl_is_benchmarked(tmp_path, monkeypatch):
   _, records = _records(out)
   assert [r["impl"] for r in records] == ["dense_bf16", "my_kernel_fp32"]
   assert records[1]["sparsity"] == 0.9 and records[1]["precision"] == "fp32"
+
+
+# ------------------------------------------------------------ train_step
+
+
+def test_step_time_at_a_delta_and_against_dense():
+  # 99 steps of 10 ms and one of 110 ms: 11 ms a step; at delta 20, 15 ms.
+  assert train_step.step_time_at(100, 10.0, 110.0) == pytest.approx(11.0)
+  assert train_step.step_time_at(20, 10.0, 110.0) == pytest.approx(15.0)
+  profile = {
+      "m": {
+          "dense": {"no_update_ms": 10.0},
+          "srigl": {"no_update_ms": 10.0, "update_ms": 110.0},
+      }
+  }
+  derived = train_step.derive(profile, [100, 20])["m"]
+  assert derived["dense"] == {"step_ms": 10.0, "steps_per_sec": 100.0, "vs_dense": 1.0}
+  assert derived["srigl_d100"]["vs_dense"] == pytest.approx(1.1)
+  assert derived["srigl_d20"]["steps_per_sec"] == pytest.approx(1e3 / 15.0)
+
+
+def test_run_order_puts_the_target_first():
+  order = train_step.run_order(["a", "b"], ["dense", "srigl", "rigl"], [100, 20])
+  assert order == [
+      ("a", "dense", None),
+      ("a", "srigl", 100),
+      ("b", "dense", None),
+      ("b", "srigl", 100),
+      ("a", "rigl", 100),
+      ("b", "rigl", 100),
+      ("a", "srigl", 20),
+      ("a", "rigl", 20),
+      ("b", "srigl", 20),
+      ("b", "rigl", 20),
+  ]
+  assert train_step.run_name("vit_s16", "srigl", 20) == "train_vit_s16_srigl_d20"
+  assert train_step.run_name("vit_s16", "dense", None) == "train_vit_s16_dense"
+
+
+def test_collect_merges_the_profile_and_the_runs(tmp_path):
+  for name, rate in (("train_vit_s16_dense", 50.0), ("train_vit_s16_srigl_d100", 49.0)):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text(
+        json.dumps({"steps_per_sec": rate, "final_step": 300})
+    )
+  profile = {
+      "models": {
+          "vit_s16": {
+              "dense": {"no_update_ms": 20.0},
+              "srigl": {"no_update_ms": 21.0, "update_ms": 120.0},
+          }
+      }
+  }
+  result = train_step.collect(str(tmp_path), profile, ["vit_s16"], [100, 20])
+  assert result["runs"]["train_vit_s16_dense"]["steps_per_sec"] == 50.0
+  target = result["srigl_vs_dense"]
+  assert target["delta"] == 100 and target["target"] == 1.05
+  # Profile: (99 * 21 + 120) / 100 = 21.99 ms against 20; runs: 50 / 49.
+  (t,) = target["models"].values()
+  assert t["profile_ratio"] == pytest.approx(21.99 / 20)
+  assert t["run_ratio"] == pytest.approx(50 / 49)
+  assert t["within_5pct"] is False
+  assert train_step.collect(None, None, ["vit_s16"], [100])["srigl_vs_dense"]["models"] == {}
+
+
+def test_pinned_count_decides_whether_the_mask_update_runs():
+  params = {"Dense_0": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+  tx = sparse_transform.srigl(
+      optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), stop_step=100, update_every=5
+  )
+  state = train_state.TrainState.create(apply_fn=None, params=params, tx=tx)
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape) * 10, params)
+  masks = lambda s: sparse_transform.get_masks(s.opt_state)["Dense_0"]["kernel"]
+
+  def step(count):
+    pinned = train_step._pin_count(state, count)
+    assert int(sparse_transform.find_sparse_state(pinned.opt_state).count) == count
+    return pinned.apply_gradients(grads=grads)
+
+  # count 4: step 5 is an update step, the masks move; count 1: they stay.
+  assert (masks(step(4)) != masks(state)).any()
+  assert (masks(step(1)) == masks(state)).all()
