@@ -68,13 +68,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -200,62 +198,6 @@ def device_seconds(
       for a, b in zip(res.seconds["n"], res.seconds["base"])
   ]
   return timing.per_call_seconds(t_n, t_b, n, n_base), rounds, res, long_program
-
-
-# Lines of a device plane that the profiler derives from the stream lines
-# (the same time again, per XLA op or module): left out of the busy time.
-_DERIVED_LINES = ("XLA Ops", "XLA Modules", "Steps", "Framework", "Source", "TensorFlow", "Launch")
-
-
-def device_busy(intervals: Sequence[tuple[int, int]]) -> tuple[int, int, int]:
-  """Busy time, span and summed duration (ns) of ``(start, end)`` intervals.
-
-  Busy time is the length of their union; where kernels overlapped, the
-  summed duration exceeds it.
-  """
-  busy, total, end = 0, 0, None
-  for a, b in sorted(intervals):
-    total += b - a
-    if end is None or a >= end:
-      busy += b - a
-      end = b
-    elif b > end:
-      busy += b - end
-      end = b
-  span = max(b for _, b in intervals) - min(a for a, _ in intervals) if intervals else 0
-  return busy, span, total
-
-
-def trace_device_time(call: Callable[[], Any], n: int) -> dict[str, float] | None:
-  """The device's own account of one run of ``call`` (``n`` calls), from a profiler trace.
-
-  Returns:
-    ``busy_us`` (union of the device's kernel and copy intervals) and
-    ``span_us`` (first start to last end), both per call, and ``overlap``
-    (summed durations over busy time: 1.0 when nothing ran concurrently);
-    None without a device plane (CPU) or when the trace fails.
-  """
-  with tempfile.TemporaryDirectory() as d:
-    try:
-      with jax.profiler.trace(d):
-        jax.block_until_ready(call())
-      (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-      data = jax.profiler.ProfileData.from_file(path)
-    except Exception as e:  # pylint: disable=broad-except
-      print(f"profiler trace failed: {e!r}", file=sys.stderr)
-      return None
-  intervals = []
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    lines = list(plane.lines)
-    streams = [l for l in lines if l.name.startswith("Stream")]
-    for line in streams or [l for l in lines if not l.name.startswith(_DERIVED_LINES)]:
-      intervals += [(e.start_ns, e.end_ns) for e in line.events]
-  if not intervals:
-    return None
-  busy, span, total = device_busy(intervals)
-  return dict(busy_us=busy / n / 1e3, span_us=span / n / 1e3, overlap=total / max(busy, 1))
 
 
 def measure_ceilings(copy_mib: int, matmul_n: int, repeats: int) -> dict[str, Any]:
@@ -632,7 +574,7 @@ def time_case(
       built.fn, xs, params, n, opts.base_calls, opts.repeats, opts.budget, {"e2e": e2e_call}
   )
   e2e_s = float(np.median(res.seconds["e2e"]))
-  seen = trace_device_time(lambda: program(xs, params), n) if profile else None
+  seen = timing.trace_device_time(lambda: program(xs, params), n) if profile else None
   unit = _resolve(impl.unit)
   floor, kind = floor_seconds(flops, nbytes, peaks.rates[unit], peaks.bandwidth)
   return dict(
@@ -830,6 +772,9 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
       "tiny", False, f"Small sizes for a CPU; overrides {sorted(TINY)}.", flag_values=fv
   )
   flags.DEFINE_integer("seed", 0, "Seed of the layers and inputs.", flag_values=fv)
+  flags.DEFINE_string(
+      "table-from", None, "Only print the table of this JSON file of a run.", flag_values=fv
+  )
   flags.DEFINE_string("json", None, "Write the records to this JSON file.", flag_values=fv)
   return fv
 
@@ -885,6 +830,12 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   opts = _options(fv)
+  if opts.table_from:
+    # Reprint a finished run's table (starts no backend).
+    with open(opts.table_from) as f:
+      records = json.load(f)["records"]
+    print_table(records)
+    return int(any(r["rel_err"] > r["rel_err_bound"] for r in records))
   opts.serialized = serialize_command_buffers() if opts.serialize else "not asked"
   with timing.sync_cpu_dispatch():
     return run(opts)
