@@ -26,10 +26,10 @@ Correctness first. Every kernel is checked on two fresh random inputs
 against a float64 product of the very values it computes with (the weights
 and input rounded to its dtype): ``rel_err = |out - ref| / |ref|``
 (Frobenius norms), within 2e-5 for fp32, 2e-3 for TF32 and 1e-2 for bf16
-(METHOD.md's ranges; NaN fails). Before each check the device memory its
-output will most likely take is poisoned with NaN (a NaN buffer of the
-output's size is allocated and freed), so an element the kernel leaves
-unwritten shows up as NaN or as the previous input's value, and fails. A
+(METHOD.md's ranges; NaN fails). Before each check, freed device memory is
+filled with NaN where the output and the kernel's temporaries will most
+likely land (`_poison`), so an element the kernel leaves unwritten shows up
+as NaN or as a value of an earlier input, and fails. A
 record also names the precision its error points to (``precision_seen``):
 an fp32 dot at default precision that lands near 3e-4 ran on TF32.
 
@@ -218,7 +218,9 @@ def measure_ceilings(copy_mib: int, matmul_n: int, repeats: int) -> dict[str, An
   s = jnp.float32(1.0 + rng.random())
 
   def seconds(fn, x, p):
-    per, _, _, _ = device_seconds(fn, (x,) * 3, (p,) * 3, 3, 1, repeats, budget_s=0.0)
+    # A copy of the arguments for each of the 3 calls (see `timing.chained_calls`).
+    xs, ps = _copies(x, 3), _copies(p, 3)
+    per, _, _, _ = device_seconds(fn, tuple(xs), tuple(ps), 3, 1, repeats, budget_s=0.0)
     return per
 
   out = {"bandwidth": 2 * a.nbytes / seconds(lambda x, p: x * p, a, s), "rates": {}}
@@ -503,11 +505,23 @@ def precision_seen(err: float) -> str:
   return next((p for p, bound in REL_ERR_BOUNDS.items() if err <= bound), "wrong")
 
 
-def _poison(shape, dtype) -> None:
-  """Leaves NaN in the memory a fresh output of this size is likely to get."""
-  buf = jnp.full(shape, jnp.nan, dtype)
-  buf.block_until_ready()
-  del buf
+# A word that reads as NaN in float32 and as two NaNs in bfloat16.
+_NAN_WORD = 0x7FC07FC0
+# The large poisoned block: room for a kernel's temporary buffers.
+_POISON_BYTES = 64 * 2**20
+
+
+def _poison(nbytes: int) -> None:
+  """Fills freed device memory with NaN where the next outputs are likely to land.
+
+  One block of ``nbytes`` (an output's size) and one large block are
+  allocated full of NaN and freed, for the allocator to hand out again. It
+  is a likelihood, not a guarantee: the check's real guard is its fresh
+  input, for which a stale value left by an earlier call is wrong too.
+  """
+  blocks = [jnp.full((max(1, n // 4),), _NAN_WORD, jnp.uint32) for n in (nbytes, _POISON_BYTES)]
+  jax.block_until_ready(blocks)
+  del blocks
 
 
 def check(jitted: Callable, built: Built, batch: int, dtype, rng) -> float:
@@ -516,7 +530,7 @@ def check(jitted: Callable, built: Built, batch: int, dtype, rng) -> float:
   for _ in range(2):
     x = jnp.asarray(rng.standard_normal((batch, built.weight.shape[0])), dtype)
     ref = _f64(x) @ built.weight + built.bias
-    _poison(ref.shape, dtype)
+    _poison(ref.size * jnp.dtype(dtype).itemsize)
     worst = max(worst, rel_err(jitted(x, built.params), ref))
   return worst
 
@@ -738,7 +752,7 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_bool(
       "measure-ceilings", True, "Measure copy bandwidth and matmul rates first.", flag_values=fv
   )
-  flags.DEFINE_integer("copy-mib", 1024, "Size of the bandwidth copy.", flag_values=fv)
+  flags.DEFINE_integer("copy-mib", 512, "Size of the bandwidth copy.", flag_values=fv)
   flags.DEFINE_integer("matmul-n", 8192, "Side of the rate matrix products.", flag_values=fv)
   flags.DEFINE_float(
       "time-budget-s",
