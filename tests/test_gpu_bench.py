@@ -11,6 +11,9 @@ optimizer's count decides whether the mask update runs.
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -263,3 +266,20 @@ def test_pinned_count_decides_whether_the_mask_update_runs():
   # count 4: step 5 is an update step, the masks move; count 1: they stay.
   assert (masks(step(4)) != masks(state)).any()
   assert (masks(step(1)) == masks(state)).all()
+
+
+def test_command_buffers_are_serialised_before_the_backend_starts():
+  """The flag is known to this XLA (an unknown one would abort the run on the GPU)."""
+  code = (
+      "import os, jax\n"
+      "from srigl_jax.benchmarks import gpu\n"
+      "print(gpu.serialize_command_buffers(), os.environ['XLA_FLAGS'])\n"
+      "jax.devices()\n"
+      "print(gpu.serialize_command_buffers())\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+  ).stdout.split("\n")
+  assert out[0] == f"set {gpu.SERIALIZE_FLAG}"
+  assert out[1] == "already set"

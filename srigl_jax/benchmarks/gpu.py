@@ -7,19 +7,29 @@ The paper's layer, 3072 -> 768 (the ViT-B/16 MLP's second Dense) at 80, 90,
 (`condensed.DEFAULT_ABLATION`), batch 1, 16, 256 and 2048, fp32 and bf16.
 
 Timing. A kernel is timed by device time, not by one jitted call per
-dispatch: `timing.chained_calls` builds a program of N dependent calls (each
-call's arguments pass an optimization barrier with the previous output, so
-XLA can neither hoist, merge nor drop a call), and the device time of one
-call is ``(t_N - t_base) / (N - n_base)`` (`timing.per_call_seconds`), where
-``t_base`` is the same program with ``n_base`` (default 1) calls and the same
-arguments: the dispatch, launch and synchronisation both pay once cancel.
-Medians over interleaved repeats. The calls rotate over R argument sets (a
-fresh random input and a fresh copy of the weights each) whose total is at
-least twice the L2 (or the CPU's last-level cache), so that the cache is not
-what is measured, as far as ``--max-calls`` allows: a record says whether
-its sets exceeded the cache (``cache_cold``). N is chosen so that the program
-runs about ``--target-ms``. Beside it, ``e2e_us`` is the usual wall time of
-one jitted call per dispatch (median, waited for), which on a GPU is mostly
+dispatch: `timing.chained_calls` builds a program of N calls, each on its
+own argument set (a fresh random input and a fresh copy of the weights) and
+behind an optimization barrier that also takes the previous call's output,
+so XLA can neither hoist, merge, fuse across nor drop a call, and every
+output is returned. The device time of one call is ``(t_N - t_base) / (N -
+n_base)`` (`timing.per_call_seconds`), ``t_base`` being the same program
+with ``n_base`` calls (``--base-calls``, default 0) and the same arguments:
+the dispatch, launch and synchronisation both pay once cancel. Medians over
+interleaved repeats; the 25th and 75th percentiles of the per-round
+estimates show the spread. The calls are independent in data, and XLA's
+GPU command buffers overlap independent kernels by default, so the
+benchmark serialises them (`serialize_command_buffers`, before the backend
+starts; ``meta.command_buffers_serialized`` says whether it took). N makes
+the program run about ``--target-ms``, within ``--min-calls`` and
+``--max-calls``, and where it can, N sets total at least ``--cold-factor``
+times the L2 (the CPU's last-level cache) so that the cache is not what is
+measured; a record says whether they exceeded it once (``cache_cold``; the
+smallest sets, batch 1 at high sparsity, stay in L2). For the first sparsity
+(``--profile``) a profiler trace of one run of the long program gives the
+device's own account: ``profiler_busy_us`` per call (kernels only, no launch
+gaps) and ``profiler_overlap`` (1.0 when no two kernels ran at once).
+Beside all this, ``e2e_us`` is the usual wall time of one jitted call per
+dispatch over the same sets (median, waited for), which on a GPU is mostly
 launch overhead at small sizes.
 
 Correctness first. Every kernel is checked on two fresh random inputs
@@ -29,9 +39,9 @@ and input rounded to its dtype): ``rel_err = |out - ref| / |ref|``
 (METHOD.md's ranges; NaN fails). Before each check, freed device memory is
 filled with NaN where the output and the kernel's temporaries will most
 likely land (`_poison`), so an element the kernel leaves unwritten shows up
-as NaN or as a value of an earlier input, and fails. A
-record also names the precision its error points to (``precision_seen``):
-an fp32 dot at default precision that lands near 3e-4 ran on TF32.
+as NaN or as a value of an earlier input, and fails. A record also names the
+precision its error points to (``precision_seen``): an fp32 dot at default
+precision that lands near 3e-4 ran on TF32.
 
 Baselines, each labelled with its precision: dense ``x @ W`` on the full
 random kernel at ``precision=HIGHEST`` (true fp32), at default precision
@@ -728,10 +738,12 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_float(
       "budget", 0.3, "Seconds of timing per impl and batch (at least 3 rounds).", flag_values=fv
   )
-  flags.DEFINE_float("target-ms", 5.0, "Aimed length of the N-call program.", flag_values=fv)
+  flags.DEFINE_float("target-ms", 3.0, "Aimed length of the N-call program.", flag_values=fv)
   flags.DEFINE_integer("min-calls", 8, "Fewest calls N of the long program.", flag_values=fv)
+  # Compiling the long program costs about N times one call's compile (XLA
+  # inlines every call), and compiling, not running, bounds the sweep's time.
   flags.DEFINE_integer(
-      "max-calls", 64, "Most calls N (and argument sets) of the long program.", flag_values=fv
+      "max-calls", 24, "Most calls N (and argument sets) of the long program.", flag_values=fv
   )
   flags.DEFINE_enum(
       "base-calls",
@@ -822,9 +834,13 @@ def serialize_command_buffers() -> str:
   current = os.environ.get("XLA_FLAGS", "")
   if "xla_gpu_command_buffer_scheduling_mode" in current:
     return "already set"
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
 
-  if xla_bridge.backends_are_initialized():
+    started = xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # A JAX without this private helper.
+    started = False
+  if started:
     return "too late"
   flags_value = f"{current} {SERIALIZE_FLAG}".strip()
   probe = subprocess.run(
