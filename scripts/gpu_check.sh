@@ -21,9 +21,15 @@
 #   bench     ~140 s  (limit 150; no new case after limit - 30 s)
 #                     srigl_jax.benchmarks.gpu: ceilings (~5 s), then 3072 ->
 #                     768 at 90, 99, 80, 95% in that order, batch 1, 16, 256,
-#                     2048: 11 impls at the first sparsity, 8 after (dense
-#                     once per batch), about 1 s each (two compiles, ~0.3 s of
-#                     timing); what the limit cuts is listed in the JSON
+#                     2048, fp32 and bf16: 11 impls per batch at the first
+#                     sparsity, 8 after (dense once per batch), ~1.5 s each
+#                     (a one-call and a 24-call compile, ~0.3 s of timing,
+#                     a profiler trace at the first sparsity): ~70 s for 90%,
+#                     ~50 s per later sparsity, so the limit covers 90% and
+#                     most of 99%; what it cuts is listed in the JSON
+#                     (meta.skipped_cases). The rest in a second call:
+#                     GPU_CHECK_STAGES=bench GPU_CHECK_LIMIT_BENCH=300
+#                     GPU_CHECK_BENCH_ARGS=--sparsities=0.8,0.95
 #   model      ~40 s  (limit 50) ResNet-18, then ViT-S/16, at batch 1 and 256:
 #                     masked dense vs structured vs condensed (the JSON is
 #                     written after each model; ResNet-50's conversion alone
@@ -31,7 +37,9 @@
 #   profile    ~90 s  (limit 100; no new model/method after limit - 40 s)
 #                     train step with and without the mask update: ResNet-18
 #                     and ViT-S/16, dense and srigl first, then rigl; ~15-30 s
-#                     of compiling each; a profiler trace of 5 steps
+#                     of compiling each, ~10 s of steps; a profiler trace of
+#                     5 steps. If ViT-S is cut, a second call:
+#                     GPU_CHECK_STAGES="profile train" GPU_CHECK_TRAIN_MODELS=vit_s16
 #   train      rest   (limit 120) trainer runs of 300 steps: dense and srigl
 #                     at delta 100 first, then rigl, then delta 20; ~30-45 s
 #                     each (the persistent compilation cache shares the
