@@ -170,20 +170,51 @@ def test_tiny_run_writes_every_impl_checked_and_floored(tmp_path):
 
 
 def test_a_registered_impl_is_benchmarked(tmp_path, monkeypatch):
-  """A new kernel is one `register` call (as the grouped kernels will be)."""
+  """A new kernel is one `register` call; a grouped one runs on a group-shared layer."""
   monkeypatch.setattr(gpu, "IMPLS", dict(gpu.IMPLS))
-  base = gpu.IMPLS["dense_fp32_highest"]
-  gpu.register(dataclasses.replace(base, name="my_kernel_fp32", work="nnz", baseline=False))
+  base = gpu.IMPLS["condensed_xla_fp32"]
+  gpu.register(dataclasses.replace(base, name="my_kernel_fp32"))
   with pytest.raises(ValueError, match="already"):
     gpu.register(base)
+  seen = []
+
+  def build_grouped(kernel, mask, bias, dtype, *, group_size):
+    seen.append((group_size, mask))
+    return base.build(kernel, mask, bias, dtype)
+
+  gpu.register(dataclasses.replace(base, name="my_grouped_fp32", build=build_grouped, grouped=True))
   out = tmp_path / "gpu.json"
   # No table entry for the CPU: the ceilings must be measured there.
   with pytest.raises(ValueError, match="no ceilings"):
     gpu.main(["--tiny", "--nomeasure-ceilings", "--impls=my_kernel_fp32"])
-  assert gpu.main(["--tiny", "--impls=dense_bf16,my_kernel_fp32", f"--json={out}"]) == 0
-  _, records = _records(out)
+  args = ["--tiny", "--profile=none", f"--json={out}"]
+  assert gpu.main([*args, "--impls=dense_bf16,my_kernel_fp32,my_grouped_fp32"]) == 0
+  meta, records = _records(out)
   assert [r["impl"] for r in records] == ["dense_bf16", "my_kernel_fp32"]
-  assert records[1]["sparsity"] == 0.9 and records[1]["precision"] == "fp32"
+  assert meta["skipped_impls"] == {"my_grouped_fp32": "needs --group-size > 1"}
+  assert gpu.main([*args, "--group-size=4", "--impls=my_grouped_fp32,my_kernel_fp32"]) == 0
+  _, records = _records(out)
+  assert [(r["impl"], r["group_size"]) for r in records] == [
+      ("my_grouped_fp32", 4),
+      ("my_kernel_fp32", 4),
+  ]
+  # The builder got G and a mask whose 4 consecutive columns share their inputs.
+  ((g, mask),) = seen
+  assert g == 4 and (mask.reshape(96, 10, 4) == mask[:, ::4, None]).all()
+  assert records[0]["rel_err"] <= records[0]["rel_err_bound"]
+
+
+def test_group_shared_layer():
+  rng = np.random.default_rng(0)
+  kernel, mask, bias = gpu.group_shared_layer(rng, 64, 32, 0.9, 0.25, 4)
+  assert kernel.shape == mask.shape == (64, 32) and bias.shape == (32,)
+  groups = mask.reshape(64, 8, 4)
+  assert (groups == groups[:, :, :1]).all()  # one index set per group
+  fan_in = mask.sum(axis=0)
+  assert set(fan_in) == {0, int(fan_in.max())}  # constant fan-in, whole groups ablated
+  assert (fan_in == 0).sum() == 8  # round(8 * 0.25) = 2 groups of 4
+  with pytest.raises(ValueError, match="does not divide"):
+    gpu.group_shared_layer(rng, 64, 30, 0.9, 0.25, 4)
 
 
 # ------------------------------------------------------------ train_step

@@ -102,18 +102,24 @@ def test_pallas_kernel_lowers_for_cuda(case, dtype, index_dtype, batch):
   assert exported.out_avals[0].dtype == out.dtype == dtype
 
 
+# The group size grouped impls are exported with (a group-shared layer).
+GROUP_SIZE = 4
+
+
 @functools.cache
-def _bench_layer(fan_in, out, sparsity):
+def _bench_layer(fan_in, out, sparsity, group_size=1):
   rng = np.random.default_rng(0)
   ablation = condensed_bench.DEFAULT_ABLATION[sparsity]
-  return condensed_bench.make_layer(rng, fan_in, out, sparsity, ablation, np.float32)
+  return gpu_bench.group_shared_layer(rng, fan_in, out, sparsity, ablation, group_size)
 
 
-def _export_bench_program(monkeypatch, name, layer, batch):
+def _export_bench_program(monkeypatch, name, shape, sparsity, batch):
   """The benchmark's two-call chained program of ``name``, exported for CUDA."""
   monkeypatch.setattr(gpu_bench, "PALLAS_INTERPRET", False)
   impl = gpu_bench.IMPLS[name]
-  built = impl.build(*layer, jnp.dtype(impl.dtype))
+  extra = {"group_size": GROUP_SIZE} if impl.grouped else {}
+  layer = _bench_layer(*shape, sparsity, GROUP_SIZE if impl.grouped else 1)
+  built = impl.build(*layer, jnp.dtype(impl.dtype), **extra)
   x = jnp.zeros((batch, layer[0].shape[0]), impl.dtype)
   return export_for_cuda(timing.chained_calls(built.fn, 2), (x, x), (built.params, built.params))
 
@@ -121,18 +127,19 @@ def _export_bench_program(monkeypatch, name, layer, batch):
 @pytest.mark.parametrize("name", [n for n, i in gpu_bench.IMPLS.items() if "gpu" in i.platforms])
 def test_every_gpu_benchmark_program_lowers_for_cuda(monkeypatch, name):
   """Each registered impl's chained program, on a small layer of the benchmark's kind."""
-  exported = _export_bench_program(monkeypatch, name, _bench_layer(384, 96, 0.9), 16)
+  exported = _export_bench_program(monkeypatch, name, (384, 96), 0.9, 16)
   assert exported.platforms == ("cuda",)
   assert len(exported.out_avals) == 2
   assert (TRITON_CALL in exported.mlir_module()) == ("pallas" in name)
+  assert exported.out_avals[0].shape == (16, 96)
 
 
 @pytest.mark.parametrize("batch", [1, 2048])
 @pytest.mark.parametrize("sparsity", [0.9, 0.99])
-@pytest.mark.parametrize("name", ["condensed_pallas_fp32", "condensed_pallas_bf16"])
+@pytest.mark.parametrize("name", [n for n in gpu_bench.IMPLS if "pallas" in n])
 def test_benchmark_pallas_kernels_lower_at_the_paper_layer(monkeypatch, name, sparsity, batch):
-  """The Pallas kernel at the sizes the GPU run times: 3072 -> 768, batch 1 and 2048."""
-  exported = _export_bench_program(monkeypatch, name, _bench_layer(3072, 768, sparsity), batch)
+  """The Pallas kernels at the sizes the GPU run times: 3072 -> 768, batch 1 and 2048."""
+  exported = _export_bench_program(monkeypatch, name, (3072, 768), sparsity, batch)
   # (The two calls share one lowered function.)
   assert TRITON_CALL in exported.mlir_module()
   assert [a.shape for a in exported.out_avals] == [(batch, 768)] * 2

@@ -293,6 +293,9 @@ class Impl:
       and the jnp dtype. 'dense' builders use the full kernel, the others
       the masked one.
     platforms: backends it runs on.
+    grouped: the kernel needs a group-shared mask (G consecutive neurons
+      sharing one index set): it runs only with ``--group-size`` G > 1, and
+      its builder also gets ``group_size=G``.
   """
 
   name: str
@@ -301,8 +304,9 @@ class Impl:
   unit: str
   work: str
   baseline: bool
-  build: Callable[[np.ndarray, np.ndarray, np.ndarray, Any], Built]
+  build: Callable[..., Built]
   platforms: tuple[str, ...] = ("cpu", "gpu")
+  grouped: bool = False
 
 
 IMPLS: dict[str, Impl] = {}
@@ -437,8 +441,11 @@ for _impl in ("pallas", "xla"):
     )
 # Grouped kernels (G consecutive neurons sharing one index set; on a GPU a
 # small dense (batch x k) @ (k x G) product per group, on the tensor cores)
-# are registered here, one line per dtype, e.g.
-#   register(Impl("grouped_pallas_bf16", "bfloat16", "bf16", "bf16", "nnz", False, builder))
+# are registered here, one line per dtype, with grouped=True so that they run
+# with --group-size G > 1 (every impl then runs on the same group-shared
+# layer) and their builder gets group_size=G, e.g.
+#   register(Impl("grouped_pallas_bf16", "bfloat16", "bf16", "bf16", "nnz", False,
+#                 build_grouped, grouped=True))
 
 
 # ------------------------------------------------------------------ counting
@@ -797,6 +804,14 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_bool(
       "tiny", False, f"Small sizes for a CPU; overrides {sorted(TINY)}.", flag_values=fv
   )
+  flags.DEFINE_integer(
+      "group-size",
+      1,
+      "G > 1: every impl runs on a group-shared layer (G consecutive neurons share one "
+      "index set), and the grouped impls run too.",
+      lower_bound=1,
+      flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the layers and inputs.", flag_values=fv)
   flags.DEFINE_string(
       "table-from", None, "Only print the table of this JSON file of a run.", flag_values=fv
@@ -877,11 +892,40 @@ def main(argv: Sequence[str] | None = None) -> int:
   return _main(fv([__name__, *(sys.argv[1:] if argv is None else argv)]), fv)
 
 
+def group_shared_layer(rng, in_features, out_features, sparsity, ablation, group_size):
+  """A random constant fan-in layer whose G consecutive neurons share one index set.
+
+  Like `condensed.make_layer` with neurons taken G at a time: whole groups
+  are ablated, and each active group draws one set of ``k`` inputs that its
+  G neurons share (each neuron keeps its own weights). ``group_size`` 1 is
+  `condensed.make_layer`'s layer.
+
+  Returns:
+    ``(kernel, mask, bias)`` as numpy arrays.
+
+  Raises:
+    ValueError: ``out_features`` is not a multiple of ``group_size``.
+  """
+  if out_features % group_size:
+    raise ValueError(f"--group-size={group_size} does not divide {out_features} outputs")
+  groups = out_features // group_size
+  kernel, mask, bias = make_layer(rng, in_features, groups, sparsity, ablation, np.float32)
+  # Group g's index set is neuron g's of a layer of `groups` neurons, with the
+  # same density; fresh weights for every neuron of the group.
+  mask = np.repeat(mask, group_size, axis=1)
+  kernel = (rng.standard_normal(mask.shape) / np.sqrt(max(1, mask.sum(axis=0).max()))).astype(
+      np.float32
+  )
+  bias = (0.1 * rng.standard_normal(out_features)).astype(np.float32)
+  return kernel, mask, bias
+
+
 def _layers(opts, rng):
   """The dense baselines' layer, then one ``(sparsity, ablation, kernel, mask, bias)`` per sparsity.
 
   The dense baselines use a full random kernel (the unpruned layer) and are
-  timed once per batch; the others the sparsity's masked one.
+  timed once per batch; the others the sparsity's masked one (group-shared
+  with ``--group-size`` > 1, for every impl alike).
   """
   kernel = rng.standard_normal((opts.in_features, opts.out_features)).astype(np.float32)
   kernel /= np.sqrt(opts.in_features)
@@ -889,7 +933,8 @@ def _layers(opts, rng):
   dense = (kernel, np.ones_like(kernel, bool), bias)
   for s in opts.sparsities:
     abl = DEFAULT_ABLATION.get(s, 0.1)
-    yield dense, (s, abl, *make_layer(rng, opts.in_features, opts.out_features, s, abl, np.float32))
+    layer = group_shared_layer(rng, opts.in_features, opts.out_features, s, abl, opts.group_size)
+    yield dense, (s, abl, *layer)
 
 
 def run(opts: types.SimpleNamespace) -> int:
@@ -910,6 +955,7 @@ def run(opts: types.SimpleNamespace) -> int:
       jax_version=jax.__version__,
       in_features=opts.in_features,
       out_features=opts.out_features,
+      group_size=opts.group_size,
   )
   meta = dict(
       common,
@@ -938,10 +984,12 @@ def run(opts: types.SimpleNamespace) -> int:
   )
   impls = []
   for name in opts.impls:
-    if backend in IMPLS[name].platforms:
-      impls.append(IMPLS[name])
-    else:
+    if backend not in IMPLS[name].platforms:
       meta["skipped_impls"][name] = f"not on {backend}"
+    elif IMPLS[name].grouped and opts.group_size == 1:
+      meta["skipped_impls"][name] = "needs --group-size > 1"
+    else:
+      impls.append(IMPLS[name])
   records: list[dict] = []
 
   def write():
@@ -974,7 +1022,8 @@ def run(opts: types.SimpleNamespace) -> int:
             continue
           layer = dense_layer if dense else (kernel, mask, bias)
           if impl.name not in built:
-            built[impl.name] = impl.build(*layer, jnp.dtype(impl.dtype))
+            extra = {"group_size": opts.group_size} if impl.grouped else {}
+            built[impl.name] = impl.build(*layer, jnp.dtype(impl.dtype), **extra)
           profile = opts.profile == "all" or (opts.profile == "first" and s == opts.sparsities[0])
           rec = time_case(impl, built[impl.name], layer[1], batch, rng, opts, peaks, profile)
           rec.update(dense_info if dense else layer_info, **common)
