@@ -705,9 +705,8 @@ def print_table(records: list[dict]) -> None:
             for n in names
             if n in t and IMPLS[n].baseline and t[n]["precision"] == bt["precision"]
         ]
-        line += f"  {_short(best)} ({100 * bt['fraction_of_floor']:.0f}% of floor) vs " + ", ".join(
-            ratios
-        )
+        line += f"  {_short(best)} ({100 * bt['fraction_of_floor']:.0f}% of floor)"
+        line += f" vs {', '.join(ratios)}" if ratios else ""
       print(line)
   bad = [r for r in records if r["rel_err"] > r["rel_err_bound"]]
   for r in bad:
