@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from srigl_jax import models
+from srigl_jax import condensed, models
 from srigl_jax.serving.model import InferenceModel
 
 MANIFEST_FILE = 'manifest.json'
@@ -200,6 +200,12 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
   model = models.get_model(
       m['name'], m['num_classes'], dtype=jnp.dtype(m['dtype']), **from_json(m['kwargs'])
   )
+  if manifest['kind'] == 'condensed':
+    # Once, here, for every kernel: no index out of range reaches one.
+    try:
+      condensed.ConvertedModel(model=model, variables=variables, plan=manifest['plan']).validate()
+    except (ValueError, KeyError, TypeError) as e:
+      raise _artefact_error(path, f'its variables fail a check: {str(e).rstrip(".")}') from None
   return InferenceModel(path, manifest, model, variables, impl)
 
 
