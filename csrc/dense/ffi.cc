@@ -53,10 +53,13 @@ struct Job {
 
   // Whether the indices of rows [j0, j1) lie in [0, in). Checked per item,
   // right before the item reads through them: the check is spread over the
-  // threads like the work, and leaves the rows in cache for the kernel. At
-  // batch 1 on 3072 -> 768 (90%) this measured 1-3% of the call, a check of
-  // the whole array in the handler 3-5%, a check of each row inside the
-  // gather loop 5-14% (interleaved runs, 2-core Xeon, AVX-512).
+  // threads like the work, and leaves the rows in cache for the kernel. It
+  // is one more pass over the index bytes: at batch 1, 4-6 us (3-4%) of a
+  // call on 3072 -> 768 at 90% and 2-4 us (3-6%) on 196 neurons x 420
+  // fan-in; not measurable at batch 256, where each tile reuses the rows.
+  // One check of the whole array in the handler cost about the same, one per
+  // neuron inside the gather loop more (7-10%) (scripts/check_cost.py,
+  // interleaved runs on a 2-core AVX-512 Xeon).
   bool RowsInRange(int64_t j0, int64_t j1) const {
     const int64_t width = p.idx16 ? 2 : 4;
     const char* first = static_cast<const char*>(p.idx) + j0 * p.k * width;
