@@ -16,10 +16,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import srigl_jax
 from srigl_jax import export, serving
+from srigl_jax.serving import artefact
 from srigl_jax.serving.report import summary_line
 from srigl_jax.training import build, loop
 
@@ -314,6 +316,60 @@ def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
 
   with pytest.raises(serving.ArtefactError, match='upgrade srigl_jax'):
     serving.load_inference_model(broken('newer', newer_format))
+
+
+def test_artefact_with_arrays_out_of_range_is_refused_for_every_kernel(run, tmp_path):
+  src = os.path.join(run[0], 'inference')
+  with open(os.path.join(src, 'manifest.json')) as f:
+    plan = json.load(f)['plan']
+  layer, entry = next((p, e) for p, e in plan['layers'].items() if e['format'] == 'condensed')
+
+  def rewritten(name, key, edit):
+    """A copy of the artefact with one saved array of `layer` edited in place."""
+    path = str(tmp_path / name)
+    shutil.copytree(src, path)
+    vdir = os.path.join(path, 'variables')
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = jax.tree.map(np.array, ckptr.restore(vdir))
+    node = variables['params']
+    for k in layer.split('/'):
+      node = node[k]
+    node[key] = edit(node[key])
+    shutil.rmtree(vdir)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(vdir, variables)
+    # Checksums that match the edited arrays: only the range checks stand in the way.
+    with open(os.path.join(path, 'manifest.json')) as f:
+      manifest = json.load(f)
+    manifest['integrity'] = artefact.integrity(variables)
+    with open(os.path.join(path, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+    return path
+
+  def set_first(a, v):
+    a.flat[0] = v
+    return a
+
+  def swap_first_two(a):
+    a[[0, 1]] = a[[1, 0]]
+    return a
+
+  fan = entry['dense_fan_in']
+  cases = {
+      rf'indices\[0, 0\] = {fan} is outside \[0, {fan}\)': ('past', 'indices', fan),
+      r'indices\[0, 0\] = -1 is outside': ('negative', 'indices', -1),
+      r'neuron_ids must be strictly increasing': ('unsorted', 'neuron_ids', None),
+  }
+  impls = ['xla'] + (['native'] if srigl_jax.condensed.native_available() else [])
+  for message, (name, key, value) in cases.items():
+    edit = swap_first_two if value is None else lambda a, v=value: set_first(a, v)
+    path = rewritten(name, key, edit)
+    for impl in impls:
+      with pytest.raises(
+          serving.ArtefactError,
+          match=rf"its variables fail a check: layer '{layer}': {message}.*python -m srigl_jax\.export",
+      ):
+        serving.load_inference_model(path, impl=impl)
 
 
 def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):

@@ -22,8 +22,12 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <new>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/ffi_operands.h"
 #include "common/isa_dispatch.h"
 #include "common/scratch.h"
@@ -130,8 +134,12 @@ constexpr int64_t kItemsPerThread = 4;
 void Plan(ConvJob& job, int64_t threads) {
   const ConvProblem& p = job.p;
   const int64_t block = job.kernels->block;
-  const int64_t work =
-      std::max<int64_t>(1, std::max<int64_t>(1, p.n_active) * p.k * p.grid);
+  // Multiply-adds of the call, saturating (only the split depends on it).
+  const int64_t row_work = std::max<int64_t>(1, std::max<int64_t>(1, p.n_active) * p.k);
+  const int64_t columns = std::max<int64_t>(1, p.grid);
+  const int64_t work = row_work > std::numeric_limits<int64_t>::max() / columns
+                           ? std::numeric_limits<int64_t>::max()
+                           : row_work * columns;
   const int64_t want = std::max<int64_t>(
       1, std::min(threads * kItemsPerThread, work / kMinItemWork));
   const int64_t grid_blocks = (p.grid + block - 1) / block;
@@ -169,39 +177,52 @@ void Plan(ConvJob& job, int64_t threads) {
   job.queue.items = job.build_items + job.q_chunks * job.w_chunks;
 }
 
-ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::AnyBuffer taps, ffi::AnyBuffer values,
-                             ffi::Buffer<ffi::S32> neuron_ids,
-                             ffi::Buffer<ffi::F32> bias,
-                             ffi::ResultBuffer<ffi::F32> y, int64_t kh,
-                             int64_t kw, int64_t sh, int64_t sw,
-                             int64_t pad_top, int64_t pad_bottom,
-                             int64_t pad_left, int64_t pad_right,
-                             int64_t max_threads, int64_t isa) {
+constexpr const char* kOp = "srigl condensed conv";
+
+// The geometry attributes: "name = v is outside [lo, hi)" when v is not in
+// [lo, 2^31 - 1]. Within that range no product below overflows int64 before
+// it is checked.
+std::string AttrProblem(const char* name, int64_t v, int64_t lo) {
+  if (v >= lo && v <= kInt32Max) return "";
+  return OutsideRange(name, v, lo, kInt32Max + 1);
+}
+
+ffi::Error CondensedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer taps,
+                         ffi::AnyBuffer values, ffi::Buffer<ffi::S32> neuron_ids,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+                         int64_t kw, int64_t sh, int64_t sw, int64_t pad_top,
+                         int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                         int64_t max_threads, int64_t isa) {
   const auto xd = x.dimensions();
-  const auto vd = values.dimensions();
   const auto yd = y->dimensions();
-  if (xd.size() != 4 || vd.size() != 2 || yd.size() != 4) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: x and y must be rank 4, values rank 2");
+  if (xd.size() != 4) {
+    return Invalid(kOp, "x must be rank 4 (batch, h, w, cin), got shape " + ShapeString(xd));
+  }
+  if (yd.size() != 4) {
+    return Invalid(kOp, "y must be rank 4 (batch, oh, ow, cout), got shape " + ShapeString(yd));
+  }
+  const std::pair<const char*, int64_t> sizes[] = {{"kh", kh}, {"kw", kw}, {"sh", sh},
+                                                   {"sw", sw}};
+  for (const auto& [name, v] : sizes) {
+    if (std::string why = AttrProblem(name, v, 1); !why.empty()) return Invalid(kOp, why);
+  }
+  const std::pair<const char*, int64_t> pads[] = {{"pad_top", pad_top},
+                                                  {"pad_bottom", pad_bottom},
+                                                  {"pad_left", pad_left},
+                                                  {"pad_right", pad_right}};
+  for (const auto& [name, v] : pads) {
+    if (std::string why = AttrProblem(name, v, 0); !why.empty()) return Invalid(kOp, why);
   }
   auto job = std::make_shared<ConvJob>();
   ConvProblem& p = job->p;
-  if (ffi::Error error = ReadWeights("srigl condensed conv", "taps", taps,
-                                    values, neuron_ids, bias, &p);
-      error.failure()) {
-    return error;
-  }
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || pad_top < 0 || pad_bottom < 0 ||
-      pad_left < 0 || pad_right < 0) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: bad kernel size, stride or padding");
-  }
   p.x = x.typed_data();
   p.batch = xd[0];
   p.h = xd[1];
   p.w = xd[2];
   p.cin = xd[3];
+  if (p.cin < 1) {
+    return Invalid(kOp, "x has shape " + ShapeString(xd) + ": no input channels");
+  }
   p.kh = kh;
   p.kw = kw;
   p.sh = sh;
@@ -210,42 +231,68 @@ ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p.pad_left = pad_left;
   const int64_t hp = p.h + pad_top + pad_bottom;
   const int64_t wp = p.w + pad_left + pad_right;
+  // Formatted only for an error message.
+  const auto geometry = [&] {
+    return "a " + std::to_string(kh) + "x" + std::to_string(kw) + " kernel with strides (" +
+      std::to_string(sh) + ", " + std::to_string(sw) + ") and padding ((" +
+      std::to_string(pad_top) + ", " + std::to_string(pad_bottom) + "), (" +
+      std::to_string(pad_left) + ", " + std::to_string(pad_right) + "))";
+  };
+  if (hp < kh || wp < kw) {
+    return Invalid(kOp, geometry() + " does not fit x of shape " + ShapeString(xd) +
+                            " (padded " + std::to_string(hp) + "x" + std::to_string(wp) + ")");
+  }
   p.oh = (hp - kh) / sh + 1;
   p.ow = (wp - kw) / sw + 1;
   p.hq = (hp + sh - 1) / sh;
   p.wq = (wp + sw - 1) / sw;
-  p.grid = p.batch * p.hq * p.wq;
-  p.tail = ((kh - 1) / sh) * p.wq + (kw - 1) / sw;
+  if (yd[0] != p.batch || yd[1] != p.oh || yd[2] != p.ow) {
+    return Invalid(kOp, "y has shape " + ShapeString(yd) + " but " + geometry() +
+                            " on x of shape " + ShapeString(xd) + " gives (" +
+                            std::to_string(p.batch) + ", " + std::to_string(p.oh) + ", " +
+                            std::to_string(p.ow) + ", cout)");
+  }
   p.cout = yd[3];
   p.y = y->typed_data();
-  if (hp < kh || wp < kw || yd[0] != p.batch || yd[1] != p.oh ||
-      yd[2] != p.ow ||
-      static_cast<int64_t>(bias.element_count()) != p.cout ||
-      static_cast<int64_t>(neuron_ids.element_count()) != p.n_active ||
-      static_cast<int64_t>(taps.element_count()) != p.n_active * p.k) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: inconsistent operand shapes or geometry");
+  if (ffi::Error error = ReadWeights(kOp, "taps", taps, values, neuron_ids, bias, p.cout, &p);
+      error.failure()) {
+    return error;
   }
-  if (p.batch == 0 || p.cout == 0 || p.oh <= 0 || p.ow <= 0) {
-    return ffi::Error::Success();
+  // Flat (dy, dx, c) taps index a table of kh * kw * cin run starts, and
+  // every run start, and so every plane offset, must fit an int32.
+  int64_t fan = 0, rows = 0, image = 0, grid = 0, tail = 0;
+  const bool fits = MulFits(kh * kw, p.cin, &fan) && fan <= kInt32Max &&
+                    MulFits(sh * sw, p.cin, &rows) && rows <= kInt32Max &&
+                    MulFits(p.hq, p.wq, &image) && MulFits(p.batch, image, &grid) &&
+                    grid <= kInt32Max && MulFits((kh - 1) / sh, p.wq, &tail) &&
+                    tail <= kInt32Max;
+  if (!fits) {
+    return Invalid(kOp, geometry() + " on x of shape " + ShapeString(xd) +
+                            " needs plane offsets beyond 32 bits; split the batch or the image");
   }
   job->kernels = KernelsFor<ConvKernels>(isa);
   if (job->kernels == nullptr) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: the requested instruction set is not "
-        "available in this build or on this CPU");
+    return Invalid(kOp,
+                   "the requested instruction set is not available in this build or on "
+                   "this CPU");
   }
-  // Active rows per window of output channels; needs sorted, distinct ids.
+  // All taps at once (a vectorised pass over n_active * k entries, small
+  // next to the n_active * k * grid multiply-adds of the call).
+  if (!job->kernels->indices_below(p.idx, p.idx16, p.n_active * p.k, fan)) {
+    return Invalid(kOp, DescribeBadIndex("taps", p.idx, p.idx16, p.n_active, p.k, fan) +
+                            " (kh * kw * cin = " + std::to_string(kh) + " * " +
+                            std::to_string(kw) + " * " + std::to_string(p.cin) + ")");
+  }
+  p.grid = grid;
+  p.tail = tail + (kw - 1) / sw;
+  // Nothing to compute.
+  if (p.batch == 0 || p.cout == 0) return ffi::Error::Success();
+  // Active rows per window of output channels (neuron_ids is strictly
+  // increasing within [0, cout), checked).
   p.n_windows = (p.cout + kConvWindow - 1) / kConvWindow;
   job->window_start.assign(p.n_windows + 1, static_cast<int32_t>(p.n_active));
   for (int64_t j = p.n_active - 1; j >= 0; --j) {
-    const int32_t c = p.ids[j];
-    if (c < 0 || c >= p.cout || (j > 0 && p.ids[j - 1] >= c)) {
-      return ffi::Error::InvalidArgument(
-          "srigl condensed conv: neuron_ids must be sorted, distinct and "
-          "below the number of output channels");
-    }
-    job->window_start[c / kConvWindow] = static_cast<int32_t>(j);
+    job->window_start[p.ids[j] / kConvWindow] = static_cast<int32_t>(j);
   }
   // Windows without an active channel start where the next window does.
   for (int64_t a = p.n_windows - 1; a >= 0; --a) {
@@ -253,17 +300,17 @@ ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         std::min(job->window_start[a], job->window_start[a + 1]);
   }
   p.window_start = job->window_start.data();
-  job->rows = sh * sw * p.cin;
+  job->rows = rows;
 
   const int64_t threads = ThreadBudget(pool, max_threads);
   Plan(*job, threads);
-  if (job->rows * job->ld > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: input too large for 32-bit plane offsets");
+  int64_t plane_floats = 0;
+  if (!MulFits(job->rows, job->ld, &plane_floats) || plane_floats > kInt32Max) {
+    return Invalid(kOp, geometry() + " on x of shape " + ShapeString(xd) +
+                            " needs plane offsets beyond 32 bits; split the batch or the image");
   }
   // Start of every tap's run, by flat (dy, dx, c) index; no divisions in the
   // inner loops.
-  const int64_t fan = kh * kw * p.cin;
   job->table.resize(fan);
   for (int64_t dy = 0; dy < kh; ++dy) {
     for (int64_t dx = 0; dx < kw; ++dx) {
@@ -280,6 +327,24 @@ ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   RunOnPool(pool, threads, job);
   return ffi::Error::Success();
+}
+
+ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::AnyBuffer taps, ffi::AnyBuffer values,
+                             ffi::Buffer<ffi::S32> neuron_ids,
+                             ffi::Buffer<ffi::F32> bias,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+                             int64_t kw, int64_t sh, int64_t sw,
+                             int64_t pad_top, int64_t pad_bottom,
+                             int64_t pad_left, int64_t pad_right,
+                             int64_t max_threads, int64_t isa) {
+  try {
+    return CondensedConv(pool, x, taps, values, neuron_ids, bias, y, kh, kw, sh, sw, pad_top,
+                         pad_bottom, pad_left, pad_right, max_threads, isa);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(kOp) + ": out of memory for its work buffers");
+  }
 }
 
 }  // namespace

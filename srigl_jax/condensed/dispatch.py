@@ -1,8 +1,11 @@
 """`condensed_matmul` and `condensed_conv`: the public entry points, which pick a kernel.
 
 They check their input against the layer once, here, and hand the kernels a
-layer set up for it (for a conv: with the `ConvGeometry` of the input size);
-the kernels trust what they are given.
+layer set up for it (for a conv: with the `ConvGeometry` of the input size).
+An empty batch gets an empty result without a kernel call. The XLA and Pallas
+kernels trust the layer's arrays, which ``validate()`` checks once where a
+layer comes from outside (`convert_model`, the serving loader); the native
+kernels check them on every call and refuse what is out of range.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 
 from srigl_jax.condensed import _native_lib
 from srigl_jax.condensed.conv import (
@@ -57,6 +61,11 @@ def _notice_fallback() -> None:
         "slower XLA kernels.",
         _native_lib.native_error(),
     )
+
+
+def _out_dtype(x: jax.Array, layer) -> jnp.dtype:
+  """What every kernel returns: the promoted dtype of the input and the values."""
+  return jnp.result_type(x.dtype, layer.values.dtype)
 
 
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
@@ -110,7 +119,11 @@ def condensed_matmul(
       ``impl``.
   """
   layer = layer.for_input(x.shape, name)
-  return _MATMUL[resolve_impl(impl)](x, layer)
+  which = resolve_impl(impl)
+  if 0 in x.shape[:-1]:
+    # An empty batch: no kernel is called (some cannot size their work for it).
+    return jnp.zeros((*x.shape[:-1], layer.out_features), _out_dtype(x, layer))
+  return _MATMUL[which](x, layer)
 
 
 def condensed_conv(
@@ -141,6 +154,10 @@ def condensed_conv(
   """
   layer = layer.for_input(x.shape, name)
   which = resolve_impl(impl)
+  if x.shape[0] == 0:
+    # An empty batch: no kernel is called (some cannot size their work for it).
+    geo = layer.geometry_for(x.shape)
+    return jnp.zeros((0, geo.oh, geo.ow, layer.out_channels), _out_dtype(x, layer))
   if which == "pallas" and impl == "auto":
     return condensed_conv_reference(x, layer, precision=None)
   return _CONV[which](x, layer)

@@ -528,30 +528,3 @@ def _converted_arrays(path: str, entry, kernel_shape, call, flat) -> dict[str, d
       )
     out[f'{p}/bias_map'] = _spec((*out_shape[1:3], neurons), np.float32)
   return out
-
-
-def check_contents(manifest: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-  """Index ranges of the converted layers' saved arrays.
-
-  Args:
-    manifest: a checked manifest.
-    arrays: '/'-joined path -> host array, as saved.
-
-  Raises:
-    ManifestError: an index outside its layer, or neuron ids not strictly
-      increasing inside [0, neurons).
-  """
-  if manifest['kind'] != 'condensed':
-    return
-  for path, entry in manifest['plan']['layers'].items():
-    p = f'params/{path}'
-    ids = arrays[f'{p}/neuron_ids']
-    if ids.size and (ids.min() < 0 or ids.max() >= entry['neurons'] or np.any(np.diff(ids) <= 0)):
-      raise ManifestError(
-          f'{p}/neuron_ids', f"must increase strictly inside [0, {entry['neurons']})"
-      )
-    index = f"{p}/{'taps' if entry['kind'] == 'conv' else 'indices'}"
-    if entry['format'] == 'condensed' and arrays[index].size:
-      idx = arrays[index]
-      if idx.min() < 0 or idx.max() >= entry['dense_fan_in']:
-        raise ManifestError(index, f"holds inputs outside [0, {entry['dense_fan_in']})")

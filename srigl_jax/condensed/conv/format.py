@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed._outputs import CondensedRows
+from srigl_jax.condensed._outputs import CondensedRows, check_rows
 from srigl_jax.condensed.dense.format import CondensedLayer, condense_dense, index_dtype_for
 
 __all__ = [
@@ -257,6 +257,52 @@ class CondensedConv(CondensedRows):
     kh, kw = self.kernel_size
     kernel = self.as_dense_layer().to_dense()
     return kernel.reshape(kh, kw, self.in_channels, self.out_channels)
+
+  def validate(self, name: str = "condensed conv") -> CondensedConv:
+    """Checks the arrays and geometry on the host before a kernel reads through them.
+
+    `condense_conv` builds valid layers; call this on layers read from
+    elsewhere (`convert_model` and `srigl_jax.serving`'s loader check the
+    converted variables the same way).
+
+    Args:
+      name: what the error message names (e.g. "layer 'conv_0'").
+
+    Returns:
+      This layer.
+
+    Raises:
+      ValueError: a kernel size or stride below 1, negative padding, shapes
+        that disagree, a tap outside ``[0, kh * kw * in_channels)``,
+        ``neuron_ids`` not strictly increasing within ``[0, out_channels)``,
+        or a bias map of another shape than the geometry's output.
+    """
+    kh, kw = self.kernel_size
+    if min(kh, kw, *self.strides, self.in_channels) < 1:
+      raise ValueError(
+          f"{name}: kernel size {self.kernel_size}, strides {self.strides} and in_channels "
+          f"{self.in_channels} must all be at least 1."
+      )
+    if not isinstance(self.padding, str) and min(min(p) for p in self.padding) < 0:
+      raise ValueError(f"{name}: negative padding {self.padding}.")
+    check_rows(
+        name,
+        values=self.values,
+        indices=self.taps,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        fan_in=kh * kw * self.in_channels,
+        n_outputs=self.out_channels,
+        index_name="taps",
+    )
+    if self.bias_map is not None and self.geometry is not None:
+      want = (self.geometry.oh, self.geometry.ow, self.out_channels)
+      if np.shape(self.bias_map) != want:
+        raise ValueError(
+            f"{name}: bias_map has shape {np.shape(self.bias_map)} but the output of its "
+            f"{self.geometry.height}x{self.geometry.width} input is {want}."
+        )
+    return self
 
   def geometry_for(self, x_shape: Sequence[int]) -> ConvGeometry:
     """The geometry of a call on ``x_shape``: the stored one, else computed (cached).

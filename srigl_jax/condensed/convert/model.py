@@ -425,7 +425,7 @@ def convert_model(
       "layers": plan_layers,
       "folded_batchnorms": folded_bn,
   }
-  converted = ConvertedModel(model=model, variables=variables, plan=plan)
+  converted = ConvertedModel(model=model, variables=variables, plan=plan).validate()
   if check:
     _self_check(model, masked_variables, converted, sample_input, impl)
   return converted
