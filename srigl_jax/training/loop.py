@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from srigl_jax import config_lib, export, reports
 from srigl_jax.serving.report import summary_line
@@ -527,6 +528,11 @@ def preflight(
   mesh = create_mesh(config) if mesh is None else mesh
   run = build_lib.build(config, n_devices=mesh.devices.size, open_dataset=False)
   checkpointing.check_workdir(workdir, config, write=jax.process_index() == 0)
+  if jax.process_count() > 1:
+    # Every process has looked at checkpoints/ before process 0's Checkpointer
+    # may create it: orbax's managers pass different barriers for a folder
+    # they find and one they create, so all must find the same.
+    multihost_utils.sync_global_devices('srigl_jax: workdir checked')
   return Trainer.create(build_lib.with_dataset(run), mesh)
 
 
