@@ -20,6 +20,7 @@ functions.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -393,6 +394,18 @@ def test_locked_workdir_is_refused_before_building_and_a_killed_holder_frees_it(
   lock.release()
   assert f'from PID {holder.pid} on host {socket.gethostname()}' in caplog.text
   assert 'ended without releasing it' in caplog.text
+
+
+def test_filesystem_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+  def no_locks(fd, op):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(checkpointing.fcntl, 'flock', no_locks)
+  lock = checkpointing.WorkdirLock(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    lock.acquire()
+  lock.release()
+  assert 'nothing stops a second trainer on this workdir' in caplog.text
 
 
 # ---------------------------------------------------------- multi-process

@@ -459,7 +459,10 @@ class WorkdirLock:
 
   The lock file records who holds it: {'pid', 'host', 'started'}. The OS
   releases the lock when the holding process exits or is killed; a record
-  left by a killed holder is taken over with a warning.
+  left by a killed holder is taken over with a warning. A lock excludes
+  other hosts only where the filesystem shares flock locks (local disks; NFS
+  emulates them); a FUSE mount such as gcsfuse keeps them per host, and where
+  flock fails outright training goes on unguarded, with a warning.
 
   Args:
     workdir: the run's directory (must exist).
@@ -468,6 +471,7 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, LOCK_FILE)
     self._fd: int | None = None
+    self._locked = False
 
   @staticmethod
   def _record(fd: int) -> dict[str, Any]:
@@ -488,7 +492,8 @@ class WorkdirLock:
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # BlockingIOError: held by another open file.
+      self._locked = True
+    except BlockingIOError:  # Held by another open file of it.
       holder = self._record(fd)
       os.close(fd)
       who = (
@@ -505,6 +510,12 @@ class WorkdirLock:
           'python -m srigl_jax.export only reads it.)',
           holder,
       ) from None
+    except OSError as e:
+      # A filesystem without locks (ENOLCK, EOPNOTSUPP): train unguarded
+      # rather than not at all.
+      logging.warning(
+          'Cannot lock %s (%s): nothing stops a second trainer on this workdir.', self.path, e
+      )
     previous = self._record(fd)
     if previous:
       logging.warning(
@@ -531,10 +542,11 @@ class WorkdirLock:
       return
     try:
       os.ftruncate(self._fd, 0)
+      if self._locked:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
     finally:
-      fcntl.flock(self._fd, fcntl.LOCK_UN)
-      os.close(self._fd)
-      self._fd = None
+      os.close(self._fd)  # Closing the last descriptor unlocks anyway.
+      self._fd, self._locked = None, False
 
 
 @contextlib.contextmanager
