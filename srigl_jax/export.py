@@ -155,6 +155,10 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
 
   The run is rebuilt from its config (`training.build`, reading no data) for
   the shapes of its state, masks included; nothing is written to the workdir.
+  A checkpoint that cannot be restored (files cut short, missing or
+  corrupted) is skipped with a warning naming its folder, and the previous
+  complete one is used (`training.checkpointing.restore_newest`, as a resumed
+  run does).
 
   Args:
     workdir: a training workdir.
@@ -165,11 +169,46 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
     `training.state.TrainState` on the first local device.
 
   Raises:
-    ExportError: no config or no complete checkpoint.
+    ExportError: no config, no complete checkpoint, or none that restores
+      (naming each one's folder and error).
     config_lib.ConfigError: the saved config is not a valid run.
   """
-  run, state, step = _restore(workdir, config, open_dataset=False)
-  return run.config, run.model, state, step
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise ExportError(
+        f'workdir {workdir} does not exist. Pass the --workdir '
+        'of a run of python -m srigl_jax.main.'
+    )
+  config = load_run_config(workdir) if config is None else config
+  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  how = (
+      'Train first (python -m srigl_jax.main --config=... '
+      f'--workdir={workdir}), or let a running job reach its first '
+      'checkpoint (checkpoint_every).'
+  )
+  if not os.path.isdir(ckpt_dir):
+    raise ExportError(f'{workdir} has no checkpoints/ folder. {how}')
+  manager = ocp.CheckpointManager(
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, enable_async_checkpointing=False
+      ),
+  )
+  try:
+    if manager.latest_step() is None:
+      raise ExportError(f'{ckpt_dir} holds no complete checkpoint. {how}')
+    run = build_lib.build(config, open_dataset=False)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), run.abstract_state
+    )
+    try:
+      step, state, _ = checkpointing.restore_newest(manager, target)
+    except checkpointing.DamagedWorkdirError as e:
+      raise ExportError(str(e)) from None
+  finally:
+    manager.close()
+  return run.config, run.model, state, int(step)
 
 
 def _fingerprint(workdir: str | None, config, step: int | None = None) -> dict[str, Any]:
