@@ -576,7 +576,8 @@ def differences_markdown(
   Args:
     groups: `aggregate` output.
     pairs: (a, b) method pairs; default: every method against RigL and
-      against static, and ablation against no ablation.
+      against static, ablation against no ablation, and grouped SRigL
+      (`srigl@group_size=G`) against SRigL.
 
   Returns:
     Markdown, one table per config.
@@ -594,6 +595,7 @@ def differences_markdown(
     wanted = pairs or (
         [(m, 'rigl') for m in methods if m not in ('rigl', 'static')]
         + [(m, 'srigl_noablation') for m in methods if m.startswith('srigl@') or m == 'srigl']
+        + [(m, 'srigl') for m in methods if m.startswith('srigl@group_size=')]
         + [(m, 'static') for m in methods if m != 'static']
     )
     wanted = [(a, b) for a, b in wanted if a in methods and b in methods]

@@ -398,3 +398,7 @@ def test_accuracy_differences_and_their_standard_errors():
   assert '| rigl - static | +1.00 ± 0.14* |' in text
   assert '| srigl - rigl | -0.10 ± 0.14 |' in text  # Within 3 se: no mark.
   assert 'srigl_noablation' not in text  # Not in the sweep: no row.
+
+  grouped = sweep.differences_markdown(groups + [group('srigl@group_size=8', 0.9, [80.6, 80.4])])
+  assert '| srigl@group_size=8 - srigl | -0.50 ± 0.14* |' in grouped
+  assert '| srigl@group_size=8 - rigl | -0.60 ± 0.14* |' in grouped
