@@ -185,7 +185,12 @@ def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
   np.testing.assert_allclose(np.asarray(logits), masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(model.predict(raw), np.asarray(logits).argmax(-1))
   model(x)
-  assert model._fn._cache_size() == 1  # Jitted once for this shape.
+  assert model.compiled_batch_sizes == (50,)  # Compiled once for this batch size.
+  # Another batch size costs one more compile, and is not refused.
+  np.testing.assert_allclose(np.asarray(model(x[:1])), np.asarray(logits)[:1], atol=1e-5)
+  model(x[:1])
+  assert model.compiled_batch_sizes == (1, 50)
+  assert model(x[:0]).shape == (0, 10)
   assert model.layers['dense_0']['format'] == 'condensed'
   del labels
 
