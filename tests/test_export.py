@@ -134,10 +134,13 @@ def test_trainer_exports_verifies_and_reports(run):
   assert inf['max_abs_logit_diff'] < 1e-4
   assert [r['batch'] for r in inf['latency']] == [1, 32]
   assert all(r['dense_us'] > 0 and r['condensed_us'] > 0 for r in inf['latency'])
+  # The structured baseline (ablated neurons removed, dense kernels) is timed too.
+  assert all(r['structured_us'] > 0 for r in inf['latency'])
   # The payoff line is the last thing the run says.
   last = log[-1].split('] ', 1)[-1]
   assert last.startswith('condensed model: '), log[-3:]
   assert '(same as masked)' in last and 'faster than dense at batch 1' in last
+  assert 'faster than structured)' in last
 
   path = inf['path']
   with open(os.path.join(path, 'manifest.json')) as f:
