@@ -185,16 +185,16 @@ ffi::Error CondensedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    "this CPU");
   }
 
-  // The columns neuron_ids (strictly increasing, checked) leaves out.
+  // The columns neuron_ids (strictly increasing, checked) leaves out carry
+  // only their bias: written here at batch 1, listed for the batch tiles.
   for (int64_t c = 0, j = 0; c < p.out; ++c) {
     if (j < p.n_active && p.ids[j] == c) {
       ++j;
+    } else if (p.batch == 1) {
+      p.y[c] = p.bias[c];
     } else {
       job->ablated.push_back(static_cast<int32_t>(c));
     }
-  }
-  if (p.batch == 1) {
-    for (int32_t c : job->ablated) p.y[c] = p.bias[c];
   }
 
   const int64_t threads = ThreadBudget(pool, max_threads);
