@@ -56,7 +56,7 @@ def summary_line(report: Mapping[str, Any]) -> str:
   b1 = next((r for r in report.get('latency', []) if r['batch'] == 1), None)
   speed = f", {b1['speedup']:.1f}x faster than dense at batch 1" if b1 else ''
   if b1 and 'speedup_vs_structured' in b1:
-    speed += f" ({b1['speedup_vs_structured']:.1f}x faster than structured)"
+    speed += f" ({b1['speedup_vs_structured']:.1f}x vs structured)"
   if report['kind'] == 'dense':
     return f'dense model (nothing to condense): {acc_c:.2f}%, exported to ' f"{report['path']}"
   return f'condensed model: {acc_c:.2f}% ({same}){speed}'
