@@ -13,7 +13,7 @@ structured.
       default=WORKDIR mlp95=WORKDIR cnn95=WORKDIR
 
 ``--base_config`` (a config file) fills in fields that a workdir's saved
-config predates.
+config predates, for a workdir whose own config no longer builds.
 """
 
 from __future__ import annotations
@@ -60,7 +60,12 @@ def _config(workdir: str, base: str | None):
 
 def models_of(workdir: str, base: str | None):
   """(input shape, {'dense', 'structured', 'condensed': f(x)}, condensed plan)."""
-  config, model, state, _ = export.restore_run(workdir, _config(workdir, base))
+  try:
+    config, model, state, _ = export.restore_run(workdir)
+  except (AttributeError, KeyError, ValueError):
+    if base is None:
+      raise
+    config, model, state, _ = export.restore_run(workdir, _config(workdir, base))
   masks = sparsity.get_masks(state.opt_state)
   params = jax.tree.map(np.asarray, sparsity.apply_masks(state.params, masks))
   masked = {"params": params}
