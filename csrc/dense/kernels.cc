@@ -73,6 +73,18 @@ inline __m512 LoadVals16(const Bf16* __restrict v, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Requests the cache lines of [p, p + bytes) (64-byte lines).
+inline void PrefetchBytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+// How far ahead (in entries) the batch-1 loop prefetches its weights and
+// indices. With the rows in DRAM (768 x 307, 3072 inputs, 48 copies cycled,
+// Intel Xeon) 256-512 entries ahead took 0.5-0.9x the time of no prefetch;
+// the hardware prefetcher alone keeps too few lines in flight.
+constexpr int64_t kPrefetchAhead = 512;
+
 // The dot product with the hardware gather: 16 inputs per instruction, two
 // independent chains, a masked tail instead of a scalar loop. On the Intel
 // Xeon measured (AVX-512, 2 MB L2) it is 1.15-1.4x faster than assembling
@@ -87,6 +99,10 @@ inline float DotHwGather(const float* __restrict x, const I* __restrict idx,
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t kk = 0;
   for (; kk + 32 <= k; kk += 32) {
+    // The 32 weights and indices read 512 entries (this or the next rows)
+    // from now; a prefetch never faults, so one past the arrays is harmless.
+    PrefetchBytes(val + kk + kPrefetchAhead, 32 * sizeof(W));
+    PrefetchBytes(idx + kk + kPrefetchAhead, 32 * sizeof(I));
     a0 = _mm512_fmadd_ps(_mm512_i32gather_ps(LoadIdx16(idx + kk, kAll), x, 4),
                          LoadVals16(val + kk, kAll), a0);
     a1 = _mm512_fmadd_ps(_mm512_i32gather_ps(LoadIdx16(idx + kk + 16, kAll), x, 4),
