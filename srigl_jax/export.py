@@ -388,28 +388,32 @@ def _verify(masked_fn, masked_vars, cond_fn, cond_vars, dataset, model_dtype) ->
   return report
 
 
-def _latency(masked_fn, masked_vars, cond_fn, cond_vars, dataset, timing_s) -> list[dict]:
-  """Median latency of both models at batch 1 and at the eval batch size."""
+def _latency(
+    masked_fn, masked_vars, cond_fn, cond_vars, dataset, timing_s, structured
+) -> list[dict]:
+  """Median latency of the models at batch 1 and at the eval batch size."""
   latency = []
   for batch_size in sorted({1, dataset.eval_batch_size}):
     x = jnp.zeros((batch_size, *dataset.image_shape), jnp.float32)
-    us = timing.time_interleaved(
-        {
-            'dense': lambda x=x: masked_fn(masked_vars, x),
-            'condensed': lambda x=x: cond_fn(cond_vars, x),
-        },
-        budget_s=timing_s,
-        max_rounds=_MAX_ROUNDS,
-        min_rounds=_MIN_ROUNDS,
-    ).medians_us()
-    latency.append(
-        {
-            'batch': batch_size,
-            'dense_us': us['dense'],
-            'condensed_us': us['condensed'],
-            'speedup': us['dense'] / max(us['condensed'], 1e-9),
-        }
+    fns = {
+        'dense': lambda x=x: masked_fn(masked_vars, x),
+        'condensed': lambda x=x: cond_fn(cond_vars, x),
+    }
+    if structured is not None:
+      struct_fn, struct_vars = structured
+      fns['structured'] = lambda x=x: struct_fn(struct_vars, x)
+    timings = timing.time_interleaved(
+        fns, budget_s=timing_s, max_rounds=_MAX_ROUNDS, min_rounds=_MIN_ROUNDS
     )
+    us = timings.medians_us()
+    record = {'batch': batch_size, 'dense_us': us['dense']}
+    if structured is not None:
+      record['structured_us'] = us['structured']
+    record['condensed_us'] = us['condensed']
+    record['speedup'] = us['dense'] / max(us['condensed'], 1e-9)
+    if structured is not None:
+      record['speedup_vs_structured'] = us['structured'] / max(us['condensed'], 1e-9)
+    latency.append(record)
   return latency
 
 
@@ -421,6 +425,7 @@ def verify_and_time(
     dataset: data.Dataset,
     model_dtype: str,
     timing_s: float = 1.0,
+    structured: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
   """Runs both models on the eval split and, if they agree, times them.
 
@@ -437,18 +442,27 @@ def verify_and_time(
     model_dtype: 'float32' or 'bfloat16' (sets the tolerance of a near-tie).
     timing_s: about how long to time each batch size (at least 5 and at most
       200 rounds).
+    structured: optional ``(fn, variables)`` of the structured baseline (the
+      same model with its ablated neurons removed and dense kernels, format
+      'structured'), timed alongside.
 
   Returns:
     The report record: eval_examples, masked_accuracy, condensed_accuracy,
     max_abs_logit_diff, differing_predictions, near_tie_predictions, and
-    either 'latency' [{batch, dense_us, condensed_us, speedup}, ...] or, when
-    a prediction differs beyond a float near-tie, 'error' (untimed).
+    either 'latency' [{batch, dense_us, structured_us, condensed_us, speedup,
+    speedup_vs_structured}, ...] (the structured entries with ``structured``;
+    speedup is against masked dense) or, when a prediction differs beyond a
+    float near-tie, 'error' (untimed).
   """
   with timing.sync_cpu_dispatch():
     masked_jit, cond_jit = jax.jit(masked_fn), jax.jit(cond_fn)
     report = _verify(masked_jit, masked_vars, cond_jit, cond_vars, dataset, model_dtype)
     if 'error' not in report:
-      report['latency'] = _latency(masked_jit, masked_vars, cond_jit, cond_vars, dataset, timing_s)
+      if structured is not None:
+        structured = (jax.jit(structured[0]), structured[1])
+      report['latency'] = _latency(
+          masked_jit, masked_vars, cond_jit, cond_vars, dataset, timing_s, structured
+      )
   return report
 
 
@@ -594,8 +608,12 @@ def _export(
         model, masked_vars, masks, sample, on_unsupported='structured'
     )
     variables, plan = _host(converted.variables), converted.plan
+    # The baseline that drops the ablated neurons but keeps dense kernels.
+    baseline = condensed.convert_model(model, masked_vars, masks, sample, format='structured')
+    structured = (apply_fn(model, 'condensed', baseline.plan, 'auto'), baseline.variables)
   else:
     kind = 'dense'
+    structured = None
     logging.info(
         'No sparse layers (a dense run): nothing to condense, the '
         'artefact holds the dense params.'
@@ -642,6 +660,7 @@ def _export(
             dataset,
             config.model.dtype,
             timing_s,
+            structured=structured,
         )
     )
   report['device'] = str(jax.local_devices()[0].device_kind)
@@ -685,7 +704,8 @@ def export_inference_model(
     The report (as in report.json): kind, path, source_step, device and, when
     verified, eval_examples, masked_accuracy, condensed_accuracy,
     max_abs_logit_diff, differing_predictions, near_tie_predictions and
-    latency [{batch, dense_us, condensed_us, speedup}, ...].
+    latency [{batch, dense_us, structured_us, condensed_us, speedup,
+    speedup_vs_structured}, ...].
 
   Raises:
     ExportError: no config or no complete checkpoint in the workdir, or an

@@ -142,7 +142,7 @@ def write_summary_and_plots(
         for key in ('path', 'kind', 'masked_accuracy', 'condensed_accuracy', 'max_abs_logit_diff')
     }
     summary['inference']['latency'] = [
-        {key: r[key] for key in ('batch', 'dense_us', 'condensed_us')}
+        {key: r[key] for key in ('batch', 'dense_us', 'structured_us', 'condensed_us') if key in r}
         for r in inference.get('latency', [])
     ]
   with open(os.path.join(workdir, SUMMARY_FILE), 'w', encoding='utf-8') as f:

@@ -50,8 +50,12 @@ def sync_cpu_dispatch(enabled: bool = True):
 
   Timing code waits for every call anyway, as a server that answers each
   request does; the asynchronous hand-off to a worker thread would only add
-  the same constant to every measured call. Functions should be compiled
-  inside the block too. A JAX release without the flag keeps its default.
+  the same constant to every measured call. JAX (0.10) reads the flag once,
+  when it creates its CPU client, so the block changes dispatch only when it
+  is entered before the process's first computation or array; later it
+  leaves dispatch as it is (set ``JAX_CPU_ENABLE_ASYNC_DISPATCH=false`` in
+  the environment to time synchronous dispatch). A JAX release without the
+  flag keeps its default.
 
   Args:
     enabled: False leaves dispatch as it is (e.g. a benchmark flag).

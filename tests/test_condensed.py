@@ -39,8 +39,7 @@ def masked_dense(x, kernel, mask, bias):
 
 # (in, out, k, n_active, batch): fan-in 1, one active neuron, everything
 # ablated, int32 indices (in > 32767), odd batches crossing tile edges, a
-# batch-1 layer big enough that the native kernel splits it over threads, and
-# a long fan-in at batch 70.
+# batch-1 layer with a long fan-in, and a long fan-in at batch 70.
 SHAPES = [
     (37, 11, 5, 7, 1),
     (37, 11, 1, 11, 3),
@@ -81,6 +80,36 @@ def test_kernels_match_reference(shape):
     if NATIVE:
       got = C.condensed_matmul_native(x, layer, max_threads=threads)
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native kernel not built, or not on CPU")
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # Fan-ins around the 16- and 32-wide gather steps and their tails,
+        # int16 and int32 indices.
+        (100, 40, 16, 39, 1),
+        (100, 40, 17, 40, 1),
+        (100, 40, 31, 23, 1),
+        (100, 40, 33, 40, 1),
+        (40_000, 9, 47, 8, 1),
+        # About 1.1M multiply-adds at batch 1: split over the pool's threads.
+        (1100, 1050, 1001, 1031, 1),
+    ],
+)
+def test_native_batch1_matches_reference(shape):
+  fan_in, out, k, n_active, batch = shape
+  rng = np.random.default_rng(fan_in * out + k)
+  kernel, mask, bias = make_layer(rng, fan_in, out, k, n_active)
+  layer = C.condense_dense(kernel, mask, bias)
+  x = jnp.asarray(rng.standard_normal((batch, fan_in)), jnp.float32)
+  want = masked_dense(x, kernel, mask, bias)
+  for isa in native_isas():
+    got = C.condensed_matmul_native(x, layer, isa=isa)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=isa)
+  for threads in (1, 2):
+    got = C.condensed_matmul_native(x, layer, max_threads=threads)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"{threads} threads")
 
 
 @pytest.mark.skipif(not NATIVE, reason="native kernel not built, or not on CPU")

@@ -138,6 +138,25 @@ def test_structured_format_and_fold_none_are_exact_too():
   assert all(e["folded_inputs"] == 0 for e in converted.plan["layers"].values())
 
 
+@pytest.mark.parametrize("ablate", [0.0, 0.4])
+def test_structured_places_kept_neurons_exactly_and_checks_their_ids(ablate):
+  # With no neuron ablated the kept outputs are the full width, in place.
+  model, variables, masks, x = trained_like("mlp", ablate=ablate)
+  converted = C.convert_model(model, variables, masks, x, format="structured", impl="xla")
+  assert jax.jit(converted.apply)(x[:0]).shape == (0, 10)
+  for batch in (1, 3):
+    got = jax.jit(converted.apply)(x[:batch])
+    assert_close(got, masked_logits(model, variables, masks, x[:batch]))
+  layer = next(p for p, e in converted.plan["layers"].items() if e["format"] == "structured")
+  params = jax.tree.map(lambda a: a, converted.variables)
+  ids = np.asarray(params["params"][layer]["neuron_ids"]).copy()
+  ids[[0, 1]] = ids[[1, 0]]
+  params["params"][layer]["neuron_ids"] = ids
+  broken = C.ConvertedModel(model=model, variables=params, plan=converted.plan)
+  with pytest.raises(ValueError, match=rf"layer '{layer}': neuron_ids must be strictly increasing"):
+    broken.validate()
+
+
 def test_converted_model_survives_orbax_and_json(tmp_path):
   model, variables, masks, x = trained_like("cnn")
   converted = C.convert_model(model, variables, masks, x, impl="xla")

@@ -134,10 +134,13 @@ def test_trainer_exports_verifies_and_reports(run):
   assert inf['max_abs_logit_diff'] < 1e-4
   assert [r['batch'] for r in inf['latency']] == [1, 32]
   assert all(r['dense_us'] > 0 and r['condensed_us'] > 0 for r in inf['latency'])
+  # The structured baseline (ablated neurons removed, dense kernels) is timed too.
+  assert all(r['structured_us'] > 0 for r in inf['latency'])
   # The payoff line is the last thing the run says.
   last = log[-1].split('] ', 1)[-1]
   assert last.startswith('condensed model: '), log[-3:]
   assert '(same as masked)' in last and 'faster than dense at batch 1' in last
+  assert 'x vs structured)' in last
 
   path = inf['path']
   with open(os.path.join(path, 'manifest.json')) as f:
@@ -185,7 +188,12 @@ def test_loaded_model_serves_raw_images_like_the_masked_model(run, tmp_path):
   np.testing.assert_allclose(np.asarray(logits), masked_logits(workdir, x), atol=1e-4, rtol=1e-4)
   np.testing.assert_array_equal(model.predict(raw), np.asarray(logits).argmax(-1))
   model(x)
-  assert model._fn._cache_size() == 1  # Jitted once for this shape.
+  assert model.compiled_batch_sizes == (50,)  # Compiled once for this batch size.
+  # Another batch size costs one more compile, and is not refused.
+  np.testing.assert_allclose(np.asarray(model(x[:1])), np.asarray(logits)[:1], atol=1e-5)
+  model(x[:1])
+  assert model.compiled_batch_sizes == (1, 50)
+  assert model(x[:0]).shape == (0, 10)
   assert model.layers['dense_0']['format'] == 'condensed'
   del labels
 

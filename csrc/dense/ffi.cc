@@ -34,6 +34,16 @@ struct TileScratchTag;
 // saves.
 constexpr int64_t kMinItemWork = 16 * 1024;
 
+// The same at batch 1, where an item reads its weights once and reuses
+// nothing. Waking a pool thread costs 10-30 us (a futex wake; perf showed
+// the wake-ups and the pool's queue scans taking more of the loaded default
+// model's time than its two kernels). Measured interleaved on a 2-core
+// AVX-512 Xeon shared with other jobs, batch 1, one thread against the pool
+// (medians): 60k multiply-adds 0.77x the pool's time, 236k 0.95x, 524k
+// 0.87x, 1M 0.96x, 2M 0.99x. So a batch-1 call splits only from 1M
+// multiply-adds (about 170 us on one core) on.
+constexpr int64_t kMinBatch1ItemWork = 512 * 1024;
+
 struct Job {
   DenseProblem p;
   const DenseKernels* kernels;
@@ -115,7 +125,7 @@ void Plan(Job& job, int64_t threads) {
   const int64_t work = std::max<int64_t>(1, p.n_active * p.k);
   if (p.batch == 1) {
     job.tile = 0;
-    const int64_t by_work = std::max<int64_t>(1, work / kMinItemWork);
+    const int64_t by_work = std::max<int64_t>(1, work / kMinBatch1ItemWork);
     // A few items per thread even out chunks that land on a busy core; a
     // multiple of the thread count keeps an idle core from waiting on a
     // straggler (3 chunks on 2 threads would leave one thread 2/3 of the work).
@@ -175,16 +185,16 @@ ffi::Error CondensedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                    "this CPU");
   }
 
-  // The columns neuron_ids (strictly increasing, checked) leaves out.
+  // The columns neuron_ids (strictly increasing, checked) leaves out carry
+  // only their bias: written here at batch 1, listed for the batch tiles.
   for (int64_t c = 0, j = 0; c < p.out; ++c) {
     if (j < p.n_active && p.ids[j] == c) {
       ++j;
+    } else if (p.batch == 1) {
+      p.y[c] = p.bias[c];
     } else {
       job->ablated.push_back(static_cast<int32_t>(c));
     }
-  }
-  if (p.batch == 1) {
-    for (int32_t c : job->ablated) p.y[c] = p.bias[c];
   }
 
   const int64_t threads = ThreadBudget(pool, max_threads);

@@ -57,13 +57,93 @@ inline float DotGather(const float* __restrict x, const I* __restrict idx,
 }
 #endif
 
+#if defined(__AVX512F__)
+// Sixteen indices (the first `n` of them; the rest read as 0) as int32 lanes.
+inline __m512i LoadIdx16(const int16_t* __restrict i, __mmask16 m) {
+  return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(m, i));
+}
+inline __m512i LoadIdx16(const int32_t* __restrict i, __mmask16 m) {
+  return _mm512_maskz_loadu_epi32(m, i);
+}
+inline __m512 LoadVals16(const float* __restrict v, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, v);
+}
+inline __m512 LoadVals16(const Bf16* __restrict v, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, v);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Requests the cache lines of [p, p + bytes) (64-byte lines).
+inline void PrefetchBytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+// How far ahead (in entries) the batch-1 loop prefetches its weights and
+// indices. With the rows in DRAM (768 x 307, 3072 inputs, 48 copies cycled,
+// Intel Xeon) 256-512 entries ahead took 0.5-0.9x the time of no prefetch;
+// the hardware prefetcher alone keeps too few lines in flight.
+constexpr int64_t kPrefetchAhead = 512;
+
+// The dot product with the hardware gather: 16 inputs per instruction, two
+// independent chains, a masked tail instead of a scalar loop. On the Intel
+// Xeon measured (AVX-512, 2 MB L2) it is 1.15-1.4x faster than assembling
+// the vector from scalar loads (196 x 420: 14.0 against 19.4 us; 768 x 307:
+// 43.6 against 56.5 us; 1024 x 51: 12.5 against 14.3 us, warm cache). On
+// AMD Zen 4 the gather instruction is the slower one, so that CPU keeps
+// DotGather (see GemvRows).
 template <typename I, typename W>
+inline float DotHwGather(const float* __restrict x, const I* __restrict idx,
+                         const W* __restrict val, int64_t k) {
+  constexpr __mmask16 kAll = 0xFFFF;
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t kk = 0;
+  for (; kk + 32 <= k; kk += 32) {
+    // The 32 weights and indices read 512 entries (this or the next rows)
+    // from now; a prefetch never faults, so one past the arrays is harmless.
+    PrefetchBytes(val + kk + kPrefetchAhead, 32 * sizeof(W));
+    PrefetchBytes(idx + kk + kPrefetchAhead, 32 * sizeof(I));
+    a0 = _mm512_fmadd_ps(_mm512_i32gather_ps(LoadIdx16(idx + kk, kAll), x, 4),
+                         LoadVals16(val + kk, kAll), a0);
+    a1 = _mm512_fmadd_ps(_mm512_i32gather_ps(LoadIdx16(idx + kk + 16, kAll), x, 4),
+                         LoadVals16(val + kk + 16, kAll), a1);
+  }
+  for (; kk < k; kk += 16) {
+    const int64_t n = std::min<int64_t>(16, k - kk);
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    // Masked-off lanes neither load an index nor gather.
+    const __m512 g =
+        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, LoadIdx16(idx + kk, m), x, 4);
+    a0 = _mm512_fmadd_ps(g, LoadVals16(val + kk, m), a0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
+
+// Whether this CPU gathers faster with the instruction than with scalar
+// loads: decided once, by vendor (measurements above).
+inline bool PreferHwGather() {
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel;
+}
+#endif
+
+template <typename I, typename W, bool kHwGather>
 void GemvRowsT(const DenseProblem& p, int64_t j0, int64_t j1) {
   const I* idx = static_cast<const I*>(p.idx);
   const W* val = static_cast<const W*>(p.val);
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t c = p.ids[j];
-    p.y[c] = DotGather(p.x, idx + j * p.k, val + j * p.k, p.k) + p.bias[c];
+    float s;
+#if defined(__AVX512F__)
+    if constexpr (kHwGather) {
+      s = DotHwGather(p.x, idx + j * p.k, val + j * p.k, p.k);
+    } else {
+      s = DotGather(p.x, idx + j * p.k, val + j * p.k, p.k);
+    }
+#else
+    s = DotGather(p.x, idx + j * p.k, val + j * p.k, p.k);
+#endif
+    p.y[c] = s + p.bias[c];
   }
 }
 
@@ -71,7 +151,13 @@ void GemvRows(const DenseProblem& p, int64_t j0, int64_t j1) {
   WithTypes(p.idx16, p.val_bf16, [&](auto i, auto w) {
     using I = typename decltype(i)::type;
     using W = typename decltype(w)::type;
-    GemvRowsT<I, W>(p, j0, j1);
+#if defined(__AVX512F__)
+    if (PreferHwGather()) {
+      GemvRowsT<I, W, true>(p, j0, j1);
+      return;
+    }
+#endif
+    GemvRowsT<I, W, false>(p, j0, j1);
   });
 }
 

@@ -47,6 +47,7 @@ from jax.experimental import sparse
 
 from srigl_jax import condensed as C
 from srigl_jax import timing
+from srigl_jax.condensed._outputs import finish_outputs
 
 ALL_IMPLS = ("dense", "bcsr", "structured", "condensed_xla", "condensed_native", "condensed_pallas")
 # Native kernel variants forced through the FFI call's isa attribute; opt-in.
@@ -173,8 +174,7 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
 
 def _structured(x, kernel, neuron_ids, bias):
   """The kept neurons' matmul, placed into the full width (ablated: bias)."""
-  full = jnp.broadcast_to(bias, (x.shape[0], bias.shape[0]))
-  return full.at[:, neuron_ids].set(x @ kernel + bias[neuron_ids])
+  return finish_outputs(x @ kernel, neuron_ids, bias, compact=kernel.shape[-1] == bias.shape[0])
 
 
 def time_impls(fns, x, repeats, budget_s) -> timing.Timings:

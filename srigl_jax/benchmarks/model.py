@@ -199,6 +199,8 @@ def bench_model(
           "paired_speedup_vs_dense": paired,
           "max_rel_err": err,
       }
+      if impl == "condensed" and "structured" in calls:
+        rec["paired_speedup_vs_structured"] = res.paired_ratio("structured", impl)
       records.append(rec)
     dense_us = us_of.get("dense")
     line = f"{name:>20s} s={sparsity:.2f} b={batch:<4d}"

@@ -44,7 +44,7 @@ from srigl_jax import condensed
 from srigl_jax.serving import folder
 from srigl_jax.serving import manifest as manifest_lib
 from srigl_jax.serving.folder import MANIFEST_FILE, MARKER_FILE, REPORT_FILE, VARIABLES_DIR
-from srigl_jax.serving.model import InferenceModel, apply_fn
+from srigl_jax.serving.model import InferenceModel, apply_fn, choose_cpu_dispatch
 from srigl_jax.version import __version__
 
 __all__ = [
@@ -415,7 +415,9 @@ def _check_runs(path: str, manifest: Mapping[str, Any], model, variables, impl: 
     )
 
 
-def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
+def load_inference_model(
+    path: str, impl: str = 'auto', sync_dispatch: bool = True
+) -> InferenceModel:
   """Loads an inference folder written by `srigl_jax.export`, after checking it.
 
   Needs no training config, optimizer or checkpoint: only the folder. Before
@@ -429,6 +431,9 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
     path: the folder (e.g. WORKDIR/inference).
     impl: condensed kernel choice (`srigl_jax.condensed.IMPLS`); 'auto' picks
       the fastest for the device.
+    sync_dispatch: run CPU computations on the calling thread, which suits
+      one request at a time (`srigl_jax.serving.model.choose_cpu_dispatch`:
+      takes effect only when nothing has run on JAX's CPU client yet).
 
   Returns:
     An `InferenceModel` on the first local device.
@@ -440,6 +445,7 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
   """
   if impl not in condensed.IMPLS:
     raise ValueError(f'impl must be one of {condensed.IMPLS}, got {impl!r}')
+  choose_cpu_dispatch(sync_dispatch)
   path = os.path.abspath(path)
   source = path
   if not os.path.isdir(path):

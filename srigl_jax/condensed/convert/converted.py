@@ -19,8 +19,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from srigl_jax.condensed._outputs import check_rows
+from srigl_jax.condensed._outputs import check_rows, finish_outputs
 from srigl_jax.condensed.conv import CondensedConv, conv_geometry, normalize_padding
 from srigl_jax.condensed.convert.analysis import module_path
 from srigl_jax.condensed.dense import CondensedLayer
@@ -47,11 +48,13 @@ class ConvertedModel:
   plan: dict
 
   def validate(self) -> ConvertedModel:
-    """Checks every condensed layer's arrays on the host; returns the model.
+    """Checks every condensed and structured layer's arrays on the host; returns the model.
 
     What `CondensedLayer.validate` checks, for each layer the plan stores
     condensed: shapes that agree, indices (taps) within the layer's fan-in,
-    neuron ids strictly increasing within its outputs. `convert_model` calls
+    neuron ids strictly increasing within its outputs; for each layer stored
+    structured, one neuron id per kept neuron, strictly increasing within
+    its outputs, and a bias of its output width. `convert_model` calls
     it on what it built, and `srigl_jax.serving`'s loader on the variables it
     reads, so that no kernel meets an index out of range.
 
@@ -64,12 +67,15 @@ class ConvertedModel:
     """
     params = self.variables.get("params", {})
     for path, entry in self.plan["layers"].items():
-      if entry["format"] != "condensed":
+      if entry["format"] not in ("condensed", "structured"):
         continue
       name = f"layer '{path}'"
       node = params
       for key in path.split("/"):
         node = node.get(key) if isinstance(node, Mapping) else None
+      if entry["format"] == "structured":
+        _check_structured(name, node, entry["neurons"])
+        continue
       index_key = "taps" if entry["kind"] == "conv" else "indices"
       want = ("values", index_key, "neuron_ids", "bias")
       if not isinstance(node, Mapping) or any(k not in node for k in want):
@@ -102,6 +108,31 @@ class ConvertedModel:
     return condensed_apply(self.model, self.variables, self.plan, x, impl=impl)
 
   __call__ = apply
+
+
+def _check_structured(name: str, node, neurons: int) -> None:
+  """Checks a structured layer's neuron ids: one per kept neuron, strictly increasing."""
+  want = ("kernel", "neuron_ids", "bias")
+  if not isinstance(node, Mapping) or any(k not in node for k in want):
+    have = sorted(node) if isinstance(node, Mapping) else []
+    raise ValueError(f"{name}: stored structured, its params need {list(want)}, got {have}.")
+  kept = int(np.shape(node["kernel"])[-1]) if np.ndim(node["kernel"]) else -1
+  ids = np.asarray(node["neuron_ids"])
+  if ids.shape != (kept,):
+    raise ValueError(
+        f"{name}: neuron_ids has shape {ids.shape} but the kernel keeps {kept} neurons."
+    )
+  # The rows checked are empty: only the ids and the bias are.
+  empty = np.zeros((kept, 0), np.float32)
+  check_rows(
+      name,
+      values=empty,
+      indices=empty.astype(np.int32),
+      neuron_ids=ids,
+      bias=node["bias"],
+      fan_in=1,
+      n_outputs=neurons,
+  )
 
 
 def as_pair(v) -> tuple[int, int]:
@@ -184,9 +215,10 @@ def _apply_structured_layer(module, entry, x):
   else:
     lead, x2 = _flatten_dense_input(module, entry, x)
     y = x2 @ p["kernel"].astype(x.dtype)
-  bias = p["bias"]
-  full = jnp.broadcast_to(bias.astype(y.dtype), (*y.shape[:-1], bias.shape[0]))
-  y = full.at[..., p["neuron_ids"]].add(y)
+  bias = p["bias"].astype(y.dtype)
+  # neuron_ids is strictly increasing within the outputs (structured_from_mask
+  # builds it so), so as many kept neurons as outputs means nothing moves.
+  y = finish_outputs(y, p["neuron_ids"], bias, compact=y.shape[-1] == bias.shape[0])
   if p.get("bias_map") is not None:
     y = y + p["bias_map"].astype(y.dtype)
   if entry["kind"] != "conv":
