@@ -5,7 +5,11 @@ same parts: ``format`` (the storage pytree and the function that condenses a
 kernel from its mask), ``reference`` (plain jnp, what the tests compare
 against), ``xla``, ``native`` (C++ via XLA FFI, CPU) and ``pallas`` (GPU).
 `condensed_matmul` and `condensed_conv` (``dispatch``) check their input and
-run the fastest kernel for the device. ``structured`` is the fallback format
+run the fastest kernel for the device. Layers trained with group-shared
+fan-in (`srigl(..., group_size=G)`) have grouped formats
+(`GroupedCondensedLayer`, `GroupedCondensedConv`) whose kernels read each
+gathered input once for the G neurons of a group; the same entry points run
+them. ``structured`` is the fallback format
 for layers that cannot be condensed. ``convert/`` converts for inference: a
 params tree (`condense`, Dense layers) or a whole trained Flax model
 (`convert_model` -> `ConvertedModel`: sparse Dense, attention and Conv layers
@@ -17,7 +21,9 @@ from srigl_jax.condensed.conv import (
     CondensedConv,
     ConvBlockSizes,
     ConvGeometry,
+    GroupedCondensedConv,
     condense_conv,
+    condense_grouped_conv,
     condensed_conv_native,
     condensed_conv_pallas,
     condensed_conv_reference,
@@ -28,7 +34,9 @@ from srigl_jax.condensed.convert import ConvertedModel, condense, condensed_appl
 from srigl_jax.condensed.dense import (
     BlockSizes,
     CondensedLayer,
+    GroupedCondensedLayer,
     condense_dense,
+    condense_grouped_dense,
     condensed_matmul_native,
     condensed_matmul_pallas,
     condensed_matmul_reference,
@@ -45,11 +53,15 @@ __all__ = [
     "ConvBlockSizes",
     "ConvGeometry",
     "ConvertedModel",
+    "GroupedCondensedConv",
+    "GroupedCondensedLayer",
     "IMPLS",
     "StructuredLayer",
     "condense",
     "condense_conv",
     "condense_dense",
+    "condense_grouped_conv",
+    "condense_grouped_dense",
     "condensed_apply",
     "condensed_conv",
     "condensed_conv_native",

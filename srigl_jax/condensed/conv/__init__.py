@@ -1,6 +1,7 @@
 """Condensed convolutions: the format and one kernel per backend.
 
-``format`` (`CondensedConv`, `condense_conv`, the plane layout and its
+``format`` (`CondensedConv`, `condense_conv`; with group-shared fan-in
+`GroupedCondensedConv`, `condense_grouped_conv`; the plane layout and its
 `ConvGeometry`), ``reference`` (plain jnp), ``xla``, ``native`` (C++ via XLA
 FFI, CPU) and ``pallas`` (GPU).
 """
@@ -8,7 +9,9 @@ FFI, CPU) and ``pallas`` (GPU).
 from srigl_jax.condensed.conv.format import (
     CondensedConv,
     ConvGeometry,
+    GroupedCondensedConv,
     condense_conv,
+    condense_grouped_conv,
     conv_geometry,
     normalize_padding,
 )

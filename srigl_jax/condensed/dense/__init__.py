@@ -1,12 +1,15 @@
 """Condensed Dense layers: the format and one kernel per backend.
 
-``format`` (`CondensedLayer`, `condense_dense`), ``reference`` (plain jnp),
+``format`` (`CondensedLayer`, `condense_dense`; with group-shared fan-in
+`GroupedCondensedLayer`, `condense_grouped_dense`), ``reference`` (plain jnp),
 ``xla``, ``native`` (C++ via XLA FFI, CPU) and ``pallas`` (GPU).
 """
 
 from srigl_jax.condensed.dense.format import (
     CondensedLayer,
+    GroupedCondensedLayer,
     condense_dense,
+    condense_grouped_dense,
     fan_in_counts,
     index_dtype_for,
 )
