@@ -29,6 +29,7 @@ from srigl_jax.condensed.conv import (
     condensed_conv_reference,
     condensed_conv_xla,
     conv_geometry,
+    grouped_conv_xla,
 )
 from srigl_jax.condensed.convert import ConvertedModel, condense, condensed_apply, convert_model
 from srigl_jax.condensed.dense import (
@@ -41,6 +42,7 @@ from srigl_jax.condensed.dense import (
     condensed_matmul_pallas,
     condensed_matmul_reference,
     condensed_matmul_xla,
+    grouped_matmul_xla,
     index_dtype_for,
 )
 from srigl_jax.condensed.dispatch import IMPLS, condensed_conv, condensed_matmul, resolve_impl
@@ -75,6 +77,8 @@ __all__ = [
     "condensed_matmul_xla",
     "conv_geometry",
     "convert_model",
+    "grouped_conv_xla",
+    "grouped_matmul_xla",
     "index_dtype_for",
     "native_available",
     "native_error",
