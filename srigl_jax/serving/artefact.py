@@ -37,7 +37,9 @@ MANIFEST_FILE = 'manifest.json'
 REPORT_FILE = 'report.json'
 VARIABLES_DIR = 'variables'
 # The layout of the folder and of its manifest; a reader refuses newer ones.
-FORMAT_VERSION = 1
+# Version 2 adds grouped condensed layers (plan entries with group_size > 1);
+# an artefact without them is written as version 1, which older readers load.
+FORMAT_VERSION = 2
 # The manifest fields a reader needs.
 _REQUIRED = ('format_version', 'kind', 'model', 'input', 'preprocessing', 'plan', 'variables')
 
@@ -62,6 +64,12 @@ def tree_summary(tree) -> dict[str, Any]:
     path = '/'.join(str(getattr(k, 'key', k)) for k in kp)
     out[path] = {'shape': [int(d) for d in np.shape(leaf)], 'dtype': str(np.asarray(leaf).dtype)}
   return out
+
+
+def format_version(plan: Mapping[str, Any]) -> int:
+  """The oldest format version that holds a converter's plan: 2 with grouped layers, else 1."""
+  grouped = any(e.get('group_size', 1) > 1 for e in plan.get('layers', {}).values())
+  return 2 if grouped else 1
 
 
 def is_artefact_folder(path: str) -> bool:
@@ -196,11 +204,54 @@ def load_inference_model(path: str, impl: str = 'auto') -> InferenceModel:
     )
   manifest = _read_manifest(path)
   variables = _read_variables(path, manifest['variables'])
+  _check_group_layout(path, manifest, variables)
   m = manifest['model']
   model = models.get_model(
       m['name'], m['num_classes'], dtype=jnp.dtype(m['dtype']), **from_json(m['kwargs'])
   )
   return InferenceModel(path, manifest, model, variables, impl)
+
+
+def _check_group_layout(path: str, manifest: Mapping[str, Any], variables) -> None:
+  """Refuses condensed layers whose arrays do not have the plan's group layout.
+
+  A layer with ``group_size`` G > 1 holds ``values (n_groups, k, G)``,
+  ``indices`` (``taps`` for a conv) ``(n_groups, k)`` and ``group_ids
+  (n_groups,)``; a layer with G = 1 holds ``values (n_active, k)``, indices
+  of the same shape and ``neuron_ids (n_active,)``. Either way the bias has
+  a multiple of G entries.
+  """
+  params = variables.get('params', {})
+  for name, entry in manifest['plan'].get('layers', {}).items():
+    if entry.get('format') != 'condensed':
+      continue
+    g = entry.get('group_size', 1)  # plans written before groups existed: 1
+    node = params
+    for key in name.split('/'):
+      node = node.get(key, {}) if isinstance(node, Mapping) else {}
+    index_name = 'taps' if entry.get('kind') == 'conv' else 'indices'
+    ids_name = 'group_ids' if g > 1 else 'neuron_ids'
+    names = ('values', index_name, ids_name, 'bias')
+    shapes = [tuple(np.shape(node[n])) if n in node else None for n in names]
+    vs, xs, ids, bs = shapes
+    ok = None not in shapes and len(vs) == (3 if g > 1 else 2)
+    ok = ok and xs == vs[:2] and ids == vs[:1] and len(bs) == 1 and bs[0] % g == 0
+    ok = ok and (g == 1 or vs[2] == g)
+    if ok:
+      continue
+    want = (
+        f'values (n_groups, k, {g}), {index_name} (n_groups, k), group_ids (n_groups,)'
+        if g > 1
+        else f'values (n_active, k), {index_name} (n_active, k), neuron_ids (n_active,)'
+    )
+    held = ', '.join(f'{n} {tuple(np.shape(a))}' for n, a in sorted(node.items())) or 'nothing'
+    workdir = manifest.get('source', {}).get('workdir') or 'WORKDIR'
+    raise ArtefactError(
+        f"{path}: layer '{name}' does not have the group layout its manifest "
+        f'records: group_size={g} needs {want}, but it holds {held}. The '
+        'arrays and the manifest come from different exports; write the '
+        f'artefact again: python -m srigl_jax.export --workdir={workdir} --out={path}'
+    )
 
 
 def _flatten_paths(tree) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 The converted model runs the *unchanged* Flax model definition under a method
 interceptor that routes every converted layer (per the plan) to its kernel:
-condensed layers to `condensed_matmul` / `condensed_conv`, structured ones to
+condensed layers to `condensed_matmul` / `condensed_conv` (grouped layers,
+``group_size > 1`` in the plan, in their grouped format), structured ones to
 a dense matmul or convolution of the kept neurons, and folded BatchNorms to
 the identity. The variables hold arrays only, so orbax saves them as they
 are, and ``ConvertedModel(model, variables, plan)`` rebuilds the model from a
@@ -19,9 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from srigl_jax.condensed.conv import CondensedConv, conv_geometry, normalize_padding
+from srigl_jax.condensed.conv import (
+    CondensedConv,
+    GroupedCondensedConv,
+    conv_geometry,
+    normalize_padding,
+)
 from srigl_jax.condensed.convert.analysis import module_path
-from srigl_jax.condensed.dense import CondensedLayer
+from srigl_jax.condensed.dense import CondensedLayer, GroupedCondensedLayer
 from srigl_jax.condensed.dispatch import condensed_conv, condensed_matmul
 
 __all__ = ["ConvertedModel", "as_pair", "condensed_apply"]
@@ -36,8 +42,8 @@ class ConvertedModel:
     variables: ``{'params': ..., 'batch_stats': ...}`` with converted layers;
       arrays only, so orbax saves it as it is.
     plan: a JSON-serialisable description: per layer its kind, format,
-      neurons, active neurons, fan-in and density; the folded BatchNorms; the
-      input size a per-position bias map was built for.
+      group size, neurons, active neurons, fan-in and density; the folded
+      BatchNorms; the input size a per-position bias map was built for.
   """
 
   model: nn.Module
@@ -75,6 +81,11 @@ def _flatten_dense_input(module, entry, x):
 def _apply_condensed_layer(module, entry, x, impl):
   p = module.variables["params"]
   name = f"layer '{module_path(module)}'"
+  # Plans written before grouped formats existed have no group_size.
+  g = entry.get("group_size", 1)
+  rows = (
+      {"group_ids": p["group_ids"], "group_size": g} if g > 1 else {"neuron_ids": p["neuron_ids"]}
+  )
   if entry["kind"] == "conv":
     kernel_size = as_pair(module.kernel_size)
     strides = as_pair(module.strides)
@@ -83,10 +94,10 @@ def _apply_condensed_layer(module, entry, x, impl):
     geometry = None
     if entry.get("input_hw") is not None:
       geometry = conv_geometry(tuple(entry["input_hw"]), in_channels, kernel_size, strides, padding)
-    layer = CondensedConv(
+    layer_type = GroupedCondensedConv if g > 1 else CondensedConv
+    layer = layer_type(
         values=p["values"],
         taps=p["taps"],
-        neuron_ids=p["neuron_ids"],
         bias=p["bias"],
         bias_map=p.get("bias_map"),
         kernel_size=kernel_size,
@@ -95,16 +106,18 @@ def _apply_condensed_layer(module, entry, x, impl):
         strides=strides,
         padding=padding,
         geometry=geometry,
+        **rows,
     )
     return condensed_conv(x, layer, impl, name=name)
   lead, x2 = _flatten_dense_input(module, entry, x)
-  layer = CondensedLayer(
+  layer_type = GroupedCondensedLayer if g > 1 else CondensedLayer
+  layer = layer_type(
       values=p["values"],
       indices=p["indices"],
-      neuron_ids=p["neuron_ids"],
       bias=p["bias"],
       in_features=entry["dense_fan_in"],
       out_features=int(p["bias"].shape[0]),
+      **rows,
   )
   y = condensed_matmul(x2, layer, impl, name=name)
   return y.reshape(*lead, *entry["out_shape"])
