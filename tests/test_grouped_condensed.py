@@ -7,6 +7,11 @@ group, every group ablated, odd batches, int16/int32 indices, bf16 values;
 convolutions 1x1, 3x3 stride 2, asymmetric padding, odd sizes.
 """
 
+import json
+import os
+import re
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -159,6 +164,13 @@ def dense_kernels():
       "xla": C.grouped_matmul_xla,
       "dispatch": lambda x, l: C.condensed_matmul(x, l, impl="xla"),
   }
+  for isa in native_isas():
+    kernels[f"native_{isa}"] = lambda x, l, isa=isa: C.grouped_matmul_native(x, l, isa=isa)
+  if NATIVE:
+    # One thread runs the same plan; two split units that one would run.
+    kernels["native_1thread"] = lambda x, l: C.grouped_matmul_native(x, l, max_threads=1)
+    kernels["native_2threads"] = lambda x, l: C.grouped_matmul_native(x, l, max_threads=2)
+    kernels["dispatch_auto"] = C.condensed_matmul
   return kernels
 
 
@@ -245,10 +257,16 @@ def grouped_conv(rng, kh, kw, cin, cout, g, k, n_active, index_dtype=None, **kw_
 
 def conv_kernels():
   """name -> f(x, layer) for every grouped conv kernel that runs here."""
-  return {
+  kernels = {
       "xla": C.grouped_conv_xla,
       "dispatch": lambda x, l: C.condensed_conv(x, l, impl="xla"),
   }
+  for isa in native_isas():
+    kernels[f"native_{isa}"] = lambda x, l, isa=isa: C.grouped_conv_native(x, l, isa=isa)
+  if NATIVE:
+    kernels["native_1thread"] = lambda x, l: C.grouped_conv_native(x, l, max_threads=1)
+    kernels["dispatch_auto"] = C.condensed_conv
+  return kernels
 
 
 def lax_conv(x, kernel, mask, bias, strides, padding):
@@ -290,3 +308,160 @@ def test_conv_bf16_values():
   want = C.condensed_conv_reference(x, lb.replace(values=lb.values.astype(jnp.float32)))
   for name, fn in conv_kernels().items():
     np.testing.assert_allclose(fn(x, lb), want, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels: {C.native_error()}")
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "batch,hw,cin,g,threads", [(1, 56, 32, 16, 0), (4, 20, 64, 8, 2), (1, 7, 256, 16, 0)]
+)
+def test_native_conv_large_layers_split_over_threads(batch, hw, cin, g, threads):
+  # Large grids split into column blocks, the 7x7 one into channel ranges of
+  # shared planes; max_threads=1 runs the same plan on one thread.
+  rng = _rng("large conv", batch, hw, cin)
+  layer, _ = grouped_conv(rng, 3, 3, cin, 96, g, 9 * cin // 10, 96 // g - 1, padding="SAME")
+  x = jnp.asarray(rng.standard_normal((batch, hw, hw, cin)), jnp.float32)
+  want = C.condensed_conv_reference(x, layer)
+  for t in (threads, 1):
+    got = C.grouped_conv_native(x, layer, max_threads=t)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  if "avx2" in C.native_isas():
+    got = C.grouped_conv_native(x, layer, isa="avx2")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("min_pixels", [0, 10**9])
+def test_native_pointwise_through_either_kernel(monkeypatch, min_pixels):
+  # 1x1 convolutions go through the grouped Dense kernel above a pixel count
+  # and through the grouped conv kernel below it.
+  from srigl_jax.condensed.conv import native as conv_native
+
+  monkeypatch.setattr(conv_native, "_POINTWISE_DENSE_MIN_PIXELS", min_pixels)
+  conv_native.grouped_conv_native.clear_cache()
+  rng = _rng("pointwise", min_pixels)
+  for x_shape, cout, g, strides in [((3, 9, 7, 6), 8, 4, (2, 2)), ((1, 5, 6, 40), 48, 16, (1, 1))]:
+    layer, _ = grouped_conv(
+        rng, 1, 1, x_shape[-1], cout, g, 3, cout // g - 1, strides=strides, padding="VALID"
+    )
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    np.testing.assert_allclose(
+        conv_native.grouped_conv_native(x, layer),
+        C.condensed_conv_reference(x, layer),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+  conv_native.grouped_conv_native.clear_cache()
+
+
+def test_conv_bias_map_and_input_size():
+  rng = _rng("bias map")
+  layer, _ = grouped_conv(rng, 3, 3, 4, 8, 4, 9, 2, strides=(2, 2), padding="SAME", input_hw=(9, 8))
+  geo = layer.geometry
+  layer = layer.replace(bias_map=jnp.asarray(rng.standard_normal((geo.oh, geo.ow, 8)), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((3, 9, 8, 4)), jnp.float32)
+  want = C.condensed_conv_reference(x, layer)
+  for name, fn in conv_kernels().items():
+    np.testing.assert_allclose(fn(x, layer), want, rtol=1e-5, atol=1e-5, err_msg=name)
+  with pytest.raises(ValueError, match="per-position bias"):
+    C.condensed_conv(x[:, :7], layer, "xla")
+
+
+@needs_native
+def test_native_compiles_once():
+  rng = _rng("once")
+  layer, *_ = grouped_dense(rng, 40, 16, 4, 6, 3)
+  x = jnp.ones((2, 40), jnp.float32)
+  C.grouped_matmul_native(x, layer).block_until_ready()
+  before = C.grouped_matmul_native._cache_size()
+  C.grouped_matmul_native(x + 1, layer.replace(values=layer.values * 2)).block_until_ready()
+  assert C.grouped_matmul_native._cache_size() == before
+
+
+# --------------------------------------------------------- untrusted arrays
+
+_BAD_ARRAYS = r"""
+import json
+import jax.numpy as jnp
+import numpy as np
+import srigl_jax.condensed as C
+
+g, fan_in, out = 4, 30, 16
+mask = np.zeros((fan_in, out), bool)
+mask[[1, 5, 7], 0:4] = True
+mask[[2, 3, 29], 8:12] = True
+layer = C.condense_grouped_dense(np.ones((fan_in, out), np.float32), mask, group_size=g)
+cmask = np.zeros((18, 8), bool)
+cmask[[0, 4, 17], :4] = True
+cmask[[2, 3, 9], 4:] = True
+conv = C.condense_grouped_conv(
+    np.ones((3, 3, 2, 8), np.float32), cmask.reshape(3, 3, 2, 8), group_size=g, padding="SAME")
+x = jnp.ones((3, fan_in), jnp.float32)
+xc = jnp.ones((1, 5, 5, 2), jnp.float32)
+i32 = lambda a: jnp.asarray(a, jnp.int32)
+cases = {
+    "index too large": lambda: C.grouped_matmul_native(x, layer.replace(indices=layer.indices.at[1, 2].set(30))),
+    "negative index": lambda: C.grouped_matmul_native(x, layer.replace(indices=layer.indices.at[0, 0].set(-1))),
+    "int32 index too large": lambda: C.grouped_matmul_native(x, layer.replace(indices=i32(layer.indices).at[1, 0].set(2**30))),
+    "unsorted group ids": lambda: C.grouped_matmul_native(x, layer.replace(group_ids=i32([2, 0]))),
+    "repeated group ids": lambda: C.grouped_matmul_native(x, layer.replace(group_ids=i32([2, 2]))),
+    "group id past the output": lambda: C.grouped_matmul_native(x, layer.replace(group_ids=i32([0, 4]))),
+    "negative group id": lambda: C.grouped_matmul_native(x, layer.replace(group_ids=i32([-1, 2]))),
+    "values of rank 2": lambda: C.grouped_matmul_native(x, layer.replace(values=layer.values[:, :, 0])),
+    "indices of another shape": lambda: C.grouped_matmul_native(x, layer.replace(indices=layer.indices[:, :2])),
+    "too few group ids": lambda: C.grouped_matmul_native(x, layer.replace(group_ids=layer.group_ids[:1])),
+    "group size not dividing the output": lambda: C.grouped_matmul_native(x, layer.replace(values=jnp.ones((2, 3, 3)))),
+    "conv tap too large": lambda: C.grouped_conv_native(xc, conv.replace(taps=conv.taps.at[0, 0].set(18))),
+    "conv unsorted group ids": lambda: C.grouped_conv_native(xc, conv.replace(group_ids=i32([1, 0]))),
+    "conv values of rank 2": lambda: C.grouped_conv_native(xc, conv.replace(values=conv.values[:, :, 0])),
+}
+for name, case in cases.items():
+  try:
+    y = case()
+    y.block_until_ready()
+    print(json.dumps([name, "no error", ""]))
+  except Exception as e:  # what reaches the caller, whatever its type
+    print(json.dumps([name, type(e).__name__, str(e)]), flush=True)
+"""
+
+# case -> what the error must say.
+_BAD_ARRAY_ERRORS = {
+    "index too large": r"indices\[1, 2\] = 30 is outside the fan-in \[0, 30\)",
+    "negative index": r"indices\[0, 0\] = -1 is outside",
+    "int32 index too large": r"indices\[1, 0\] = 1073741824 is outside",
+    "unsorted group ids": r"group_ids must be sorted, distinct and below 4 .*entry 1 is 0",
+    "repeated group ids": r"group_ids must be sorted, distinct.*entry 1 is 2",
+    "group id past the output": r"below 4 \(outputs / group size\); entry 1 is 4",
+    "negative group id": r"entry 0 is -1",
+    "values of rank 2": r"values must be rank 3 \(n_groups, k, g\), got rank 2",
+    "indices of another shape": r"indices must have shape \(n_groups, k\) of the values",
+    "too few group ids": r"group_ids must have shape \(n_groups,\)",
+    "group size not dividing the output": r"group size 3 .* must be >= 1 and divide the 16 outputs",
+    "conv tap too large": r"taps\[0, 0\] = 18 is outside the fan-in \[0, 18\)",
+    "conv unsorted group ids": r"group_ids must be sorted",
+    "conv values of rank 2": r"values must be rank 3",
+}
+
+
+@needs_native
+def test_native_kernels_refuse_bad_arrays_cleanly():
+  """Crafted arrays reach the C++ handlers (past every Python check) in a subprocess."""
+  done = subprocess.run(
+      [sys.executable, "-c", _BAD_ARRAYS],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert done.returncode == 0, done.stderr[-3000:]  # no crash
+  results = {}
+  for line in done.stdout.splitlines():
+    name, kind, message = json.loads(line)
+    results[name] = (kind, message)
+  assert set(results) == set(_BAD_ARRAY_ERRORS)
+  for name, pattern in _BAD_ARRAY_ERRORS.items():
+    kind, message = results[name]
+    assert kind != "no error", name
+    assert re.search(pattern, message), (name, message)

@@ -29,6 +29,7 @@ from srigl_jax.condensed.conv import (
     condensed_conv_reference,
     condensed_conv_xla,
     conv_geometry,
+    grouped_conv_native,
     grouped_conv_xla,
 )
 from srigl_jax.condensed.convert import ConvertedModel, condense, condensed_apply, convert_model
@@ -42,6 +43,7 @@ from srigl_jax.condensed.dense import (
     condensed_matmul_pallas,
     condensed_matmul_reference,
     condensed_matmul_xla,
+    grouped_matmul_native,
     grouped_matmul_xla,
     index_dtype_for,
 )
@@ -77,7 +79,9 @@ __all__ = [
     "condensed_matmul_xla",
     "conv_geometry",
     "convert_model",
+    "grouped_conv_native",
     "grouped_conv_xla",
+    "grouped_matmul_native",
     "grouped_matmul_xla",
     "index_dtype_for",
     "native_available",

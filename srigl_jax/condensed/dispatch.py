@@ -20,6 +20,7 @@ from srigl_jax.condensed.conv import (
     condensed_conv_pallas,
     condensed_conv_reference,
     condensed_conv_xla,
+    grouped_conv_native,
     grouped_conv_xla,
 )
 from srigl_jax.condensed.dense import (
@@ -29,6 +30,7 @@ from srigl_jax.condensed.dense import (
     condensed_matmul_pallas,
     condensed_matmul_reference,
     condensed_matmul_xla,
+    grouped_matmul_native,
     grouped_matmul_xla,
 )
 
@@ -45,7 +47,7 @@ _MATMUL = {
         "reference": condensed_matmul_reference,
     },
     GroupedCondensedLayer: {
-        "native": grouped_matmul_xla,
+        "native": grouped_matmul_native,
         "pallas": grouped_matmul_xla,
         "xla": grouped_matmul_xla,
         "reference": condensed_matmul_reference,
@@ -59,7 +61,7 @@ _CONV = {
         "reference": condensed_conv_reference,
     },
     GroupedCondensedConv: {
-        "native": grouped_conv_xla,
+        "native": grouped_conv_native,
         "pallas": grouped_conv_xla,
         "xla": grouped_conv_xla,
         "reference": condensed_conv_reference,

@@ -6,8 +6,15 @@ the transposed input, over XLA's intra-op thread pool, and uses AVX-512/AVX2
 code where the CPU has it. It writes the full output itself, ablated neurons
 included.
 
-Inference-only: the FFI call has no derivative rule; use
-`condensed_matmul_xla` to differentiate.
+The grouped kernel (``csrc/dense/grouped_*``) reads each gathered input once
+for the G neurons of a group: at batches up to 4 it broadcasts x[idx] and
+multiplies it with the group's G contiguous weights (no gather instruction,
+G accumulators in registers); at larger batches one row of a transposed
+batch tile feeds G neurons' accumulators. It checks its arrays (shapes,
+index range, sorted group ids) before it reads through them.
+
+Inference-only: the FFI calls have no derivative rule; use
+`condensed_matmul_xla` / `grouped_matmul_xla` to differentiate.
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from srigl_jax.condensed import _native_lib
-from srigl_jax.condensed.dense.format import CondensedLayer
+from srigl_jax.condensed.dense.format import CondensedLayer, GroupedCondensedLayer
 
-__all__ = ["condensed_matmul_native"]
+__all__ = ["condensed_matmul_native", "grouped_matmul_native"]
 
 
 @functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
@@ -52,5 +59,44 @@ def condensed_matmul_native(
   out_shape = (x2.shape[0], layer.out_features)
   y = _native_lib.ffi_call(
       "dense", out_shape, x2, layer.indices, layer, max_threads=max_threads, isa=isa
+  )
+  return y.astype(out_dtype).reshape(*lead, layer.out_features)
+
+
+@functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
+def grouped_matmul_native(
+    x: jax.Array, layer: GroupedCondensedLayer, *, max_threads: int = 0, isa: str = "auto"
+) -> jax.Array:
+  """Grouped condensed matmul with the native multithreaded C++ kernel (CPU only).
+
+  Dtypes as in `condensed_matmul_native`: bfloat16 values are read as
+  bfloat16, everything else goes in and is accumulated as float32.
+
+  Args:
+    x: ``(..., in_features)`` input (`condensed_matmul` checks it).
+    layer: the grouped condensed layer (int16 or int32 indices, any G).
+    max_threads: cap on threads (0 = XLA's intra-op pool size).
+    isa: kernel variant: 'auto', 'generic', 'avx2' or 'avx512'.
+
+  Returns:
+    ``(..., out_features)`` in the promoted dtype of x and the values.
+
+  Raises:
+    RuntimeError: the library is not available (see `native_error`).
+    ValueError: an unknown ``isa``.
+  """
+  lead = x.shape[:-1]
+  out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  out_shape = (x2.shape[0], layer.out_features)
+  y = _native_lib.ffi_call(
+      "grouped_dense",
+      out_shape,
+      x2,
+      layer.indices,
+      layer,
+      ids=layer.group_ids,
+      max_threads=max_threads,
+      isa=isa,
   )
   return y.astype(out_dtype).reshape(*lead, layer.out_features)
