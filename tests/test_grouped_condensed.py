@@ -163,6 +163,10 @@ def dense_kernels():
   kernels = {
       "xla": C.grouped_matmul_xla,
       "dispatch": lambda x, l: C.condensed_matmul(x, l, impl="xla"),
+      "pallas": lambda x, l: C.grouped_matmul_pallas(
+          x, l, block_sizes=C.GroupedBlockSizes(2, 16, 16), interpret=INTERPRET
+      ),
+      "pallas_default": lambda x, l: C.grouped_matmul_pallas(x, l, interpret=INTERPRET),
   }
   for isa in native_isas():
     kernels[f"native_{isa}"] = lambda x, l, isa=isa: C.grouped_matmul_native(x, l, isa=isa)
@@ -260,6 +264,9 @@ def conv_kernels():
   kernels = {
       "xla": C.grouped_conv_xla,
       "dispatch": lambda x, l: C.condensed_conv(x, l, impl="xla"),
+      "pallas": lambda x, l: C.grouped_conv_pallas(
+          x, l, block_sizes=C.GroupedConvBlockSizes(2, 16, 16), interpret=INTERPRET
+      ),
   }
   for isa in native_isas():
     kernels[f"native_{isa}"] = lambda x, l, isa=isa: C.grouped_conv_native(x, l, isa=isa)

@@ -21,6 +21,7 @@ from srigl_jax.condensed.conv import (
     condensed_conv_reference,
     condensed_conv_xla,
     grouped_conv_native,
+    grouped_conv_pallas,
     grouped_conv_xla,
 )
 from srigl_jax.condensed.dense import (
@@ -31,6 +32,7 @@ from srigl_jax.condensed.dense import (
     condensed_matmul_reference,
     condensed_matmul_xla,
     grouped_matmul_native,
+    grouped_matmul_pallas,
     grouped_matmul_xla,
 )
 
@@ -48,7 +50,7 @@ _MATMUL = {
     },
     GroupedCondensedLayer: {
         "native": grouped_matmul_native,
-        "pallas": grouped_matmul_xla,
+        "pallas": grouped_matmul_pallas,
         "xla": grouped_matmul_xla,
         "reference": condensed_matmul_reference,
     },
@@ -62,7 +64,7 @@ _CONV = {
     },
     GroupedCondensedConv: {
         "native": grouped_conv_native,
-        "pallas": grouped_conv_xla,
+        "pallas": grouped_conv_pallas,
         "xla": grouped_conv_xla,
         "reference": condensed_conv_reference,
     },

@@ -16,6 +16,11 @@ from srigl_jax.condensed.conv.format import (
     normalize_padding,
 )
 from srigl_jax.condensed.conv.native import condensed_conv_native, grouped_conv_native
-from srigl_jax.condensed.conv.pallas import ConvBlockSizes, condensed_conv_pallas
+from srigl_jax.condensed.conv.pallas import (
+    ConvBlockSizes,
+    GroupedConvBlockSizes,
+    condensed_conv_pallas,
+    grouped_conv_pallas,
+)
 from srigl_jax.condensed.conv.reference import condensed_conv_reference
 from srigl_jax.condensed.conv.xla import condensed_conv_xla, grouped_conv_xla

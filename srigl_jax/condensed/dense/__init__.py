@@ -14,6 +14,11 @@ from srigl_jax.condensed.dense.format import (
     index_dtype_for,
 )
 from srigl_jax.condensed.dense.native import condensed_matmul_native, grouped_matmul_native
-from srigl_jax.condensed.dense.pallas import BlockSizes, condensed_matmul_pallas
+from srigl_jax.condensed.dense.pallas import (
+    BlockSizes,
+    GroupedBlockSizes,
+    condensed_matmul_pallas,
+    grouped_matmul_pallas,
+)
 from srigl_jax.condensed.dense.reference import condensed_matmul_reference
 from srigl_jax.condensed.dense.xla import condensed_matmul_xla, grouped_matmul_xla
