@@ -16,11 +16,16 @@ newest complete checkpoint into the run's abstract state, and hands it to
      split (predictions must agree up to float near-ties);
   3. time: the masked dense model against the converted one at batch 1 and at
      the eval batch size (`srigl_jax.timing`);
-  4. write: `srigl_jax.serving.artefact.save_artefact`, by default to
+  4. write: `srigl_jax.serving.artefact.ArtefactWriter`, by default to
      DIR/inference, with report.json holding masked vs converted accuracy,
      max |logit difference| and the latencies.
 
-Nothing in the training workdir is modified. Serving needs only the folder:
+--out is checked before any of this: the export replaces only a folder it
+wrote itself (marked by `artefact.MARKER_FILE`) or a complete format-1
+artefact, and it creates the artefact's temporary folder next to --out first,
+so an unwritable --out fails at once. The new artefact replaces the old one
+atomically (`srigl_jax.serving.folder`). Nothing else in the training workdir
+is modified. Serving needs only the folder:
 `srigl_jax.load_inference_model(PATH)` (`srigl_jax.serving`).
 """
 
@@ -42,7 +47,7 @@ from absl import logging
 
 from srigl_jax import condensed, config_lib, data, timing
 from srigl_jax.data import pipeline as data_pipeline
-from srigl_jax.serving import artefact
+from srigl_jax.serving import artefact, folder
 from srigl_jax.serving.model import apply_fn
 from srigl_jax.serving.report import format_report, summary_line
 from srigl_jax.sparsity import transform as sparse_transform
@@ -152,6 +157,10 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
 
   The run is rebuilt from its config (`training.build`, reading no data) for
   the shapes of its state, masks included; nothing is written to the workdir.
+  A checkpoint that cannot be restored (files cut short, missing or
+  corrupted) is skipped with a warning naming its folder, and the previous
+  complete one is used (`training.checkpointing.restore_newest`, as a resumed
+  run does).
 
   Args:
     workdir: a training workdir.
@@ -162,11 +171,46 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
     `training.state.TrainState` on the first local device.
 
   Raises:
-    ExportError: no config or no complete checkpoint.
+    ExportError: no config, no complete checkpoint, or none that restores
+      (naming each one's folder and error).
     config_lib.ConfigError: the saved config is not a valid run.
   """
-  run, state, step = _restore(workdir, config, open_dataset=False)
-  return run.config, run.model, state, step
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise ExportError(
+        f'workdir {workdir} does not exist. Pass the --workdir '
+        'of a run of python -m srigl_jax.main.'
+    )
+  config = load_run_config(workdir) if config is None else config
+  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  how = (
+      'Train first (python -m srigl_jax.main --config=... '
+      f'--workdir={workdir}), or let a running job reach its first '
+      'checkpoint (checkpoint_every).'
+  )
+  if not os.path.isdir(ckpt_dir):
+    raise ExportError(f'{workdir} has no checkpoints/ folder. {how}')
+  manager = ocp.CheckpointManager(
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, enable_async_checkpointing=False
+      ),
+  )
+  try:
+    if manager.latest_step() is None:
+      raise ExportError(f'{ckpt_dir} holds no complete checkpoint. {how}')
+    run = build_lib.build(config, open_dataset=False)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), run.abstract_state
+    )
+    try:
+      step, state, _ = checkpointing.restore_newest(manager, target)
+    except checkpointing.DamagedWorkdirError as e:
+      raise ExportError(str(e)) from None
+  finally:
+    manager.close()
+  return run.config, run.model, state, int(step)
 
 
 def _fingerprint(workdir: str | None, config, step: int | None = None) -> dict[str, Any]:
@@ -179,8 +223,14 @@ def _fingerprint(workdir: str | None, config, step: int | None = None) -> dict[s
   if workdir is not None:
     path = os.path.join(workdir, checkpointing.FINGERPRINT_FILE)
     if os.path.exists(path):
-      with open(path, encoding='utf-8') as f:
-        fp = json.load(f)
+      try:
+        with open(path, encoding='utf-8') as f:
+          fp = json.load(f)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(
+            f'{path} is not valid JSON ({e}); the workdir is damaged. Delete '
+            'the file: the export then reads the fingerprint from the checkpoint.'
+        ) from None
     elif step is not None:
       fp = checkpointing.checkpoint_fingerprint(workdir, step)
   if fp is None:
@@ -414,16 +464,59 @@ def verify_and_time(
 
 
 def _check_out(out: str, workdir: str | None) -> None:
-  """Refuses an --out that would overwrite something that is not an artefact."""
-  if workdir is not None and os.path.realpath(out) == os.path.realpath(workdir):
+  """Refuses an --out that the export did not write (`folder.replace_refusal`).
+
+  Runs before any long work, and `folder.Writer` checks again under the lock
+  before the swap.
+  """
+  if workdir is not None:
+    real_out, real_workdir = os.path.realpath(out), os.path.realpath(workdir)
+    if real_out == real_workdir:
+      raise ExportError(
+          f'--out={out} is the training workdir; pick a new folder '
+          '(the default is WORKDIR/inference).'
+      )
+    if real_workdir.startswith(real_out.rstrip(os.sep) + os.sep):
+      raise ExportError(
+          f'--out={out} contains the training workdir {workdir}; pick a new '
+          'folder (the default is WORKDIR/inference).'
+      )
+  refusal = folder.replace_refusal(out)
+  if refusal is not None:
     raise ExportError(
-        f'--out={out} is the training workdir; pick a new folder '
-        '(the default is WORKDIR/inference).'
+        f'--out={out} exists and is not an inference folder written by '
+        f'srigl_jax.export: it {refusal}. The export replaces only its own '
+        f'folders ({artefact.MARKER_FILE} in them); pick a new path, or remove '
+        'this one yourself if nothing in it is needed.'
     )
-  if os.path.exists(out) and not artefact.is_artefact_folder(out):
+
+
+def _writer(out: str) -> artefact.ArtefactWriter:
+  """The artefact's temporary folder next to `out`, created now: a writable --out."""
+  try:
+    return artefact.ArtefactWriter(out)
+  except OSError as e:
     raise ExportError(
-        f'--out={out} exists and is not an inference folder; ' 'pick a new path or remove it.'
-    )
+        f'--out={out} cannot be written: creating {e.filename or os.path.dirname(out)} '
+        f'failed ({e.strerror or e}). Pick a writable --out, or fix the permissions '
+        'of its parent folder.'
+    ) from None
+
+
+def _check_finite(variables, step: int) -> None:
+  """Refuses params with NaN or inf: the artefact would answer NaN."""
+  for kp, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    leaf = np.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      bad = int(leaf.size - np.count_nonzero(np.isfinite(leaf)))
+      if bad:
+        path = '/'.join(str(getattr(k, 'key', k)) for k in kp)
+        raise ExportError(
+            f'the model of step {step} holds {bad} non-finite values (NaN or inf) in '
+            f"'{path}'; an artefact of it would answer NaN, so none was written. "
+            'Export a run whose last checkpoint is finite (a NaN loss stops '
+            'training before it is checkpointed).'
+        )
 
 
 def export_model(
@@ -458,13 +551,45 @@ def export_model(
     The report (also written to out/report.json), with 'path' and 'kind'.
 
   Raises:
-    ExportError: `out` would overwrite something else.
+    ExportError: `out` would overwrite something the export did not write,
+      cannot be written, or the params hold NaN or inf.
     VerificationError: predictions differ (nothing is written).
   """
   out = os.path.abspath(out)
   _check_out(out, workdir)
+  with _writer(out) as writer:
+    return _export(
+        writer,
+        model,
+        params,
+        batch_stats,
+        masks,
+        config,
+        step=step,
+        workdir=workdir,
+        dataset=dataset,
+        timing_s=timing_s,
+    )
+
+
+def _export(
+    writer: artefact.ArtefactWriter,
+    model,
+    params,
+    batch_stats,
+    masks,
+    config,
+    *,
+    step: int,
+    workdir: str | None,
+    dataset: data.Dataset | None,
+    timing_s: float,
+) -> dict[str, Any]:
+  """`export_model` into an open writer (its folder exists, --out was checked)."""
+  out = writer.out
   params, batch_stats, masks = _host((params, batch_stats, masks))
   params = jax.tree.map(np.asarray, sparse_transform.apply_masks(params, masks))
+  _check_finite(_variables(params, batch_stats), step)
   input_shape, num_classes = data.input_geometry(config.input)
   input_shape = tuple(input_shape)
   masked_vars = _variables(params, batch_stats)
@@ -513,7 +638,13 @@ def export_model(
       },
       'variables': artefact.tree_summary(variables),
   }
-  json.dumps(manifest)  # Fails here, before any file is written.
+  try:
+    json.dumps(manifest)  # Fails here, before any file is written.
+  except (TypeError, ValueError) as e:
+    raise ExportError(
+        f'the manifest cannot be written as JSON ({e}): model.kwargs must hold '
+        'numbers, strings, booleans, lists and dicts only. Fix the config.'
+    ) from None
 
   report = {'kind': kind, 'path': out, 'source_step': int(step)}
   if dataset is not None:
@@ -536,7 +667,19 @@ def export_model(
         f"{report['error']}. No artefact was written. This is a bug in the "
         'conversion of this model; please report it with this message.'
     )
-  artefact.save_artefact(out, variables, manifest, report)
+  try:
+    writer.save(variables, manifest, report)
+  except folder.ForeignFolderError as e:
+    raise ExportError(
+        f'--out={out} was created by something else during the export: it '
+        f'{e.reason}. Nothing was written; pick a new path.'
+    ) from None
+  except OSError as e:
+    raise ExportError(
+        f'writing the artefact next to {out} failed ({e}); the folder at '
+        '--out, if any, is unchanged. Free disk space or fix the permissions, '
+        'then export again.'
+    ) from None
   return report
 
 
@@ -560,25 +703,35 @@ def export_inference_model(
     latency [{batch, dense_us, condensed_us, speedup}, ...].
 
   Raises:
-    ExportError: no config or no complete checkpoint in the workdir.
+    ExportError: no config or no complete checkpoint in the workdir, or an
+      --out that the export must not replace or cannot write (checked first).
     config_lib.ConfigError: the saved config is not a valid run.
     VerificationError: the converted model predicts differently.
   """
   workdir = os.path.abspath(workdir)
-  run, state, step = _restore(workdir, None, open_dataset=verify)
-  out = os.path.join(workdir, 'inference') if out is None else out
-  return export_model(
-      run.model,
-      state.params,
-      state.batch_stats,
-      sparse_transform.get_masks(state.opt_state),
-      run.config,
-      out,
-      step=step,
-      workdir=workdir,
-      dataset=run.dataset,
-      timing_s=timing_s,
-  )
+  if not os.path.isdir(workdir):
+    raise ExportError(
+        f'workdir {workdir} does not exist. Pass the --workdir '
+        'of a run of python -m srigl_jax.main.'
+    )
+  config = load_run_config(workdir)
+  out = os.path.abspath(os.path.join(workdir, 'inference') if out is None else out)
+  # --out is checked, and its folder created, before the long work.
+  _check_out(out, workdir)
+  with _writer(out) as writer:
+    run, state, step = _restore(workdir, config, open_dataset=verify)
+    return _export(
+        writer,
+        run.model,
+        state.params,
+        state.batch_stats,
+        sparse_transform.get_masks(state.opt_state),
+        run.config,
+        step=step,
+        workdir=workdir,
+        dataset=run.dataset,
+        timing_s=timing_s,
+    )
 
 
 # --------------------------------------------------------------------- CLI

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -193,40 +194,76 @@ def test_benchmark_flags_keep_their_names(tmp_path):
 
 
 def test_gpu_check_script_runs_on_cpu(tmp_path):
-  """scripts/gpu_check.sh without a GPU: tiny benchmark and train.json.
+  """scripts/gpu_check.sh without a GPU: toy kernel benchmark, model stage, train.json.
 
-  The training stage is the project's own main (tested elsewhere) and takes
-  a minute here, so a finished run's summary.json is faked instead.
+  The profile and training stages are srigl_jax.benchmarks.train_step (its
+  parts are tested in test_gpu_bench.py) and take minutes here, so a
+  profile, two finished runs and a trace are faked in the scratch folder.
   """
   script = pathlib.Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
   subprocess.run(["bash", "-n", str(script)], check=True)
-  run = tmp_path / "train_srigl"
-  run.mkdir()
-  (run / "summary.json").write_text(
-      json.dumps({"steps_per_sec": 12.5, "final_step": 20, "model": "mlp", "method": "srigl"})
+  out, work = tmp_path / "out", tmp_path / "work"
+  for name, rate in (("train_vit_tiny_dense", 12.5), ("train_vit_tiny_srigl_d10", 12.0)):
+    (work / "runs" / name).mkdir(parents=True)
+    (work / "runs" / name / "summary.json").write_text(
+        json.dumps({"steps_per_sec": rate, "final_step": 30, "model": "vit_tiny_test"})
+    )
+  profile = {"dense": {"no_update_ms": 10.0}, "srigl": {"no_update_ms": 10.2, "update_ms": 30.0}}
+  (work / "profile.json").write_text(
+      json.dumps({"platform": "cpu", "models": {"vit_tiny": profile}})
   )
+  (work / "trace" / "plugins").mkdir(parents=True)
+  (work / "trace" / "plugins" / "host.xplane.pb").write_bytes(b"x")
   env = dict(
       os.environ,
       PYTHON=sys.executable,
-      GPU_CHECK_STAGES="bench model collect",
-      GPU_CHECK_DTYPES="float32",
+      GPU_CHECK_STAGES="preflight bench model",
+      GPU_CHECK_WORK=str(work),
       JAX_PLATFORMS="cpu",
   )
   proc = subprocess.run(
-      ["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+      ["bash", str(script), str(out)], env=env, capture_output=True, text=True, timeout=300
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "tiny=1" in proc.stdout
-  records = json.loads((tmp_path / "condensed_fp32.json").read_text())
-  assert {"dense", "bcsr", "structured", "condensed_xla"} <= {r["impl"] for r in records}
-  assert all(r["in_features"] == 96 and r["cache"] == "cold" for r in records)
-  train = json.loads((tmp_path / "train.json").read_text())
-  assert train["backend"] == "cpu" and train["runs"]["srigl"]["steps_per_sec"] == 12.5
-  status = json.loads((tmp_path / "status.json").read_text())
-  assert status == {"bench_fp32": 0, "model": 0, "collect": 0}
-  model = json.loads((tmp_path / "model.json").read_text())
+  # At most 8 files come back from a device call.
+  assert sorted(p.name for p in out.iterdir()) == [
+      "gpu_bench.json",
+      "gpu_check.log",
+      "logs.tar.gz",
+      "model.json",
+      "status.json",
+      "trace.tar.gz",
+      "train.json",
+  ]
+  status = json.loads((out / "status.json").read_text())
+  assert status == {"preflight": 0, "bench": 0, "model": 0, "collect": 0}
+  records = json.loads((out / "gpu_bench.json").read_text())["records"]
+  assert {r["impl"] for r in records} == {
+      "dense_fp32_highest",
+      "structured_fp32_highest",
+      "bcsr_fp32",
+      "condensed_xla_fp32",
+      "condensed_pallas_bf16",
+  }
+  assert all(r["in_features"] == 96 and r["rel_err"] <= r["rel_err_bound"] for r in records)
+  model = json.loads((out / "model.json").read_text())
   assert {r["impl"] for r in model} == {"dense", "structured", "condensed"}
   assert all(r["max_rel_err"] <= 1e-4 for r in model)
+  train = json.loads((out / "train.json").read_text())
+  assert train["runs"]["train_vit_tiny_srigl_d10"]["steps_per_sec"] == 12.0
+  target = train["srigl_vs_dense"]["models"]["vit_tiny"]
+  # Runs 12.5 / 12 steps/s; profile (9 * 10.2 + 30) / 10 ms against 10 ms.
+  assert target["run_ratio"] == pytest.approx(12.5 / 12.0)
+  assert target["profile_ratio"] == pytest.approx(12.18 / 10.0)
+  with tarfile.open(out / "logs.tar.gz") as tar:
+    names = set(tar.getnames())
+  assert {"./gpu_bench.log", "./profile.json", "./runs/train_vit_tiny_dense/summary.json"} <= names
+  # The tables come last, then the status line.
+  assert proc.stdout.index("device time per call (us), float32") < proc.stdout.index(
+      "SRigL / dense step time, vit_tiny"
+  )
+  assert proc.stdout.rstrip().splitlines()[-1].startswith("gpu_check: status")
 
 
 def test_input_benchmark_measures_both_pipelines(tmp_path, capsys):

@@ -87,6 +87,15 @@ def test_each_bad_field_is_named_before_any_data_is_read(field, tmp_path):
     assert f'--config.{field}' in str(info.value)
 
 
+def test_sparsity_that_selects_no_layer_is_named(tmp_path):
+  config = _config(tmp_path, **{'sparsity.dense_layers': ('.*',)})
+  with pytest.raises(config_lib.ConfigError) as info:
+    loop.preflight(config, str(tmp_path / 'run'))
+  assert info.value.field == 'sparsity.dense_layers'
+  assert str(info.value).startswith('No layer to sparsify at sparsity=0.8'), str(info.value)
+  assert '--config.sparsity.dense_layers' in str(info.value)
+
+
 def test_sparse_optimizer_errors_carry_their_argument():
   base = dict(sparsity=0.9, key=jax.random.key(0), stop_step=10, update_every=5)
   cases = {

@@ -236,3 +236,45 @@ def test_a_grouped_dense_general_out_projection():
   entry = converted.plan["layers"]["encoderblock_0/attention/out"]
   assert entry["group_size"] == 8 and entry["in_shape"] == [2, 16]
   assert isinstance(model, nn.Module)
+
+
+def test_grouped_converted_model_is_validated():
+  """`ConvertedModel.validate` (convert_model's and the loader's check) on grouped layers."""
+  model, variables, masks, x, _ = trained_like("cnn")
+  converted = C.convert_model(model, variables, masks, x, impl="xla")
+  assert converted.validate() is converted
+  layers = converted.plan["layers"]
+  grouped = {p: e for p, e in layers.items() if e.get("group_size", 1) > 1}
+  conv_path = next(p for p, e in grouped.items() if e["kind"] == "conv")
+  dense_path = next(p for p, e in grouped.items() if e["kind"] == "dense")
+
+  def with_param(path, key, edit):
+    params = jax.tree.map(np.array, converted.variables["params"])
+    node = _get(params, path)
+    node[key] = edit(np.array(node[key]))
+    return C.ConvertedModel(model, {**converted.variables, "params": params}, converted.plan)
+
+  def set_at(a, pos, v):
+    a[pos] = v
+    return a
+
+  fan = layers[conv_path]["dense_fan_in"]
+  bad = with_param(conv_path, "taps", lambda t: set_at(t, (0, 1), fan))
+  with pytest.raises(ValueError, match=rf"layer '{conv_path}': taps\[0, 1\] = {fan} is outside"):
+    bad.validate()
+  n_groups = layers[dense_path]["neurons"] // layers[dense_path]["group_size"]
+  bad = with_param(dense_path, "group_ids", lambda i: set_at(i, 0, n_groups))
+  with pytest.raises(
+      ValueError, match=rf"layer '{dense_path}': group_ids\[0\] = {n_groups} is outside"
+  ):
+    bad.validate()
+  bad = with_param(dense_path, "values", lambda v: v[:, :, :-1])
+  with pytest.raises(ValueError, match=rf"layer '{dense_path}': values must be \(n_groups, k, "):
+    bad.validate()
+  # A grouped layer's arrays without its group ids (neuron ids instead).
+  params = jax.tree.map(np.array, converted.variables["params"])
+  node = _get(params, dense_path)
+  node["neuron_ids"] = node.pop("group_ids")
+  bad = C.ConvertedModel(model, {**converted.variables, "params": params}, converted.plan)
+  with pytest.raises(ValueError, match=rf"layer '{dense_path}': .*need .*'group_ids'"):
+    bad.validate()

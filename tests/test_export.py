@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import srigl_jax
 from srigl_jax import export, serving
+from srigl_jax.serving import artefact
 from srigl_jax.serving.report import summary_line
 from srigl_jax.training import build, loop
 
@@ -168,7 +171,7 @@ def test_trainer_exports_verifies_and_reports(run):
         'group_size',
     }
     assert rec['group_size'] == 1  # the run trained ungrouped
-  assert manifest['format_version'] == 1  # no grouped layer: readable by older readers
+  assert manifest['format_version'] == 2  # no grouped layer: readable by version-2 readers
   assert layers['dense_0']['format'] == 'condensed'
   # gamma_sal 0.95 ablates neurons, and the artefact knows it.
   assert layers['dense_0']['active_neurons'] < layers['dense_0']['neurons']
@@ -227,13 +230,41 @@ def test_export_reads_the_newest_checkpoint_and_leaves_the_workdir_alone(run, tm
   assert report['condensed_accuracy'] == report['masked_accuracy']
   # Exporting over its own artefact replaces it; over anything else, refuses.
   export.export_inference_model(workdir, out, verify=False)
-  assert sorted(os.listdir(out)) == ['manifest.json', 'report.json', 'variables']
-  assert not [n for n in os.listdir(tmp_path) if '.tmp-' in n]
+  assert sorted(os.listdir(out)) == [
+      'manifest.json',
+      'report.json',
+      serving.MARKER_FILE,
+      'variables',
+  ]
+  assert sorted(os.listdir(tmp_path)) == ['.again.lock', 'again']
   with pytest.raises(export.ExportError, match='is not an inference folder'):
     export.export_inference_model(workdir, os.path.join(workdir, 'checkpoints'))
   with pytest.raises(export.ExportError, match='is the training workdir'):
     export.export_inference_model(workdir, workdir)
+  with pytest.raises(export.ExportError, match='contains the training workdir'):
+    export.export_inference_model(workdir, os.path.dirname(workdir))
+  # A folder holding a stray manifest.json is not an artefact.
+  stray = tmp_path / 'stray'
+  os.makedirs(stray / 'notes')
+  (stray / 'manifest.json').write_text('{}')
+  with pytest.raises(
+      export.ExportError, match=r'--out=\S+stray exists and is not an inference folder.*holds'
+  ):
+    export.export_inference_model(workdir, str(stray), verify=False)
+  assert sorted(os.listdir(stray)) == ['manifest.json', 'notes']
   assert snapshot(workdir) == before
+
+
+def test_an_unwritable_out_is_refused_before_the_checkpoint_is_read(run, tmp_path, monkeypatch):
+  workdir, _ = run
+
+  def never(*args, **kwargs):
+    raise AssertionError('the checkpoint was read before --out was checked')
+
+  monkeypatch.setattr(export, '_restore', never)
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(export.ExportError, match=r'--out=\S+ cannot be written: creating .*a_file'):
+    export.export_inference_model(workdir, str(tmp_path / 'a_file' / 'inference'))
 
 
 def test_workdir_without_a_complete_checkpoint_is_a_clear_error(run, tmp_path):
@@ -299,6 +330,60 @@ def test_corrupted_or_partial_artefact_is_a_clear_error(run, tmp_path):
     serving.load_inference_model(broken('newer', newer_format))
 
 
+def test_artefact_with_arrays_out_of_range_is_refused_for_every_kernel(run, tmp_path):
+  src = os.path.join(run[0], 'inference')
+  with open(os.path.join(src, 'manifest.json')) as f:
+    plan = json.load(f)['plan']
+  layer, entry = next((p, e) for p, e in plan['layers'].items() if e['format'] == 'condensed')
+
+  def rewritten(name, key, edit):
+    """A copy of the artefact with one saved array of `layer` edited in place."""
+    path = str(tmp_path / name)
+    shutil.copytree(src, path)
+    vdir = os.path.join(path, 'variables')
+    with ocp.StandardCheckpointer() as ckptr:
+      variables = jax.tree.map(np.array, ckptr.restore(vdir))
+    node = variables['params']
+    for k in layer.split('/'):
+      node = node[k]
+    node[key] = edit(node[key])
+    shutil.rmtree(vdir)
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(vdir, variables)
+    # Checksums that match the edited arrays: only the range checks stand in the way.
+    with open(os.path.join(path, 'manifest.json')) as f:
+      manifest = json.load(f)
+    manifest['integrity'] = artefact.integrity(variables)
+    with open(os.path.join(path, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+    return path
+
+  def set_first(a, v):
+    a.flat[0] = v
+    return a
+
+  def swap_first_two(a):
+    a[[0, 1]] = a[[1, 0]]
+    return a
+
+  fan = entry['dense_fan_in']
+  cases = {
+      rf'indices\[0, 0\] = {fan} is outside \[0, {fan}\)': ('past', 'indices', fan),
+      r'indices\[0, 0\] = -1 is outside': ('negative', 'indices', -1),
+      r'neuron_ids must be strictly increasing': ('unsorted', 'neuron_ids', None),
+  }
+  impls = ['xla'] + (['native'] if srigl_jax.condensed.native_available() else [])
+  for message, (name, key, value) in cases.items():
+    edit = swap_first_two if value is None else lambda a, v=value: set_first(a, v)
+    path = rewritten(name, key, edit)
+    for impl in impls:
+      with pytest.raises(
+          serving.ArtefactError,
+          match=rf"its variables fail a check: layer '{layer}': {message}.*python -m srigl_jax\.export",
+      ):
+        serving.load_inference_model(path, impl=impl)
+
+
 def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
   workdir, _ = run
   config, model, state, _ = export.restore_run(workdir)
@@ -340,7 +425,7 @@ def test_grouped_run_exports_grouped_layers_and_the_loader_checks_them(run, tmp_
   export.export_model(model, state.params, {}, masks, config, out, step=20)
   with open(os.path.join(out, 'manifest.json')) as f:
     manifest = json.load(f)
-  assert manifest['format_version'] == 2 == serving.FORMAT_VERSION
+  assert manifest['format_version'] == 3 == serving.FORMAT_VERSION
   # 64-wide hidden layers are grouped; the 10-wide head trained ungrouped.
   assert manifest['layers']['dense_0']['group_size'] == 8
   assert manifest['layers']['head']['group_size'] == 1
@@ -357,21 +442,26 @@ def test_grouped_run_exports_grouped_layers_and_the_loader_checks_them(run, tmp_
   )
 
   # A manifest whose group size does not match the saved arrays is refused,
-  # with the command that writes the artefact again.
-  manifest['plan']['layers']['dense_0']['group_size'] = 4
+  # naming the arrays, with the command that writes the artefact again.
+  for g, implied in ((4, r'\[\d+\] int32'), (1, 'none')):
+    manifest['plan']['layers']['dense_0']['group_size'] = g
+    manifest['layers']['dense_0']['group_size'] = g
+    with open(os.path.join(out, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+    with pytest.raises(serving.ArtefactError) as e:
+      serving.load_inference_model(out)
+    assert e.value.field == 'variables'
+    assert re.search(
+        r'params/dense_0/group_ids: manifest \[\d+\] int32, implied ' + implied, str(e.value)
+    ), str(e.value)
+    assert 'python -m srigl_jax.export --workdir=' in str(e.value)
+  # The record and the plan disagreeing is refused too.
+  manifest['layers']['dense_0']['group_size'] = 8
   with open(os.path.join(out, 'manifest.json'), 'w') as f:
     json.dump(manifest, f)
-  with pytest.raises(
-      serving.ArtefactError,
-      match=r"layer 'dense_0' does not have the group layout.*group_size=4 needs values "
-      r'\(n_groups, k, 4\).*values \(\d+, \d+, 8\).*python -m srigl_jax\.export --workdir=',
-  ):
+  with pytest.raises(serving.ArtefactError, match='group_size: is 8 but the plan says 1') as e:
     serving.load_inference_model(out)
-  manifest['plan']['layers']['dense_0']['group_size'] = 1
-  with open(os.path.join(out, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f)
-  with pytest.raises(serving.ArtefactError, match=r'group_size=1 needs values \(n_active, k\)'):
-    serving.load_inference_model(out)
+  assert e.value.field == 'layers.dense_0.group_size'
 
 
 def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
@@ -393,6 +483,62 @@ def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):
   ):
     export.export_inference_model(workdir, out)
   assert not os.path.exists(out)
+
+
+# The top logit of every example, and the runner-up this far below it.
+_TOP, _MARGIN = 10.0, 1e-4
+# The near-tie tolerance at that scale: 1e-3 of the largest |logit| (float32).
+_TOL = 1e-3 * _TOP
+
+
+def _near_ties(monkeypatch, error):
+  """Makes every eval example a near tie, and the converted model flip it by `error`.
+
+  Both models' logits become 0 but for the predicted class (_TOP) and the next
+  class (_TOP - _MARGIN); the converted model adds `error` to the runner-up,
+  which flips every prediction with a logit error of exactly `error`.
+  """
+  real = export.apply_fn
+
+  def tie(logits):
+    rows = jnp.arange(logits.shape[0])
+    top = jnp.argmax(logits, -1)
+    runner = (top + 1) % logits.shape[-1]
+    out = jnp.zeros_like(logits).at[rows, top].set(_TOP).at[rows, runner].set(_TOP - _MARGIN)
+    return out, rows, runner
+
+  def wrong_apply_fn(model, kind, plan, impl):
+    fn = real(model, kind, plan, impl)
+    if plan is None:  # The masked model.
+      return lambda v, x: tie(fn(v, x))[0]
+
+    def converted(v, x):
+      out, rows, runner = tie(fn(v, x))
+      return out.at[rows, runner].add(error)
+
+    return converted
+
+  monkeypatch.setattr(export, 'apply_fn', wrong_apply_fn)
+
+
+def test_a_logit_error_above_the_tie_tolerance_fails_the_export(run, tmp_path, monkeypatch):
+  _near_ties(monkeypatch, 1.1 * _TOL)
+  out = str(tmp_path / 'wrong')
+  with pytest.raises(export.VerificationError, match=r'of \d+ eval predictions differ') as e:
+    export.export_inference_model(run[0], out, timing_s=0.02)
+  assert '|diff| 0.011' in str(e.value)
+  assert os.listdir(tmp_path) == ['.wrong.lock']  # No artefact, no temporary folder.
+
+
+def test_a_flip_within_the_tie_tolerance_is_a_counted_near_tie(run, tmp_path, monkeypatch):
+  _near_ties(monkeypatch, 0.9 * _TOL)
+  out = str(tmp_path / 'ties')
+  report = export.export_inference_model(run[0], out, timing_s=0.02)
+  assert report['near_tie_predictions'] == report['eval_examples'] > 0
+  assert report['differing_predictions'] == 0
+  assert report['max_abs_logit_diff'] == pytest.approx(0.9 * _TOL, rel=1e-3)
+  with open(os.path.join(out, 'report.json')) as f:
+    assert json.load(f)['near_tie_predictions'] == report['eval_examples']
 
 
 # ------------------------------------------------------------ 8 devices

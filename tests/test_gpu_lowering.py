@@ -8,7 +8,10 @@ itself is not a stable-export target, hence the disabled safety check.
 
 To add a kernel, append one `pytest.param` to `KERNELS`: a function
 ``(dtype, index_dtype, batch) -> (fn, args)`` whose ``fn(*args)`` calls the
-kernel with its default block sizes.
+kernel with its default block sizes. The GPU benchmark's programs
+(`srigl_jax.benchmarks.gpu`: chained calls of every registered impl, the
+Pallas ones at the paper's 3072 -> 768 layer) are exported the same way, so
+a kernel registered there is checked here without another line.
 """
 
 import functools
@@ -19,6 +22,9 @@ import numpy as np
 import pytest
 
 import srigl_jax.condensed as C
+from srigl_jax import timing
+from srigl_jax.benchmarks import condensed as condensed_bench
+from srigl_jax.benchmarks import gpu as gpu_bench
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -147,3 +153,46 @@ def test_pallas_kernel_lowers_for_cuda(case, dtype, index_dtype, batch):
   out = jax.eval_shape(fn, *args)
   assert exported.out_avals[0].shape == out.shape
   assert exported.out_avals[0].dtype == out.dtype == dtype
+
+
+# The group size grouped impls are exported with (a group-shared layer).
+GROUP_SIZE = 4
+
+
+@functools.cache
+def _bench_layer(fan_in, out, sparsity, group_size=1):
+  rng = np.random.default_rng(0)
+  ablation = condensed_bench.DEFAULT_ABLATION[sparsity]
+  return gpu_bench.group_shared_layer(rng, fan_in, out, sparsity, ablation, group_size)
+
+
+def _export_bench_program(monkeypatch, name, shape, sparsity, batch):
+  """The benchmark's two-call chained program of ``name``, exported for CUDA."""
+  monkeypatch.setattr(gpu_bench, "PALLAS_INTERPRET", False)
+  impl = gpu_bench.IMPLS[name]
+  extra = {"group_size": GROUP_SIZE} if impl.grouped else {}
+  layer = _bench_layer(*shape, sparsity, GROUP_SIZE if impl.grouped else 1)
+  built = impl.build(*layer, jnp.dtype(impl.dtype), **extra)
+  x = jnp.zeros((batch, layer[0].shape[0]), impl.dtype)
+  return export_for_cuda(timing.chained_calls(built.fn, 2), (x, x), (built.params, built.params))
+
+
+@pytest.mark.parametrize("name", [n for n, i in gpu_bench.IMPLS.items() if "gpu" in i.platforms])
+def test_every_gpu_benchmark_program_lowers_for_cuda(monkeypatch, name):
+  """Each registered impl's chained program, on a small layer of the benchmark's kind."""
+  exported = _export_bench_program(monkeypatch, name, (384, 96), 0.9, 16)
+  assert exported.platforms == ("cuda",)
+  assert len(exported.out_avals) == 2
+  assert (TRITON_CALL in exported.mlir_module()) == ("pallas" in name)
+  assert exported.out_avals[0].shape == (16, 96)
+
+
+@pytest.mark.parametrize("batch", [1, 2048])
+@pytest.mark.parametrize("sparsity", [0.9, 0.99])
+@pytest.mark.parametrize("name", [n for n in gpu_bench.IMPLS if "pallas" in n])
+def test_benchmark_pallas_kernels_lower_at_the_paper_layer(monkeypatch, name, sparsity, batch):
+  """The Pallas kernels at the sizes the GPU run times: 3072 -> 768, batch 1 and 2048."""
+  exported = _export_bench_program(monkeypatch, name, (3072, 768), sparsity, batch)
+  # (The two calls share one lowered function.)
+  assert TRITON_CALL in exported.mlir_module()
+  assert [a.shape for a in exported.out_avals] == [(batch, 768)] * 2

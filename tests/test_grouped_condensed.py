@@ -472,3 +472,73 @@ def test_native_kernels_refuse_bad_arrays_cleanly():
     kind, message = results[name]
     assert kind != "no error", name
     assert re.search(pattern, message), (name, message)
+
+
+# ------------------------------------------------------ validate() on the host
+
+
+def _edit(a, pos, v, dtype=None):
+  a = np.array(a, dtype=dtype)
+  a[pos] = v
+  return a
+
+
+def test_validate_grouped_layers_names_layer_array_position_and_value():
+  layer, *_ = grouped_dense(_rng("validate"), 30, 16, 4, 3, 3)
+  assert layer.validate("layer 'd'") is layer
+  ids = np.asarray(layer.group_ids)
+  cases = [
+      (
+          layer.replace(indices=_edit(layer.indices, (1, 2), 30)),
+          r"indices\[1, 2\] = 30 is outside \[0, 30\)",
+      ),
+      (layer.replace(indices=_edit(layer.indices, (0, 0), -1)), r"indices\[0, 0\] = -1 is outside"),
+      (layer.replace(group_ids=_edit(ids, 2, 4)), r"group_ids\[2\] = 4 is outside \[0, 4\)"),
+      (
+          layer.replace(group_ids=_edit(ids, 1, ids[0])),
+          rf"group_ids must be strictly increasing .*group_ids\[1\] = {ids[0]} follows",
+      ),
+      (
+          layer.replace(values=np.asarray(layer.values)[:, :, :2]),
+          r"values must be \(n_groups, k, 4\)",
+      ),
+      (
+          layer.replace(values=np.asarray(layer.values)[:, :, 0]),
+          r"values must be \(n_groups, k, 4\)",
+      ),
+      (layer.replace(indices=np.asarray(layer.indices)[:, :2]), r"indices has shape \(3, 2\)"),
+      (layer.replace(group_ids=ids[:2]), r"group_ids must be \(3,\) integers"),
+      (layer.replace(indices=np.asarray(layer.indices, np.float32)), r"indices must be integers"),
+      (layer.replace(bias=np.zeros(15, np.float32)), r"bias has shape \(15,\)"),
+      (layer.replace(out_features=18), r"group_size = 4 must be >= 1 and divide the 18 outputs"),
+  ]
+  for bad, want in cases:
+    with pytest.raises(ValueError, match=r"^layer 'd': " + want):
+      bad.validate("layer 'd'")
+
+
+def test_validate_grouped_conv_checks_taps_ids_and_geometry():
+  layer, _ = grouped_conv(_rng("validate conv"), 3, 3, 2, 8, 4, 5, 2, padding="SAME")
+  assert layer.validate("layer 'c'") is layer
+  cases = [
+      (
+          layer.replace(taps=_edit(layer.taps, (1, 4), 18)),
+          r"taps\[1, 4\] = 18 is outside \[0, 18\)",
+      ),
+      (
+          layer.replace(group_ids=np.asarray([1, 0], np.int32)),
+          r"group_ids must be strictly increasing",
+      ),
+      (
+          layer.replace(group_ids=np.asarray([0, 2], np.int32)),
+          r"group_ids\[1\] = 2 is outside \[0, 2\)",
+      ),
+      (layer.replace(strides=(0, 1)), r"kernel size .* must all be at least 1"),
+      (
+          layer.replace(values=np.asarray(layer.values)[:, :, :1]),
+          r"values must be \(n_groups, k, 4\)",
+      ),
+  ]
+  for bad, want in cases:
+    with pytest.raises(ValueError, match=r"^layer 'c': " + want):
+      bad.validate("layer 'c'")

@@ -10,8 +10,12 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <new>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/ffi_operands.h"
 #include "common/isa_dispatch.h"
 #include "common/scratch.h"
@@ -35,6 +39,81 @@ struct ConvJob : PlaneJob {
   }
 };
 
+constexpr const char* kOp = "srigl condensed conv";
+
+ffi::Error CondensedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer taps,
+                         ffi::AnyBuffer values, ffi::Buffer<ffi::S32> neuron_ids,
+                         ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, int64_t kh,
+                         int64_t kw, int64_t sh, int64_t sw, int64_t pad_top,
+                         int64_t pad_bottom, int64_t pad_left, int64_t pad_right,
+                         int64_t max_threads, int64_t isa) {
+  const auto xd = x.dimensions();
+  const auto yd = y->dimensions();
+  if (xd.size() != 4) {
+    return Invalid(kOp, "x must be rank 4 (batch, h, w, cin), got shape " + ShapeString(xd));
+  }
+  if (yd.size() != 4) {
+    return Invalid(kOp, "y must be rank 4 (batch, oh, ow, cout), got shape " + ShapeString(yd));
+  }
+  auto job = std::make_shared<ConvJob>();
+  ConvProblem& p = job->p;
+  const int64_t xdims[4] = {xd[0], xd[1], xd[2], xd[3]};
+  const int64_t ydims[4] = {yd[0], yd[1], yd[2], yd[3]};
+  if (std::string why = SetConvGeometry(p, x.typed_data(), xdims, ydims, y->typed_data(), kh,
+                                        kw, sh, sw, pad_top, pad_bottom, pad_left, pad_right);
+      !why.empty()) {
+    return Invalid(kOp, why);
+  }
+  if (ffi::Error error = ReadWeights(kOp, "taps", taps, values, neuron_ids, bias, p.cout, &p);
+      error.failure()) {
+    return error;
+  }
+  job->kernels = KernelsFor<ConvKernels>(isa);
+  if (job->kernels == nullptr) {
+    return Invalid(kOp,
+                   "the requested instruction set is not available in this build or on "
+                   "this CPU");
+  }
+  // All taps at once (a vectorised pass over n_active * k entries, small
+  // next to the n_active * k * grid multiply-adds of the call).
+  const int64_t fan = kh * kw * p.cin;
+  if (!job->kernels->indices_below(p.idx, p.idx16, p.n_active * p.k, fan)) {
+    return Invalid(kOp, DescribeBadIndex("taps", p.idx, p.idx16, p.n_active, p.k, fan) +
+                            " (kh * kw * cin = " + std::to_string(kh) + " * " +
+                            std::to_string(kw) + " * " + std::to_string(p.cin) + ")");
+  }
+  // Nothing to compute.
+  if (p.batch == 0 || p.cout == 0) return ffi::Error::Success();
+  // Active rows per window of output channels (neuron_ids is strictly
+  // increasing within [0, cout), checked).
+  p.n_windows = (p.cout + kConvWindow - 1) / kConvWindow;
+  job->window_start.assign(p.n_windows + 1, static_cast<int32_t>(p.n_active));
+  for (int64_t j = p.n_active - 1; j >= 0; --j) {
+    job->window_start[p.ids[j] / kConvWindow] = static_cast<int32_t>(j);
+  }
+  // Windows without an active channel start where the next window does.
+  for (int64_t a = p.n_windows - 1; a >= 0; --a) {
+    job->window_start[a] = std::min(job->window_start[a], job->window_start[a + 1]);
+  }
+  p.window_start = job->window_start.data();
+  job->rows = sh * sw * p.cin;
+
+  const int64_t threads = ThreadBudget(pool, max_threads);
+  Plan(*job, threads);
+  if (!PlaneOffsetsFit(*job)) {
+    return Invalid(kOp, GeometryString(kh, kw, sh, sw, pad_top, pad_bottom, pad_left,
+                                       pad_right) +
+                            " on x of shape " + ShapeString(xd) +
+                            " needs plane offsets beyond 32 bits; split the batch or the image");
+  }
+  BuildTapTable(*job);
+  if (job->shared) {
+    job->planes = AlignedThreadScratch<SharedPlanesTag>(job->rows * job->ld);
+  }
+  RunOnPool(pool, threads, job);
+  return ffi::Error::Success();
+}
+
 ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::AnyBuffer taps, ffi::AnyBuffer values,
                              ffi::Buffer<ffi::S32> neuron_ids,
@@ -44,95 +123,13 @@ ffi::Error CondensedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              int64_t pad_top, int64_t pad_bottom,
                              int64_t pad_left, int64_t pad_right,
                              int64_t max_threads, int64_t isa) {
-  const auto xd = x.dimensions();
-  const auto vd = values.dimensions();
-  const auto yd = y->dimensions();
-  if (xd.size() != 4 || vd.size() != 2 || yd.size() != 4) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: x and y must be rank 4, values rank 2");
+  try {
+    return CondensedConv(pool, x, taps, values, neuron_ids, bias, y, kh, kw, sh, sw, pad_top,
+                         pad_bottom, pad_left, pad_right, max_threads, isa);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(kOp) + ": out of memory for its work buffers");
   }
-  auto job = std::make_shared<ConvJob>();
-  ConvProblem& p = job->p;
-  if (ffi::Error error = ReadWeights("srigl condensed conv", "taps", taps,
-                                    values, neuron_ids, bias, &p);
-      error.failure()) {
-    return error;
-  }
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || pad_top < 0 || pad_bottom < 0 ||
-      pad_left < 0 || pad_right < 0) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: bad kernel size, stride or padding");
-  }
-  p.x = x.typed_data();
-  p.batch = xd[0];
-  p.h = xd[1];
-  p.w = xd[2];
-  p.cin = xd[3];
-  p.kh = kh;
-  p.kw = kw;
-  p.sh = sh;
-  p.sw = sw;
-  p.pad_top = pad_top;
-  p.pad_left = pad_left;
-  const int64_t hp = p.h + pad_top + pad_bottom;
-  const int64_t wp = p.w + pad_left + pad_right;
-  p.oh = (hp - kh) / sh + 1;
-  p.ow = (wp - kw) / sw + 1;
-  p.hq = (hp + sh - 1) / sh;
-  p.wq = (wp + sw - 1) / sw;
-  p.grid = p.batch * p.hq * p.wq;
-  p.tail = ((kh - 1) / sh) * p.wq + (kw - 1) / sw;
-  p.cout = yd[3];
-  p.y = y->typed_data();
-  if (hp < kh || wp < kw || yd[0] != p.batch || yd[1] != p.oh ||
-      yd[2] != p.ow ||
-      static_cast<int64_t>(bias.element_count()) != p.cout ||
-      static_cast<int64_t>(neuron_ids.element_count()) != p.n_active ||
-      static_cast<int64_t>(taps.element_count()) != p.n_active * p.k) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: inconsistent operand shapes or geometry");
-  }
-  if (p.batch == 0 || p.cout == 0 || p.oh <= 0 || p.ow <= 0) {
-    return ffi::Error::Success();
-  }
-  job->kernels = KernelsFor<ConvKernels>(isa);
-  if (job->kernels == nullptr) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: the requested instruction set is not "
-        "available in this build or on this CPU");
-  }
-  // Active rows per window of output channels; needs sorted, distinct ids.
-  p.n_windows = (p.cout + kConvWindow - 1) / kConvWindow;
-  job->window_start.assign(p.n_windows + 1, static_cast<int32_t>(p.n_active));
-  for (int64_t j = p.n_active - 1; j >= 0; --j) {
-    const int32_t c = p.ids[j];
-    if (c < 0 || c >= p.cout || (j > 0 && p.ids[j - 1] >= c)) {
-      return ffi::Error::InvalidArgument(
-          "srigl condensed conv: neuron_ids must be sorted, distinct and "
-          "below the number of output channels");
-    }
-    job->window_start[c / kConvWindow] = static_cast<int32_t>(j);
-  }
-  // Windows without an active channel start where the next window does.
-  for (int64_t a = p.n_windows - 1; a >= 0; --a) {
-    job->window_start[a] =
-        std::min(job->window_start[a], job->window_start[a + 1]);
-  }
-  p.window_start = job->window_start.data();
-  job->rows = sh * sw * p.cin;
-
-  const int64_t threads = ThreadBudget(pool, max_threads);
-  Plan(*job, threads);
-  if (job->rows * job->ld > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument(
-        "srigl condensed conv: input too large for 32-bit plane offsets");
-  }
-  BuildTapTable(*job);
-  if (job->shared) {
-    job->planes = AlignedThreadScratch<SharedPlanesTag>(job->rows * job->ld);
-  }
-  RunOnPool(pool, threads, job);
-  return ffi::Error::Success();
 }
 
 }  // namespace

@@ -8,9 +8,11 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/grouped_operands.h"
 #include "common/isa_dispatch.h"
 #include "common/work.h"
@@ -37,11 +39,7 @@ struct GroupedConvJob : PlaneJob {
   }
 };
 
-ffi::Error Invalid(const std::string& why) {
-  return ffi::Error::InvalidArgument(std::string(kOp) + ": " + why);
-}
-
-ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+ffi::Error GroupedConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::AnyBuffer taps, ffi::AnyBuffer values,
                            ffi::Buffer<ffi::S32> group_ids,
                            ffi::Buffer<ffi::F32> bias,
@@ -51,14 +49,20 @@ ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            int64_t pad_right, int64_t max_threads, int64_t isa) {
   const auto xd = x.dimensions();
   const auto yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4) return Invalid("x and y must be rank 4 (NHWC)");
+  if (xd.size() != 4) {
+    return Invalid(kOp, "x must be rank 4 (batch, h, w, cin), got shape " + ShapeString(xd));
+  }
+  if (yd.size() != 4) {
+    return Invalid(kOp, "y must be rank 4 (batch, oh, ow, cout), got shape " + ShapeString(yd));
+  }
   auto job = std::make_shared<GroupedConvJob>();
   ConvProblem& p = job->p;
   const int64_t xdims[4] = {xd[0], xd[1], xd[2], xd[3]};
   const int64_t ydims[4] = {yd[0], yd[1], yd[2], yd[3]};
-  if (!SetConvGeometry(p, x.typed_data(), xdims, ydims, y->typed_data(), kh, kw, sh,
-                       sw, pad_top, pad_bottom, pad_left, pad_right)) {
-    return Invalid("kernel size, strides and padding do not map x onto y");
+  if (std::string why = SetConvGeometry(p, x.typed_data(), xdims, ydims, y->typed_data(), kh,
+                                        kw, sh, sw, pad_top, pad_bottom, pad_left, pad_right);
+      !why.empty()) {
+    return Invalid(kOp, why);
   }
   GroupedWeights& w = job->gp.w;
   if (ffi::Error error = ReadGroupedWeights(kOp, "taps", taps, values, group_ids, bias,
@@ -70,7 +74,9 @@ ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   job->kernels = KernelsFor<ConvKernels>(isa);
   job->grouped = KernelsFor<GroupedConvKernels>(isa);
   if (job->kernels == nullptr || job->grouped == nullptr) {
-    return Invalid("the requested instruction set is not available in this build or on this CPU");
+    return Invalid(kOp,
+                   "the requested instruction set is not available in this build or on "
+                   "this CPU");
   }
   // The plain fields the plan and the window store read: the work (active
   // channels x taps), the bias; the plain weights stay unset.
@@ -100,8 +106,11 @@ ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
   const int64_t threads = ThreadBudget(pool, max_threads);
   Plan(*job, threads);
-  if (job->rows * job->ld > std::numeric_limits<int32_t>::max()) {
-    return Invalid("input too large for 32-bit plane offsets");
+  if (!PlaneOffsetsFit(*job)) {
+    return Invalid(kOp, GeometryString(kh, kw, sh, sw, pad_top, pad_bottom, pad_left,
+                                       pad_right) +
+                            " on x of shape " + ShapeString(xd) +
+                            " needs plane offsets beyond 32 bits; split the batch or the image");
   }
   BuildTapTable(*job);
   if (job->shared) {
@@ -109,6 +118,23 @@ ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   RunOnPool(pool, threads, job);
   return ffi::Error::Success();
+}
+
+ffi::Error GroupedConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::AnyBuffer taps, ffi::AnyBuffer values,
+                           ffi::Buffer<ffi::S32> group_ids,
+                           ffi::Buffer<ffi::F32> bias,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw,
+                           int64_t sh, int64_t sw, int64_t pad_top,
+                           int64_t pad_bottom, int64_t pad_left,
+                           int64_t pad_right, int64_t max_threads, int64_t isa) {
+  try {
+    return GroupedConv(pool, x, taps, values, group_ids, bias, y, kh, kw, sh, sw, pad_top,
+                       pad_bottom, pad_left, pad_right, max_threads, isa);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(kOp) + ": out of memory for its work buffers");
+  }
 }
 
 }  // namespace

@@ -206,7 +206,7 @@ void BuildPlanes(const ConvProblem& p, int64_t q0, int64_t q1, int64_t base,
 template <>
 const ConvKernels& KernelTable<ConvKernels, Isa::SRIGL_ISA>() {
   static const ConvKernels kernels = {SRIGL_ISA::kBlock, &SRIGL_ISA::BuildPlanes,
-                                      &SRIGL_ISA::Compute};
+                                      &SRIGL_ISA::Compute, &SRIGL_ISA::IndicesBelow};
   return kernels;
 }
 

@@ -60,6 +60,10 @@ struct ConvKernels {
   void (*compute)(const ConvProblem& p, const float* planes,
                   const int32_t* table, int64_t base, int64_t q0, int64_t q1,
                   int64_t w0, int64_t w1, float* scratch);
+  // Whether all n entries of an index array (int16 if idx16, else int32)
+  // lie in [0, limit): the handler checks the taps with it, since compute
+  // reads the table through them unchecked.
+  bool (*indices_below)(const void* idx, bool idx16, int64_t n, int64_t limit);
 };
 
 constexpr int64_t kConvWindow = 16;

@@ -20,8 +20,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
+#include <string>
+#include <utility>
 #include <vector>
 
+#include "common/checks.h"
 #include "common/scratch.h"
 #include "common/work.h"
 #include "conv/kernels.h"
@@ -131,8 +135,12 @@ constexpr int64_t kItemsPerThread = 4;
 inline void Plan(PlaneJob& job, int64_t threads) {
   const ConvProblem& p = job.p;
   const int64_t block = job.kernels->block;
-  const int64_t work =
-      std::max<int64_t>(1, std::max<int64_t>(1, p.n_active) * p.k * p.grid);
+  // Multiply-adds of the call, saturating (only the split depends on it).
+  const int64_t row_work = std::max<int64_t>(1, std::max<int64_t>(1, p.n_active) * p.k);
+  const int64_t columns = std::max<int64_t>(1, p.grid);
+  const int64_t work = row_work > std::numeric_limits<int64_t>::max() / columns
+                           ? std::numeric_limits<int64_t>::max()
+                           : row_work * columns;
   const int64_t want = std::max<int64_t>(
       1, std::min(threads * kItemsPerThread, work / kMinItemWork));
   const int64_t grid_blocks = (p.grid + block - 1) / block;
@@ -170,41 +178,99 @@ inline void Plan(PlaneJob& job, int64_t threads) {
   job.queue.items = job.build_items + job.q_chunks * job.w_chunks;
 }
 
-// Sets the geometry of a call on NHWC x of dims xd (and the output y of dims
-// yd) with kernel (kh, kw), strides (sh, sw) and the pads; false when they
-// do not describe a valid convolution of x onto y.
-inline bool SetConvGeometry(ConvProblem& p, const float* x,
-                            const int64_t* xd, const int64_t* yd, float* y,
-                            int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                            int64_t pad_top, int64_t pad_bottom,
-                            int64_t pad_left, int64_t pad_right) {
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || pad_top < 0 || pad_bottom < 0 ||
-      pad_left < 0 || pad_right < 0) {
-    return false;
+// "a 3x3 kernel with strides (1, 1) and padding ((1, 1), (1, 1))", for
+// error messages.
+inline std::string GeometryString(int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                  int64_t pad_top, int64_t pad_bottom, int64_t pad_left,
+                                  int64_t pad_right) {
+  return "a " + std::to_string(kh) + "x" + std::to_string(kw) + " kernel with strides (" +
+         std::to_string(sh) + ", " + std::to_string(sw) + ") and padding ((" +
+         std::to_string(pad_top) + ", " + std::to_string(pad_bottom) + "), (" +
+         std::to_string(pad_left) + ", " + std::to_string(pad_right) + "))";
+}
+
+// The geometry attributes: "name = v is outside [lo, hi)" when v is not in
+// [lo, 2^31 - 1]. Within that range no product below overflows int64 before
+// it is checked.
+inline std::string AttrProblem(const char* name, int64_t v, int64_t lo) {
+  if (v >= lo && v <= kInt32Max) return "";
+  return OutsideRange(name, v, lo, kInt32Max + 1);
+}
+
+// Sets the geometry of a call on NHWC x of dims xd onto y of dims yd (both
+// rank 4, checked by the caller) with kernel (kh, kw), strides (sh, sw) and
+// the pads, and returns "" when they describe a valid convolution whose
+// tap table (kh * kw * cin entries), plane rows and grid fit int32; else
+// why not. Sets every field of p but the weights and the windows.
+inline std::string SetConvGeometry(ConvProblem& p, const float* x, const int64_t* xd,
+                                   const int64_t* yd, float* y, int64_t kh, int64_t kw,
+                                   int64_t sh, int64_t sw, int64_t pad_top,
+                                   int64_t pad_bottom, int64_t pad_left, int64_t pad_right) {
+  const std::pair<const char*, int64_t> sizes[] = {{"kh", kh}, {"kw", kw}, {"sh", sh},
+                                                   {"sw", sw}};
+  for (const auto& [name, v] : sizes) {
+    if (std::string why = AttrProblem(name, v, 1); !why.empty()) return why;
   }
+  const std::pair<const char*, int64_t> pads[] = {{"pad_top", pad_top},
+                                                  {"pad_bottom", pad_bottom},
+                                                  {"pad_left", pad_left},
+                                                  {"pad_right", pad_right}};
+  for (const auto& [name, v] : pads) {
+    if (std::string why = AttrProblem(name, v, 0); !why.empty()) return why;
+  }
+  const std::vector<int64_t> xs(xd, xd + 4), ys(yd, yd + 4);
   p.x = x;
   p.batch = xd[0];
   p.h = xd[1];
   p.w = xd[2];
   p.cin = xd[3];
+  if (p.cin < 1) return "x has shape " + ShapeString(xs) + ": no input channels";
   p.kh = kh;
   p.kw = kw;
   p.sh = sh;
   p.sw = sw;
   p.pad_top = pad_top;
   p.pad_left = pad_left;
+  const std::string geometry =
+      GeometryString(kh, kw, sh, sw, pad_top, pad_bottom, pad_left, pad_right);
   const int64_t hp = p.h + pad_top + pad_bottom;
   const int64_t wp = p.w + pad_left + pad_right;
-  if (hp < kh || wp < kw) return false;
+  if (hp < kh || wp < kw) {
+    return geometry + " does not fit x of shape " + ShapeString(xs) + " (padded " +
+           std::to_string(hp) + "x" + std::to_string(wp) + ")";
+  }
   p.oh = (hp - kh) / sh + 1;
   p.ow = (wp - kw) / sw + 1;
   p.hq = (hp + sh - 1) / sh;
   p.wq = (wp + sw - 1) / sw;
-  p.grid = p.batch * p.hq * p.wq;
-  p.tail = ((kh - 1) / sh) * p.wq + (kw - 1) / sw;
+  if (yd[0] != p.batch || yd[1] != p.oh || yd[2] != p.ow) {
+    return "y has shape " + ShapeString(ys) + " but " + geometry + " on x of shape " +
+           ShapeString(xs) + " gives (" + std::to_string(p.batch) + ", " +
+           std::to_string(p.oh) + ", " + std::to_string(p.ow) + ", cout)";
+  }
   p.cout = yd[3];
   p.y = y;
-  return yd[0] == p.batch && yd[1] == p.oh && yd[2] == p.ow;
+  // Flat (dy, dx, c) taps index a table of kh * kw * cin run starts, and
+  // every run start, and so every plane offset, must fit an int32.
+  int64_t fan = 0, rows = 0, image = 0, grid = 0, tail = 0;
+  const bool fits = MulFits(kh * kw, p.cin, &fan) && fan <= kInt32Max &&
+                    MulFits(sh * sw, p.cin, &rows) && rows <= kInt32Max &&
+                    MulFits(p.hq, p.wq, &image) && MulFits(p.batch, image, &grid) &&
+                    grid <= kInt32Max && MulFits((kh - 1) / sh, p.wq, &tail) &&
+                    tail <= kInt32Max;
+  if (!fits) {
+    return geometry + " on x of shape " + ShapeString(xs) +
+           " needs plane offsets beyond 32 bits; split the batch or the image";
+  }
+  p.grid = grid;
+  p.tail = tail + (kw - 1) / sw;
+  return "";
+}
+
+// Whether the planes of job's plan (rows x ld floats) have int32 offsets.
+inline bool PlaneOffsetsFit(const PlaneJob& job) {
+  int64_t plane_floats = 0;
+  return MulFits(job.rows, job.ld, &plane_floats) && plane_floats <= kInt32Max;
 }
 
 // Fills job.table: the start of every flat (dy, dx, c) tap's run in planes

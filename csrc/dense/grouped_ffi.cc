@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <new>
+#include <string>
 #include <vector>
 
 #include "common/grouped_operands.h"
@@ -127,12 +129,10 @@ void Plan(GroupedJob& job, int64_t threads) {
   job.queue.items = job.tiles * job.chunks;
 }
 
-ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::AnyBuffer indices, ffi::AnyBuffer values,
-                             ffi::Buffer<ffi::S32> group_ids,
-                             ffi::Buffer<ffi::F32> bias,
-                             ffi::ResultBuffer<ffi::F32> y, int64_t max_threads,
-                             int64_t isa) {
+ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::AnyBuffer indices, ffi::AnyBuffer values,
+                         ffi::Buffer<ffi::S32> group_ids, ffi::Buffer<ffi::F32> bias,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t max_threads, int64_t isa) {
   const auto xd = x.dimensions();
   const auto yd = y->dimensions();
   if (xd.size() != 2 || yd.size() != 2 || yd[0] != xd[0]) {
@@ -172,6 +172,20 @@ ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (job->tile == 0) job->Bias(0, p.batch);
   RunOnPool(pool, threads, job);
   return ffi::Error::Success();
+}
+
+ffi::Error GroupedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::AnyBuffer indices, ffi::AnyBuffer values,
+                             ffi::Buffer<ffi::S32> group_ids,
+                             ffi::Buffer<ffi::F32> bias,
+                             ffi::ResultBuffer<ffi::F32> y, int64_t max_threads,
+                             int64_t isa) {
+  try {
+    return GroupedMatmul(pool, x, indices, values, group_ids, bias, y, max_threads, isa);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      std::string(kOp) + ": out of memory for its work buffers");
+  }
 }
 
 }  // namespace

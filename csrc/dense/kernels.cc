@@ -244,7 +244,8 @@ constexpr int64_t kMaxTile = kW == 8 ? 32 : 64;
 template <>
 const DenseKernels& KernelTable<DenseKernels, Isa::SRIGL_ISA>() {
   static const DenseKernels kernels = {&SRIGL_ISA::GemvRows, &SRIGL_ISA::TransposeTile,
-                                       &SRIGL_ISA::TileRows, SRIGL_ISA::kMaxTile};
+                                       &SRIGL_ISA::TileRows, SRIGL_ISA::kMaxTile,
+                                       &SRIGL_ISA::IndicesBelow};
   return kernels;
 }
 

@@ -33,6 +33,10 @@ struct DenseKernels {
                     int64_t b0, int64_t j0, int64_t j1);
   // Widest batch tile to use (16, 32 or 64).
   int64_t max_tile;
+  // Whether all n entries of an index array (int16 if idx16, else int32)
+  // lie in [0, limit). The kernels above trust their indices; the handler
+  // runs this on the rows of a work item before the item reads through them.
+  bool (*indices_below)(const void* idx, bool idx16, int64_t n, int64_t limit);
 };
 
 SRIGL_DECLARE_KERNEL_TABLES(DenseKernels);

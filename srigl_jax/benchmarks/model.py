@@ -255,8 +255,12 @@ def plot(records, path):
   fig.savefig(path, dpi=110)
 
 
-def _run(fv: flags.FlagValues):
-  """Records of every model (or of the trained run) at every batch size."""
+def _run(fv: flags.FlagValues, done=lambda records: None):
+  """Records of every model (or of the trained run) at every batch size.
+
+  ``done(records)`` gets the records so far after each model, so that a run
+  cut short by a time limit keeps the finished models.
+  """
   batches = [int(b) for b in fv["batch-sizes"].value]
   budget_s = fv["budget-s"].value
   if fv.workdir:
@@ -278,6 +282,7 @@ def _run(fv: flags.FlagValues):
       for r in recs:
         r["ablation"] = abl
       records += recs
+      done(records)
   return records
 
 
@@ -319,8 +324,6 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
 def _main(argv: Sequence[str], fv: flags.FlagValues) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  with timing.sync_cpu_dispatch():
-    records = _run(fv)
   meta = {
       "cpu": timing.cpu_model(),
       "native_isa": C.native_isas().get("auto", "unavailable"),
@@ -328,11 +331,17 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> None:
       "jax": jax.__version__,
       "async_dispatch": False,
   }
-  for r in records:
-    r.update(meta)
-  if fv.json:
-    with open(fv.json, "w") as f:
-      json.dump(records, f, indent=1)
+
+  def write(records):
+    for r in records:
+      r.update(meta)
+    if fv.json:
+      with open(fv.json, "w") as f:
+        json.dump(records, f, indent=1)
+
+  with timing.sync_cpu_dispatch():
+    records = _run(fv, write)
+  write(records)
   if fv.plot:
     plot(records, fv.plot)
 

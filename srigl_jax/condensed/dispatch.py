@@ -1,9 +1,12 @@
 """`condensed_matmul` and `condensed_conv`: the public entry points, which pick a kernel.
 
 They check their input against the layer once, here, and hand the kernels a
-layer set up for it (for a conv: with the `ConvGeometry` of the input size);
-the kernels trust what they are given. Each format (plain or grouped) has its
-own kernels; the layer's type picks them.
+layer set up for it (for a conv: with the `ConvGeometry` of the input size).
+Each format (plain or grouped) has its own kernels; the layer's type picks
+them. An empty batch gets an empty result without a kernel call. The XLA and
+Pallas kernels trust the layer's arrays, which ``validate()`` checks once
+where a layer comes from outside (`convert_model`, the serving loader); the
+native kernels check them on every call and refuse what is out of range.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 
 from srigl_jax.condensed import _native_lib
 from srigl_jax.condensed.conv import (
@@ -95,6 +99,11 @@ def _notice_fallback() -> None:
     )
 
 
+def _out_dtype(x: jax.Array, layer) -> jnp.dtype:
+  """What every kernel returns: the promoted dtype of the input and the values."""
+  return jnp.result_type(x.dtype, layer.values.dtype)
+
+
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
   """The concrete kernel that ``impl`` means on ``backend``.
 
@@ -153,7 +162,11 @@ def condensed_matmul(
   """
   kernels = _kernels(_MATMUL, layer, "condensed_matmul")
   layer = layer.for_input(x.shape, name)
-  return kernels[resolve_impl(impl)](x, layer)
+  which = resolve_impl(impl)
+  if 0 in x.shape[:-1]:
+    # An empty batch: no kernel is called (some cannot size their work for it).
+    return jnp.zeros((*x.shape[:-1], layer.out_features), _out_dtype(x, layer))
+  return kernels[which](x, layer)
 
 
 def condensed_conv(
@@ -191,6 +204,10 @@ def condensed_conv(
   kernels = _kernels(_CONV, layer, "condensed_conv")
   layer = layer.for_input(x.shape, name)
   which = resolve_impl(impl)
+  if x.shape[0] == 0:
+    # An empty batch: no kernel is called (some cannot size their work for it).
+    geo = layer.geometry_for(x.shape)
+    return jnp.zeros((0, geo.oh, geo.ow, layer.out_channels), _out_dtype(x, layer))
   if which == "pallas" and impl == "auto":
     return condensed_conv_reference(x, layer, precision=None)
   return kernels[which](x, layer)

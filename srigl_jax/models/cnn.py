@@ -1,5 +1,6 @@
 """A small convolutional network for Fashion-MNIST-sized inputs."""
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -28,5 +29,6 @@ class CNN(common.Classifier):
       x = nn.Conv(ch, (3, 3), padding='SAME', dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = x.reshape((x.shape[0], -1))
+    # The size spelled out: -1 cannot be inferred for a batch of 0.
+    x = x.reshape((x.shape[0], math.prod(x.shape[1:])))
     return nn.relu(nn.Dense(self.hidden_size, dtype=self.dtype, name='dense_0')(x))

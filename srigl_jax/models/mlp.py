@@ -1,5 +1,6 @@
 """Multi-layer perceptron for small image datasets (MNIST / Fashion-MNIST)."""
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -21,7 +22,8 @@ class MLP(common.Classifier):
   @nn.nowrap
   def backbone(self, x, train):
     del train
-    x = x.reshape((x.shape[0], -1))
+    # The size spelled out: -1 cannot be inferred for a batch of 0.
+    x = x.reshape((x.shape[0], math.prod(x.shape[1:])))
     for i, width in enumerate(self.hidden_sizes):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, name=f'dense_{i}')(x))
     return x

@@ -54,6 +54,7 @@ class InferenceModel:
     kind: 'condensed' or 'dense'.
     input_shape: (H, W, C) of one input.
     input_dtype: the dtype of the input.
+    num_classes: the number of logits.
     impl: the kernel choice ('auto': the fastest for the device).
     module: the Flax module.
     variables: the (converted) variables.
@@ -65,6 +66,7 @@ class InferenceModel:
     self.kind = manifest['kind']
     self.input_shape = tuple(manifest['input']['shape'])
     self.input_dtype = np.dtype(manifest['input']['dtype'])
+    self.num_classes = int(manifest['model']['num_classes'])
     self.impl = impl
     self.module = model
     self.variables = variables
@@ -77,6 +79,8 @@ class InferenceModel:
 
   def __call__(self, x) -> jax.Array:
     """Float32 logits (N, num_classes) of preprocessed input (N, *input_shape).
+
+    A batch of 0 gives an empty (0, num_classes) result.
 
     Raises:
       ValueError: wrong shape or dtype (raw images: use `preprocess` first).
@@ -101,6 +105,9 @@ class InferenceModel:
           'images go through model.preprocess(raw); add a batch axis for one '
           'example (x[None]).'
       )
+    if x.shape[0] == 0:
+      # Nothing to compute; the kernels are never called on an empty batch.
+      return jnp.zeros((0, self.num_classes), jnp.float32)
     return self._fn(self.variables, x)
 
   def preprocess(self, raw) -> np.ndarray:

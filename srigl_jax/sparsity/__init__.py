@@ -3,6 +3,7 @@
 from srigl_jax.sparsity.layers import (
     DEFAULT_NO_ABLATION,
     LayerSpec,
+    NoSparseLayerError,
     SparseArgumentError,
     build_layer_specs,
     default_fan_in_axes,
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_NO_ABLATION",
     "METHODS",
     "LayerSpec",
+    "NoSparseLayerError",
     "SparseArgumentError",
     "SparseState",
     "apply_masks",

@@ -3,6 +3,12 @@
 Everything here is static Python computed from the parameter *shapes*; it is
 derived once when the sparse optimizer is initialised and travels with its
 state as static pytree metadata (no arrays).
+
+Parameters are found by their '/'-joined key paths ('linear1/kernel'). A Flax
+NNX state holds each array inside an `nnx.Variable`, which adds the Variable's
+`value` attribute to every path; `unwrap_variables` takes the arrays out once,
+at the entry points of the sparse optimizer, so Linen params and NNX states
+give the same paths and the same trees.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import fractions
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +50,82 @@ class SparseArgumentError(ValueError):
     self.argument = argument
 
 
+class NoSparseLayerError(SparseArgumentError):
+  """Sparsity > 0 was asked for, but no parameter is selected as sparse.
+
+  Training would silently stay dense. `argument` is 'sparse_rule', or
+  'dense_layers' when the rule matched kernels that dense_layers all kept
+  dense.
+  """
+
+
+def _nnx_variable_type() -> type | None:
+  # No NNX tree can exist before flax.nnx is imported, and Linen users should
+  # not pay for importing it.
+  nnx = sys.modules.get("flax.nnx")
+  return None if nnx is None else nnx.Variable
+
+
+def _variable_value(variable: Any) -> Any:
+  # flax 0.12 deprecates the `.value` property in favour of `get_value()`.
+  get_value = getattr(variable, "get_value", None)
+  return get_value() if get_value is not None else variable.value
+
+
+def unwrap_variables(tree: Any) -> Any:
+  """`tree` with every Flax NNX Variable replaced by the value it holds.
+
+  `nnx.state(model, nnx.Param)` holds `nnx.Param` Variables, and
+  `nnx.Optimizer` keeps its optimizer state in `OptArray`/`OptVariable`s,
+  while `nnx.Optimizer.update` hands the transformation plain arrays
+  (`nnx.as_pure`). Unwrapping at every entry point makes all of these one
+  layout: paths without the Variable's `value` attribute, and an optimizer
+  state that does not depend on how `init` was called.
+
+  Args:
+    tree: any pytree.
+
+  Returns:
+    The same tree with each Variable replaced by its value; `tree` itself
+    when it holds no Variable (Linen params).
+  """
+  variable = _nnx_variable_type()
+  if variable is None:
+    return tree
+  is_variable = lambda x: isinstance(x, variable)
+  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_variable)
+  if not any(is_variable(x) for x in leaves):
+    return tree
+  return jax.tree.unflatten(treedef, [_variable_value(x) if is_variable(x) else x for x in leaves])
+
+
+def rewrap_variables(like: Any, values: Any) -> Any:
+  """`values` in the layout of `like`: the inverse of `unwrap_variables`.
+
+  Args:
+    like: a tree that may hold Flax NNX Variables (e.g. `nnx.state(model,
+      nnx.Param)`).
+    values: `unwrap_variables(like)`-shaped tree of new values.
+
+  Returns:
+    `values` with each value put back into a copy of the Variable `like` holds
+    at its place (same type and metadata), so that e.g. `nnx.update(model,
+    ...)` or `optax.apply_updates(like, ...)` takes it; `values` itself when
+    `like` holds no Variable.
+  """
+  variable = _nnx_variable_type()
+  if variable is None:
+    return values
+  is_variable = lambda x: isinstance(x, variable)
+  leaves, treedef = jax.tree.flatten(like, is_leaf=is_variable)
+  if not any(is_variable(x) for x in leaves):
+    return values
+  new = treedef.flatten_up_to(values)
+  return jax.tree.unflatten(
+      treedef, [v.replace(x) if is_variable(v) else x for v, x in zip(leaves, new)]
+  )
+
+
 def path_str(key_path: Sequence[Any]) -> str:
   """Turns a jax key path into 'a/b/kernel'."""
   parts = []
@@ -71,6 +154,11 @@ def dense_only_rule(path: str, shape: tuple[int, ...]) -> bool:
 SPARSE_RULES: dict[str, SparseRule] = {
     "kernels": kernels_rule,
     "dense_only": dense_only_rule,
+}
+# What each named rule selects, for error messages.
+_RULE_TEXT = {
+    "kernels": "every leaf named 'kernel' of rank >= 2",
+    "dense_only": "every leaf named 'kernel' of rank 2",
 }
 
 
@@ -315,7 +403,8 @@ def build_layer_specs(
   """Decides the sparse layers of a params tree and their budgets.
 
   Args:
-    params: params pytree (arrays or ShapeDtypeStructs).
+    params: params pytree (arrays or ShapeDtypeStructs), e.g. Linen params or
+      a Flax NNX state `nnx.state(model, nnx.Param)`.
     sparsity: global sparsity in [0, 1).
     distribution: 'uniform' or 'erk'.
     erk_power_scale: ERK exponent.
@@ -333,6 +422,8 @@ def build_layer_specs(
     density is 1 (sparsity 0, or made dense by ERK) are left out.
 
   Raises:
+    NoSparseLayerError: sparsity > 0 but no leaf is selected as sparse (the
+      rule matched nothing, or dense_layers kept every match dense).
     ValueError: on bad arguments, a layer whose fan-in would reach 0 (or,
       grouped without constant fan-in, whose budget is below one group entry
       of G weights), or a group_size > 1 that divides no sparse layer's width.
@@ -351,21 +442,19 @@ def build_layer_specs(
   dense_pats = _compile_patterns(dense_layers, "dense_layers")
   abl_pats = _compile_patterns(no_ablation, "no_ablation")
 
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  shapes: dict[str, tuple[int, ...]] = {}
-  for kp, leaf in leaves:
-    path = path_str(kp)
-    shape = tuple(int(d) for d in np.shape(leaf))
-    if not rule(path, shape):
-      continue
-    if any(p.search(path) for p in dense_pats):
-      continue
-    shapes[path] = shape
+  leaves = jax.tree_util.tree_leaves_with_path(unwrap_variables(params))
+  seen = {path_str(kp): tuple(int(d) for d in np.shape(leaf)) for kp, leaf in leaves}
+  matched = {path: shape for path, shape in seen.items() if rule(path, shape)}
+  shapes = {
+      path: shape for path, shape in matched.items() if not any(p.search(path) for p in dense_pats)
+  }
   for p in dense_pats:
-    if not any(p.search(path_str(kp)) for kp, _ in leaves):
+    if not any(p.search(path) for path in seen):
       logging.warning("dense_layers pattern %r matches no parameter.", p.pattern)
-  if not shapes or sparsity == 0.0:
+  if sparsity == 0.0:
     return {}
+  if not shapes:
+    raise _no_sparse_layer_error(sparsity, sparse_rule, dense_layers, seen, matched)
 
   if distribution == "uniform":
     d = _density_from_sparsity(sparsity)
@@ -401,6 +490,44 @@ def build_layer_specs(
   if group_size > 1 and specs:
     _check_groups(specs, group_size)
   return specs
+
+
+def _listing(paths: Mapping[str, tuple[int, ...]], limit: int = 6) -> str:
+  shown = ", ".join(f"'{p}' {s}" for p, s in list(paths.items())[:limit])
+  more = len(paths) - limit
+  return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def _no_sparse_layer_error(
+    sparsity: float,
+    sparse_rule: str | SparseRule | None,
+    dense_layers: Sequence[str] | str | None,
+    seen: Mapping[str, tuple[int, ...]],
+    matched: Mapping[str, tuple[int, ...]],
+) -> NoSparseLayerError:
+  """Why no layer would be sparse: the rule, the paths it saw, and the fix."""
+  name = "kernels" if sparse_rule is None else sparse_rule
+  if isinstance(name, str):
+    rule = f"sparse_rule={name!r} ({_RULE_TEXT[name]})"
+  else:
+    rule = f"sparse_rule={getattr(name, '__qualname__', repr(name))}"
+  head = f"No layer to sparsify at sparsity={sparsity}: training would stay dense. "
+  dense_only = "or method='dense' (or sparsity=0) to train dense on purpose."
+  if matched:
+    return NoSparseLayerError(
+        "dense_layers",
+        f"{head}{rule} matched {len(matched)} parameter(s), but "
+        f"dense_layers={dense_layers!r} keeps every one dense: {_listing(matched)}. "
+        f"Fix: narrow dense_layers, {dense_only}",
+    )
+  saw = f"the {len(seen)} parameter(s) given: {_listing(seen)}" if seen else "an empty tree"
+  return NoSparseLayerError(
+      "sparse_rule",
+      f"{head}{rule} matched none of {saw}. Fix: pass the model's parameters "
+      "(Linen: variables['params']; Flax NNX: nnx.state(model, nnx.Param), or "
+      "nnx.Optimizer(model, tx, wrt=nnx.Param)), a sparse_rule callable (path, "
+      f"shape) -> bool that selects your kernels by these paths, {dense_only}",
+  )
 
 
 def _check_groups(specs: Mapping[str, LayerSpec], group_size: int) -> None:

@@ -18,6 +18,13 @@ mask column (notes section 10): every rule runs on (group, input) entries
 scored by the L1 norm over the group's neurons, so SRigL's budget, constant
 fan-in, prune, grow and ablation act per group. G = 1 runs the per-neuron code
 unchanged.
+
+Flax NNX works the same way: `nnx.Optimizer(model, tx, wrt=nnx.Param)`, or
+`tx.init(nnx.state(model, nnx.Param))` and `tx.update(grads, state, params)`
+on the states `nnx.grad` and `nnx.state` give. Every entry point takes the
+arrays out of the NNX Variables (`layers.unwrap_variables`), so the state holds
+plain arrays whichever way it was built, and hands back updates and params in
+the Variables they came in.
 """
 
 from __future__ import annotations
@@ -103,7 +110,17 @@ def _paths_tree(params: Any) -> Any:
 
 
 def find_sparse_state(tree: Any) -> SparseState:
-  """Finds the SparseState inside an optimizer state (or a TrainState)."""
+  """Finds the SparseState inside an optimizer state (or a TrainState).
+
+  Args:
+    tree: a tree holding exactly one SparseState: the state of the
+      transformation, of a chain or wrapper holding it, a Flax TrainState, or
+      the `opt_state` of an `nnx.Optimizer` (whose arrays are taken out of
+      their NNX Variables).
+
+  Returns:
+    The SparseState, holding plain arrays.
+  """
   found = [
       x
       for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, SparseState))
@@ -115,7 +132,7 @@ def find_sparse_state(tree: Any) -> SparseState:
         f"found {len(found)}. Pass the state returned by tx.init of a "
         "srigl/rigl/set_sparse/static_sparse transformation."
     )
-  return found[0]
+  return layers_lib.unwrap_variables(found[0])
 
 
 def with_counts_of(tree: Any, source: Any) -> Any:
@@ -142,27 +159,39 @@ def get_masks(opt_state: Any) -> Any:
   """Params-shaped tree of bool masks (None for dense leaves).
 
   Works on the state of the transformation itself, of any chain or wrapper
-  containing it, or on a Flax TrainState holding it.
+  containing it, on a Flax TrainState holding it, or on `nnx.Optimizer`'s
+  `opt_state` (then a `nnx.State` of arrays, with the paths of
+  `nnx.state(model, nnx.Param)`).
   """
   return find_sparse_state(opt_state).masks
 
 
 def apply_masks(params: Any, masks_or_state: Any) -> Any:
-  """Zeroes the masked weights of params."""
+  """Zeroes the masked weights of params.
+
+  Args:
+    params: params tree (Linen params, or `nnx.state(model, nnx.Param)`).
+    masks_or_state: the masks (`get_masks`), or a state holding them.
+
+  Returns:
+    params with masked weights zero, in the layout it came in (NNX Variables
+    included, so `nnx.update(model, apply_masks(...))` takes it).
+  """
   masks = _masks_of(masks_or_state)
-  return map_sparse(
+  masked = map_sparse(
       lambda m, p: jnp.where(m, p, jnp.zeros_like(p)),
       masks,
-      params,
+      layers_lib.unwrap_variables(params),
       dense_fn=lambda p: p,
   )
+  return layers_lib.rewrap_variables(params, masked)
 
 
 def _masks_of(masks_or_state: Any) -> Any:
   try:
     return get_masks(masks_or_state)
   except ValueError:
-    return masks_or_state
+    return layers_lib.unwrap_variables(masks_or_state)
 
 
 def sparse_init(params: Any, opt_state: Any, key: jax.Array, gain: float = math.sqrt(2.0)) -> Any:
@@ -174,16 +203,19 @@ def sparse_init(params: Any, opt_state: Any, key: jax.Array, gain: float = math.
   Dense leaves are returned unchanged.
 
   Args:
-    params: params tree.
+    params: params tree (Linen params, or `nnx.state(model, nnx.Param)`).
     opt_state: state containing the sparse optimizer's state.
     key: PRNG key.
     gain: sqrt(2) for ReLU networks.
 
   Returns:
-    The new params.
+    The new params, in the layout `params` came in: for an NNX state, a
+    state of the same Variables, to be written back with `nnx.update(model,
+    new_params)`.
   """
   state = find_sparse_state(opt_state)
   specs = state.layers.by_path()
+  like, params = params, layers_lib.unwrap_variables(params)
   paths = _paths_tree(params)
 
   def init_leaf(m, p, path):
@@ -195,7 +227,8 @@ def sparse_init(params: Any, opt_state: Any, key: jax.Array, gain: float = math.
     w = jnp.where(mm, w, 0.0).astype(p.dtype)
     return upd.from_matrix(w, spec)
 
-  return map_sparse(init_leaf, state.masks, params, paths, dense_fn=lambda p, _: p)
+  new = map_sparse(init_leaf, state.masks, params, paths, dense_fn=lambda p, _: p)
+  return layers_lib.rewrap_variables(like, new)
 
 
 def layer_stats(opt_state: Any) -> dict[str, dict[str, jax.Array]]:
@@ -363,7 +396,11 @@ def sparse_optimizer(
     grad_accumulation: average the grow score over this many mini-batches
       before each update (<= update_every).
     sparse_rule: which leaves are sparse: 'kernels' (Flax kernels of rank >= 2,
-      the default), 'dense_only', or a callable (path, shape) -> bool.
+      the default), 'dense_only', or a callable (path, shape) -> bool. Paths
+      are '/'-joined keys ('linear1/kernel'), the same for Linen params and
+      Flax NNX states (whose Variables are unwrapped first); `nnx.Linear`,
+      `nnx.Conv`, `nnx.LinearGeneral` and `nnx.MultiHeadAttention` name and
+      shape their kernels as Linen does, so they get the same fan-in axes.
     dense_layers: regexes (searched in '/'-joined paths) of kernels kept dense.
     no_ablation: regexes of layers exempt from ablation (classifier heads by
       default).
@@ -392,6 +429,9 @@ def sparse_optimizer(
   Raises:
     SparseArgumentError: an argument out of range (a `ValueError` whose
       `argument` attribute names it), at construction.
+    NoSparseLayerError: at `init`, sparsity > 0 but no parameter is selected
+      as sparse (a `SparseArgumentError` naming sparse_rule or dense_layers;
+      the message lists the paths seen and the fix).
     ValueError: a layer that cannot take the sparsity or the group_size, at
       `init`.
   """
@@ -433,6 +473,7 @@ def sparse_optimizer(
     return SparseLayers(tuple(specs.values()))
 
   def init_fn(params):
+    params = layers_lib.unwrap_variables(params)
     layers = specs_for(params)
     specs = layers.by_path()
     mask_key, state_key = jax.random.split(base_key)
@@ -527,6 +568,8 @@ def sparse_optimizer(
       raise ValueError(
           "The sparse optimizer needs the params: call " "tx.update(grads, state, params)."
       )
+    grads_like = grads
+    grads, state, params = map(layers_lib.unwrap_variables, (grads, state, params))
     specs = state.layers.by_path()
     masks = state.masks
     step = state.count + 1
@@ -595,7 +638,7 @@ def sparse_optimizer(
       inner_state = optax.tree_map_params(inner, _reset_where, inner_state, changed)
     else:
       new_masks = masks
-    updates = final_updates(new_masks, inner_updates)
+    updates = layers_lib.rewrap_variables(grads_like, final_updates(new_masks, inner_updates))
     return updates, SparseState(
         count=state.count + 1,
         masks=new_masks,

@@ -12,7 +12,8 @@ order, before any data is read:
   4. `optim.*` by the optimizer factory and `sparsity.*` by the sparse
      optimizer (`training.optimizer`);
   5. every sparse layer's fan-in, by `jax.eval_shape` of the init (the sparse
-     optimizer's init builds the layers' budgets).
+     optimizer's init builds the layers' budgets, and refuses sparsity > 0
+     that selects no layer).
 
 `with_dataset(run)` then opens the Dataset (this reads the data) and gives
 the learning-rate schedule its epoch length. Every failure of 1-5 is a
@@ -105,6 +106,10 @@ def _abstract_state(config, model, image_shape, init, init_key) -> TrainState:
   """`jax.eval_shape(init, init_key)`: the sparse optimizer's init checks every fan-in."""
   try:
     return jax.eval_shape(init, init_key)
+  except layers_lib.NoSparseLayerError as e:
+    raise config_lib.ConfigError(
+        f'{e} (config: --config.sparsity.{e.argument})', field=f'sparsity.{e.argument}'
+    ) from None
   except layers_lib.FanInError as e:
     x = jnp.zeros((1, *image_shape), jnp.float32)
     params = jax.eval_shape(

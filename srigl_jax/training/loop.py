@@ -6,12 +6,16 @@ over all devices and leaves in `workdir`:
   checkpoints/       orbax checkpoints (params, batch stats, optimizer state
                      with the masks, step; the run's fingerprint as metadata),
                      saved asynchronously; a second run of the same command
-                     resumes from the latest one, data order included. On
-                     SIGTERM the run saves the step it finished and returns
-                     (see `training.checkpointing`).
+                     resumes from the latest one that restores, data order
+                     included. On SIGTERM the run saves the step it finished
+                     and returns (see `training.checkpointing`).
+  trainer.lock       locked (flock) while a trainer runs here: a second one
+                     started on this workdir stops at once.
+  fingerprint.json   the run's fingerprint, readable without orbax.
   metrics.jsonl      one JSON object per line: {'step': ..., ...}.
   events.out.tfevents.*  the same scalars for TensorBoard.
-  config.json        the resolved config.
+  config.json        the resolved config (rewritten by a resume that the
+                     fingerprint accepts, never by a refused one).
   inference/         the condensed model, verified and timed (`srigl_jax.export`).
   accuracy.png, active_neurons.png, summary.json   written at the end.
 
@@ -24,7 +28,8 @@ path), `L/density`, `L/active_neurons`, `L/neurons`, `L/fan_in` (largest
 fan-in of a neuron), `L/min_fan_in` (smallest over active neurons); at every
 eval `eval_accuracy` and `eval_loss`.
 
-`preflight` runs every check before anything is compiled: `training.build`
+`train_and_evaluate` first locks the workdir (`checkpointing.workdir_lock`);
+`preflight` then runs every check before anything is compiled: `training.build`
 (the config, checked by the owner of each group, and every layer's fan-in),
 the workdir's checkpoints (`training.checkpointing.check_workdir`), and only
 then opens the Dataset. This module adds the mesh and shardings, the jitted
@@ -51,6 +56,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from srigl_jax import config_lib, export, reports
 from srigl_jax.serving.report import summary_line
@@ -279,17 +285,16 @@ class Trainer:
 
 
 def _initial_state(t: Trainer, ckpt: checkpointing.Checkpointer) -> TrainState:
-  """The newest checkpoint's state, or a fresh one."""
-  latest = ckpt.latest_step()
-  if latest is None:
+  """The newest checkpoint's state that restores (damaged ones skipped), or a fresh one."""
+  if ckpt.latest_step() is None:
     return jax.jit(t.run.init, out_shardings=t.state_sharding)(t.run.init_key)
   target = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       t.run.abstract_state,
       t.state_sharding,
   )
-  state = ckpt.restore(latest, target)
-  logging.info('Resumed from %s at step %d.', ckpt.directory, latest)
+  step, state = ckpt.restore_newest(target)
+  logging.info('Resumed from %s at step %d.', ckpt.directory, step)
   return state
 
 
@@ -457,8 +462,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Raises:
     ValueError: a workdir that is a URL, not a path.
+    checkpointing.WorkdirLockedError: another trainer uses the workdir
+      (before anything is built).
     config_lib.ConfigError: an invalid config (before anything is compiled).
     checkpointing.WorkdirMismatchError: the workdir holds another run.
+    checkpointing.DamagedWorkdirError: no checkpoint of the workdir restores,
+      or its fingerprint cannot be read.
     faults.NonFiniteError: the training loss or a gradient became NaN or
       infinite (a FloatingPointError).
     Exception: the export's error, after summary.json and the plots.
@@ -472,13 +481,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   workdir = os.path.abspath(workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
+  # Held until the end of the export: one trainer per workdir.
+  with checkpointing.workdir_lock(workdir):
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """`train_and_evaluate` once the workdir is locked."""
   t = preflight(config, workdir)
-  ckpt = checkpointing.Checkpointer(workdir, config)
-  state = _initial_state(t, ckpt)
-  writer = _open_writer(workdir, config, int(jax.device_get(state.step)))
-  _log_run(t)
-  progress = Progress(t.num_train_steps)
-  with ckpt:  # Waits for the last async save; SIGTERM handling while open.
+  # On the way out (a failed restore included) it waits for the last async
+  # save; SIGTERM is handled while it is open.
+  with checkpointing.Checkpointer(workdir, config) as ckpt:
+    state = _initial_state(t, ckpt)
+    writer = _open_writer(workdir, config, int(jax.device_get(state.step)))
+    _log_run(t)
+    progress = Progress(t.num_train_steps)
     state, step, last_eval = _train_loop(t, state, ckpt, writer, progress)
   if step >= t.num_train_steps and jax.process_index() == 0:
     _finish(t, state, step, last_eval, workdir, progress)
@@ -505,11 +522,17 @@ def preflight(
   Raises:
     config_lib.ConfigError: an invalid config, naming the field and the fix.
     checkpointing.WorkdirMismatchError: the workdir holds another run.
+    checkpointing.DamagedWorkdirError: checkpoints whose run cannot be told.
     data.DatasetNotFoundError, data.DataFormatError: the data.
   """
   mesh = create_mesh(config) if mesh is None else mesh
   run = build_lib.build(config, n_devices=mesh.devices.size, open_dataset=False)
   checkpointing.check_workdir(workdir, config, write=jax.process_index() == 0)
+  if jax.process_count() > 1:
+    # Every process has looked at checkpoints/ before process 0's Checkpointer
+    # may create it: orbax's managers pass different barriers for a folder
+    # they find and one they create, so all must find the same.
+    multihost_utils.sync_global_devices('srigl_jax: workdir checked')
   return Trainer.create(build_lib.with_dataset(run), mesh)
 
 

@@ -14,10 +14,13 @@ import abc
 import json
 import math
 import os
+import shutil
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 
 class MetricWriter(abc.ABC):
@@ -115,30 +118,60 @@ class NoOpWriter(MetricWriter):
     del step, scalars
 
 
-def _read_jsonl(path: str) -> tuple[list[dict[str, Any]], bool]:
-  """Records of a metrics.jsonl file and whether its last line was torn.
+def _read_jsonl(
+    path: str,
+) -> tuple[list[dict[str, Any]], list[tuple[int, str]], tuple[int, str] | None, bool]:
+  """Records of a metrics.jsonl file, its damaged lines, and its torn end.
 
   A process killed while its buffered writes reach the disk can leave half a
-  line at the end; that line is dropped (its step is trained again anyway).
+  line at the end (no newline after it): the torn end. It is kept only if it
+  happens to be a whole record. Any other line that is not a JSON object
+  (damaged on disk, or two writers interleaved) is damaged.
+
+  Returns:
+    (records, [(1-based line number, text)] of the damaged lines, (number,
+    text) of a torn last line that is not a record or None, whether the file
+    ends without a newline).
   """
   if not os.path.exists(path):
-    return [], False
-  with open(path, encoding='utf-8') as f:
+    return [], [], None, False
+  with open(path, encoding='utf-8', errors='replace') as f:
     lines = f.read().split('\n')
   tail = lines.pop()  # '' when the file ends with a newline.
-  records = [json.loads(line) for line in lines if line.strip()]
-  if not tail.strip():
-    return records, False
-  try:
-    records.append(json.loads(tail))
-    return records, True
-  except json.JSONDecodeError:
-    return records, True
+  unterminated = bool(tail.strip())
+  records, bad, torn = [], [], None
+  for number, line in enumerate(lines + [tail], 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict):
+      records.append(record)
+    elif number > len(lines):
+      torn = (number, line)
+    else:
+      bad.append((number, line))
+  return records, bad, torn, unterminated
+
+
+def _excerpt(text: str) -> str:
+  return repr(text if len(text) <= 80 else text[:80] + '...')
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Reads a metrics.jsonl file into a list of records (missing file: [])."""
-  return _read_jsonl(path)[0]
+  """Reads a metrics.jsonl file into a list of records (missing file: []).
+
+  A torn last line (a run writing or killed while writing) is left out; any
+  other damaged line is left out with a warning naming it.
+  """
+  records, bad, _, _ = _read_jsonl(path)
+  for number, text in bad:
+    logging.warning(
+        '%s line %d is not a JSON record (%s); skipped it.', path, number, _excerpt(text)
+    )
+  return records
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
@@ -146,12 +179,33 @@ def truncate_jsonl(path: str, max_step: int) -> None:
 
   The steps after the last checkpoint of a stopped run are trained again on
   resume; dropping their old records keeps one record per step. A torn last
-  line (the run was killed mid-write) is dropped too.
+  line (the run was killed mid-write) is dropped too, with a warning. Any
+  other damaged line is dropped with a warning naming it, after the file is
+  copied to `PATH.corrupt-TIME` (nothing is lost; the run goes on).
   """
-  records, torn = _read_jsonl(path)
+  records, bad, torn, unterminated = _read_jsonl(path)
   kept = [r for r in records if r.get('step', 0) <= max_step]
-  if len(kept) == len(records) and not torn:
+  if len(kept) == len(records) and not bad and not unterminated:
     return
+  if torn is not None:
+    logging.warning(
+        '%s: dropped its torn last line %d (%s), cut off when a run was killed while '
+        'writing it; that step is trained again.',
+        path,
+        torn[0],
+        _excerpt(torn[1]),
+    )
+  if bad:
+    backup = f'{path}.corrupt-{time.strftime("%Y%m%dT%H%M%S")}'
+    shutil.copyfile(path, backup)
+    logging.warning(
+        '%s: dropped %d damaged line(s) that are not JSON records (line %s); the file '
+        'as it was is kept in %s.',
+        path,
+        len(bad),
+        ', '.join(f'{n}: {_excerpt(t)}' for n, t in bad[:5]),
+        backup,
+    )
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     for r in kept:

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srigl_jax.condensed._groups import condense_groups, validate_group_size
-from srigl_jax.condensed._outputs import CondensedRows
+from srigl_jax.condensed._outputs import CondensedRows, check_grouped_rows, check_rows
 from srigl_jax.condensed.dense.format import (
     CondensedLayer,
     GroupedCondensedLayer,
@@ -236,6 +236,45 @@ class ConvLayout:
     kernel = self.as_dense_layer().to_dense()
     return kernel.reshape(kh, kw, self.in_channels, self.out_channels)
 
+  def validate(self, name: str = "condensed conv"):
+    """Checks the arrays and geometry on the host before a kernel reads through them.
+
+    `condense_conv` and `condense_grouped_conv` build valid layers; call
+    this on layers read from elsewhere (`convert_model` and
+    `srigl_jax.serving`'s loader check the converted variables the same
+    way).
+
+    Args:
+      name: what the error message names (e.g. "layer 'conv_0'").
+
+    Returns:
+      This layer.
+
+    Raises:
+      ValueError: a kernel size or stride below 1, negative padding, shapes
+        that disagree, a tap outside ``[0, kh * kw * in_channels)``,
+        ``neuron_ids`` (``group_ids`` of a grouped conv) not strictly
+        increasing within ``[0, out_channels)`` (``[0, out_channels / G)``),
+        or a bias map of another shape than the geometry's output.
+    """
+    kh, kw = self.kernel_size
+    if min(kh, kw, *self.strides, self.in_channels) < 1:
+      raise ValueError(
+          f"{name}: kernel size {self.kernel_size}, strides {self.strides} and in_channels "
+          f"{self.in_channels} must all be at least 1."
+      )
+    if not isinstance(self.padding, str) and min(min(p) for p in self.padding) < 0:
+      raise ValueError(f"{name}: negative padding {self.padding}.")
+    self._check_rows(name, kh * kw * self.in_channels)
+    if self.bias_map is not None and self.geometry is not None:
+      want = (self.geometry.oh, self.geometry.ow, self.out_channels)
+      if np.shape(self.bias_map) != want:
+        raise ValueError(
+            f"{name}: bias_map has shape {np.shape(self.bias_map)} but the output of its "
+            f"{self.geometry.height}x{self.geometry.width} input is {want}."
+        )
+    return self
+
   def geometry_for(self, x_shape: Sequence[int]) -> ConvGeometry:
     """The geometry of a call on ``x_shape``: the stored one, else computed (cached).
 
@@ -316,6 +355,18 @@ class CondensedConv(ConvLayout, CondensedRows):
   padding: Padding = flax.struct.field(pytree_node=False, default="VALID")
   geometry: ConvGeometry | None = flax.struct.field(pytree_node=False, default=None)
 
+  def _check_rows(self, name: str, fan_in: int) -> None:
+    check_rows(
+        name,
+        values=self.values,
+        indices=self.taps,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        fan_in=fan_in,
+        n_outputs=self.out_channels,
+        index_name="taps",
+    )
+
   def as_dense_layer(self) -> CondensedLayer:
     """The same weights as a Dense layer over the flattened ``(kh, kw, cin)``
     fan-in (for a 1x1 conv: a Dense layer over pixels)."""
@@ -358,6 +409,19 @@ class GroupedCondensedConv(ConvLayout, CondensedRows):
   padding: Padding = flax.struct.field(pytree_node=False, default="VALID")
   geometry: ConvGeometry | None = flax.struct.field(pytree_node=False, default=None)
   group_size: int = flax.struct.field(pytree_node=False, default=1)
+
+  def _check_rows(self, name: str, fan_in: int) -> None:
+    check_grouped_rows(
+        name,
+        values=self.values,
+        indices=self.taps,
+        group_ids=self.group_ids,
+        bias=self.bias,
+        fan_in=fan_in,
+        n_outputs=self.out_channels,
+        group_size=self.group_size,
+        index_name="taps",
+    )
 
   def as_dense_layer(self) -> GroupedCondensedLayer:
     """The same weights as a grouped Dense layer over the flattened

@@ -8,7 +8,11 @@ keeps a block of 256 (AVX-512) or 96 (AVX2) output pixels in registers across
 all taps. It builds the planes from the NHWC input itself, block by block in
 L2-sized scratch, and writes the full NHWC output directly (ablated channels
 get their bias), so there is no im2col buffer and no XLA pad/transpose around
-the call. Work is split over XLA's intra-op thread pool.
+the call. Work is split over XLA's intra-op thread pool. It trusts no
+operand: every call checks the shapes, the geometry attributes, that every
+tap lies in ``[0, kh * kw * cin)`` of the input it is given and that
+neuron_ids is strictly increasing within the output channels, and fails with
+an error naming the problem.
 
 A 1x1 convolution without padding is a Dense layer over (subsampled) pixels;
 from `_POINTWISE_DENSE_MIN_PIXELS` output pixels on it runs on the native
@@ -68,6 +72,10 @@ def condensed_conv_native(
   Raises:
     RuntimeError: the library is not available (see `native_error`).
     ValueError: an unknown ``isa``.
+    jax.errors.JaxRuntimeError: (when the call runs) a tap outside
+      ``[0, kh * kw * cin)``, neuron ids not strictly increasing within
+      ``[0, out_channels)``, or shapes that disagree; the message names the
+      array, the position, the value and the valid range.
   """
   return _conv(x, layer, "conv", layer.neuron_ids, condensed_matmul_native, max_threads, isa)
 

@@ -13,6 +13,7 @@ saved plan.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from srigl_jax.condensed._outputs import check_grouped_rows, check_rows
 from srigl_jax.condensed.conv import (
     CondensedConv,
     GroupedCondensedConv,
@@ -50,6 +52,60 @@ class ConvertedModel:
   variables: Any
   plan: dict
 
+  def validate(self) -> ConvertedModel:
+    """Checks every condensed layer's arrays on the host; returns the model.
+
+    What `CondensedLayer.validate` (`GroupedCondensedLayer.validate` for a
+    layer with ``group_size`` > 1 in the plan) checks, for each layer the
+    plan stores condensed: shapes that agree, indices (taps) within the
+    layer's fan-in, neuron (group) ids strictly increasing within its
+    outputs (groups). `convert_model` calls it on what it built, and
+    `srigl_jax.serving`'s loader on the variables it reads, so that no
+    kernel meets an index out of range.
+
+    Returns:
+      This model.
+
+    Raises:
+      ValueError: naming the first layer that fails, the array, and for a
+        value out of range its position, the value and the valid range.
+    """
+    params = self.variables.get("params", {})
+    for path, entry in self.plan["layers"].items():
+      if entry["format"] != "condensed":
+        continue
+      name = f"layer '{path}'"
+      # Plans written before grouped formats existed have no group_size.
+      g = entry.get("group_size", 1)
+      if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"{name}: the plan's group_size {g!r} is not an integer >= 1.")
+      node = params
+      for key in path.split("/"):
+        node = node.get(key) if isinstance(node, Mapping) else None
+      index_key = "taps" if entry["kind"] == "conv" else "indices"
+      id_key = "group_ids" if g > 1 else "neuron_ids"
+      want = ("values", index_key, id_key, "bias")
+      if not isinstance(node, Mapping) or any(k not in node for k in want):
+        have = sorted(node) if isinstance(node, Mapping) else []
+        raise ValueError(f"{name}: stored condensed, its params need {list(want)}, got {have}.")
+      # The kernel size of a conv belongs to the module definition; the taps
+      # index the flat (kh, kw, cin) fan-in, which the plan records (and which
+      # `_apply_condensed_layer` checks against the module).
+      arrays = dict(
+          name=name,
+          values=node["values"],
+          indices=node[index_key],
+          bias=node["bias"],
+          fan_in=entry["dense_fan_in"],
+          n_outputs=entry["neurons"],
+          index_name=index_key,
+      )
+      if g > 1:
+        check_grouped_rows(**arrays, group_ids=node["group_ids"], group_size=g)
+      else:
+        check_rows(**arrays, neuron_ids=node["neuron_ids"])
+    return self
+
   def apply(self, x, impl: str = "auto"):
     """Logits of the converted model (not jitted; wrap it in `jax.jit`)."""
     return condensed_apply(self.model, self.variables, self.plan, x, impl=impl)
@@ -75,7 +131,8 @@ def _flatten_dense_input(module, entry, x):
         f"not end in the converted fan-in shape {tuple(entry['in_shape'])}."
     )
   lead = x.shape[: x.ndim - n_in]
-  return lead, x.reshape(*lead, -1)
+  # The fan-in spelled out: -1 cannot be inferred when lead holds a 0 (batch 0).
+  return lead, x.reshape(*lead, math.prod(entry["in_shape"]))
 
 
 def _apply_condensed_layer(module, entry, x, impl):
@@ -91,6 +148,11 @@ def _apply_condensed_layer(module, entry, x, impl):
     strides = as_pair(module.strides)
     padding = normalize_padding(module.padding)
     in_channels = entry["dense_fan_in"] // (kernel_size[0] * kernel_size[1])
+    if in_channels * kernel_size[0] * kernel_size[1] != entry["dense_fan_in"]:
+      raise ValueError(
+          f"{name}: the plan's fan-in {entry['dense_fan_in']} is not a multiple of the "
+          f"module's {kernel_size[0]}x{kernel_size[1]} kernel."
+      )
     geometry = None
     if entry.get("input_hw") is not None:
       geometry = conv_geometry(tuple(entry["input_hw"]), in_channels, kernel_size, strides, padding)

@@ -45,6 +45,7 @@ converted layer to its kernel.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -151,6 +152,31 @@ def _unsupported(path, why, fix):
   return ValueError(f"convert_model: layer '{path}' {why}. {fix}")
 
 
+def _refuse_nnx(model, variables) -> None:
+  """Raises on a Flax NNX module or state: the converter traces Linen modules only."""
+  nnx = sys.modules.get("flax.nnx")  # no NNX object can exist before it is imported
+  if nnx is None:
+    return
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if isinstance(model, nnx.Module):
+    got = f"a Flax NNX module ({type(model).__name__})"
+  elif isinstance(variables, nnx.State) or any(
+      is_variable(x) for x in jax.tree.leaves(variables, is_leaf=is_variable)
+  ):
+    got = "Flax NNX variables (an nnx.State or nnx.Variables)"
+  else:
+    return
+  raise TypeError(
+      f"convert_model: got {got}; Flax NNX models are not supported yet. It takes a "
+      "flax.linen.Module with its variables dict {'params': ..., 'batch_stats': ...} "
+      "of plain arrays. Workaround: define the same model in Linen, with the layers "
+      "named as the NNX attributes (nnx.Linear -> nn.Dense, nnx.Conv -> nn.Conv, "
+      "nnx.BatchNorm -> nn.BatchNorm), and pass {'params': nnx.to_pure_dict(nnx.state("
+      "model, nnx.Param)), 'batch_stats': nnx.to_pure_dict(nnx.state(model, "
+      "nnx.BatchStat))} with the masks of srigl_jax.get_masks."
+  )
+
+
 def convert_model(
     model: nn.Module,
     variables,
@@ -203,12 +229,14 @@ def convert_model(
     The `ConvertedModel`.
 
   Raises:
+    TypeError: a Flax NNX module or state (not supported yet).
     ValueError: a layer cannot be condensed (with ``on_unsupported='error'``),
       a grouped or depthwise conv is marked sparse, a sparse kernel is used
       in a way the converter cannot follow, a layer's mask is not grouped by
       an int ``group_size`` that divides its width (naming the layer), or the
       self-check fails (naming the first layer that differs).
   """
+  _refuse_nnx(model, variables)
   if format not in _FORMATS:
     raise ValueError(f"convert_model: format must be one of {_FORMATS}, got {format!r}")
   if on_unsupported not in _ON_UNSUPPORTED:
@@ -426,7 +454,7 @@ def convert_model(
       "layers": plan_layers,
       "folded_batchnorms": folded_bn,
   }
-  converted = ConvertedModel(model=model, variables=variables, plan=plan)
+  converted = ConvertedModel(model=model, variables=variables, plan=plan).validate()
   if check:
     _self_check(model, masked_variables, converted, sample_input, impl)
   return converted

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srigl_jax.condensed._groups import condense_groups, validate_group_size
-from srigl_jax.condensed._outputs import CondensedRows
+from srigl_jax.condensed._outputs import CondensedRows, check_grouped_rows, check_rows
 
 __all__ = [
     "CondensedLayer",
@@ -104,6 +104,35 @@ class CondensedLayer(CondensedRows):
     cols = jnp.broadcast_to(self.neuron_ids[:, None], self.indices.shape)
     # .add, not .set: padded entries (value 0 at index 0) must not overwrite.
     return kernel.at[self.indices.astype(jnp.int32), cols].add(self.values)
+
+  def validate(self, name: str = "condensed layer") -> CondensedLayer:
+    """Checks the arrays on the host before a kernel reads through them; returns the layer.
+
+    `condense_dense` builds valid layers; call this on layers read from
+    elsewhere (`convert_model` and `srigl_jax.serving`'s loader do).
+
+    Args:
+      name: what the error message names (e.g. "layer 'dense_0'").
+
+    Returns:
+      This layer.
+
+    Raises:
+      ValueError: shapes disagree, an index lies outside
+        ``[0, in_features)``, or ``neuron_ids`` is not strictly increasing
+        within ``[0, out_features)``; the message names the array, the
+        position, the value and the valid range.
+    """
+    check_rows(
+        name,
+        values=self.values,
+        indices=self.indices,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        fan_in=self.in_features,
+        n_outputs=self.out_features,
+    )
+    return self
 
   def for_input(self, x_shape: Sequence[int], name: str = "condensed_matmul") -> CondensedLayer:
     """Checks that this layer takes inputs of shape ``x_shape``; returns it.
@@ -183,6 +212,37 @@ class GroupedCondensedLayer(CondensedRows):
     cols = jnp.broadcast_to(self.neuron_ids.reshape(n, 1, g), (n, k, g))
     # .add, not .set: padded entries (value 0 at index 0) must not overwrite.
     return kernel.at[rows, cols].add(self.values)
+
+  def validate(self, name: str = "grouped condensed layer") -> GroupedCondensedLayer:
+    """Checks the arrays on the host before a kernel reads through them; returns the layer.
+
+    `condense_grouped_dense` builds valid layers; call this on layers read
+    from elsewhere (`convert_model` and `srigl_jax.serving`'s loader do).
+
+    Args:
+      name: what the error message names (e.g. "layer 'dense_0'").
+
+    Returns:
+      This layer.
+
+    Raises:
+      ValueError: shapes disagree with each other or with ``group_size``,
+        an index lies outside ``[0, in_features)``, or ``group_ids`` is not
+        strictly increasing within ``[0, out_features / group_size)``; the
+        message names the array, the position, the value and the valid
+        range.
+    """
+    check_grouped_rows(
+        name,
+        values=self.values,
+        indices=self.indices,
+        group_ids=self.group_ids,
+        bias=self.bias,
+        fan_in=self.in_features,
+        n_outputs=self.out_features,
+        group_size=self.group_size,
+    )
+    return self
 
   def for_input(
       self, x_shape: Sequence[int], name: str = "condensed_matmul"
