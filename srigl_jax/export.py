@@ -8,8 +8,10 @@ newest complete checkpoint into the run's abstract state, and hands it to
 `export_model`, which the trainer calls with its final state too:
 
   1. convert: `srigl_jax.condensed.convert_model` (sparse layers condensed,
-     ablated neurons folded away, BatchNorm folded); a dense run has nothing
-     to condense and keeps its dense params (`manifest['kind'] == 'dense'`);
+     in the grouped format where the run trained with
+     `config.sparsity.group_size`, ablated neurons folded away, BatchNorm
+     folded); a dense run has nothing to condense and keeps its dense params
+     (`manifest['kind'] == 'dense'`);
   2. verify: the converted model against the masked one on the whole eval
      split (predictions must agree up to float near-ties);
   3. time: the masked dense model against the converted one at batch 1 and at
@@ -296,21 +298,27 @@ def _dense_plan(params, masks) -> dict[str, Any]:
         'neurons': int(shape[-1]),
         'active_neurons': int(shape[-1]),
         'fan_in': fan_in,
+        'group_size': 1,
     }
   return {'layers': layers}
 
 
 def _layer_records(plan, params, masks) -> dict[str, Any]:
-  """Per kernel: format, kind, density, neurons, active neurons, fan-in.
+  """Per kernel: format, kind, density, neurons, active neurons, fan-in, group size.
 
   The converter's plan lists the layers it converted; kernels it left alone
   (dense ones, such as an ERK-dense classifier) are listed as 'dense'.
   """
-  fields = ('format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in')
+  fields = ('format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in', 'group_size')
   records = {path: {k: rec.get(k) for k in fields} for path, rec in plan['layers'].items()}
   for path, rec in _dense_plan(params, masks)['layers'].items():
     records.setdefault(path, rec)
   return records
+
+
+def _group_size(config) -> int:
+  """The run's `config.sparsity.group_size` (1 for configs written before it existed)."""
+  return int(config.sparsity.get('group_size', 1))
 
 
 def _has_sparse_layers(masks) -> bool:
@@ -604,8 +612,15 @@ def _export(
     kind = 'condensed'
     # RigL/SET/static masks are not constant fan-in: those layers are stored
     # structured (ablated neurons removed) instead of failing the export.
+    # Layers trained grouped are stored grouped, and must be grouped as the
+    # run says.
     converted = condensed.convert_model(
-        model, masked_vars, masks, sample, on_unsupported='structured'
+        model,
+        masked_vars,
+        masks,
+        sample,
+        on_unsupported='structured',
+        group_size=_group_size(config),
     )
     variables, plan = _host(converted.variables), converted.plan
     # The baseline that drops the ablated neurons but keeps dense kernels.
@@ -621,7 +636,7 @@ def _export(
     variables, plan = masked_vars, _dense_plan(params, masks)
 
   manifest = {
-      'format_version': artefact.FORMAT_VERSION,
+      'format_version': artefact.format_version(plan),
       'kind': kind,
       'srigl_jax_version': __version__,
       'model': {

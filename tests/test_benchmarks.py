@@ -89,6 +89,44 @@ def test_condensed_benchmark_warm_cache_and_forced_isa(tmp_path):
       assert r["native_isa"] == r["impl"].rsplit("_", 1)[1]
 
 
+def test_condensed_benchmark_group_sizes(tmp_path):
+  out_json = tmp_path / "r.json"
+  impls = ["dense", "condensed_xla"] + (["condensed_native"] if C.native_available() else [])
+  argv = "--in-features=96 --out-features=48 --sparsities=0.9 --batch-sizes=1,5 --repeats=3"
+  argv += " --budget=0 --cache=warm --group-size=1,8,16"
+  rc = bench.main(argv.split() + [f"--impls={','.join(impls)}", f"--json={out_json}"])
+  assert rc == 0
+  records = json.loads(out_json.read_text())
+  cond = [i for i in impls if i != "dense"]
+  # The baseline runs once; every condensed impl once per group size.
+  want = {("dense", 1)} | {(i, g) for i in cond for g in (1, 8, 16)}
+  assert {(r["impl"], r["group_size"]) for r in records} == want
+  assert len(records) == 2 * len(want)
+  for r in records:
+    g = r["group_size"]
+    assert r["name"] == (r["impl"] if g == 1 else f"{r['impl']}@g{g}")
+    # Whole groups are active, and the budget of 10% is kept.
+    assert r["n_active"] % g == 0 and 0 < r["n_active"] * r["fan_in"] <= 0.1 * 96 * 48
+    assert r["x_vs_dense_paired"] > 0
+
+
+def test_grouped_benchmark_layer_shares_inputs_per_group():
+  rng = np.random.default_rng(0)
+  kernel, mask, bias = bench.make_layer(rng, 64, 32, 0.9, 0.25, np.float32, group_size=8)
+  cols = mask.reshape(64, 4, 8)
+  assert (cols == cols[:, :, :1]).all()  # a group's neurons share one mask column
+  assert (cols.any(axis=(0, 2))).sum() == 3  # one group of four ablated
+  assert set(mask.sum(axis=0)) == {0, int(64 * 32 * 0.1) // 24}
+  fns, _, _, layer = bench.build_impls(
+      ["dense", "condensed_xla"], kernel, mask, bias, np.float32, group_size=8
+  )
+  assert isinstance(layer, C.GroupedCondensedLayer) and layer.values.shape[-1] == 8
+  x = rng.standard_normal((3, 64)).astype(np.float32)
+  np.testing.assert_allclose(fns["condensed_xla"](x), fns["dense"](x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="does not divide"):
+    bench.make_layer(rng, 64, 30, 0.9, 0.25, np.float32, group_size=8)
+
+
 def test_cold_cache_copies_exceed_the_cache():
   rng = np.random.default_rng(0)
   kernel, mask, bias = bench.make_layer(rng, 64, 32, 0.9, 0.1, np.float32)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -162,7 +164,17 @@ def test_trainer_exports_verifies_and_reports(run):
   layers = manifest['layers']
   assert set(layers) >= {'dense_0', 'dense_1', 'head'}
   for rec in layers.values():
-    assert set(rec) == {'format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in'}
+    assert set(rec) == {
+        'format',
+        'kind',
+        'density',
+        'neurons',
+        'active_neurons',
+        'fan_in',
+        'group_size',
+    }
+    assert rec['group_size'] == 1  # the run trained ungrouped
+  assert manifest['format_version'] == 2  # no grouped layer: readable by version-2 readers
   assert layers['dense_0']['format'] == 'condensed'
   # gamma_sal 0.95 ablates neurons, and the artefact knows it.
   assert layers['dense_0']['active_neurons'] < layers['dense_0']['neurons']
@@ -401,6 +413,63 @@ def test_dense_model_exports_a_dense_artefact(run, tmp_path, caplog):
   np.testing.assert_allclose(
       np.asarray(served(x)), np.asarray(model.apply({'params': state.params}, x)), atol=1e-5
   )
+
+
+def test_grouped_run_exports_grouped_layers_and_the_loader_checks_them(run, tmp_path):
+  """A run trained with group_size=8: its manifest carries G, the loader rebuilds it."""
+  workdir, _ = run
+  config, model, state, _ = export.restore_run(workdir)
+  config = config.copy_and_resolve_references()
+  config.sparsity.group_size = 8
+  tx = srigl_jax.srigl(
+      optax.sgd(0.1),
+      sparsity=0.8,
+      stop_step=100,
+      group_size=8,
+      key=jax.random.key(0),
+  )
+  masks = srigl_jax.get_masks(tx.init(state.params))
+  out = str(tmp_path / 'grouped')
+  export.export_model(model, state.params, {}, masks, config, out, step=20)
+  with open(os.path.join(out, 'manifest.json')) as f:
+    manifest = json.load(f)
+  assert manifest['format_version'] == 3 == serving.FORMAT_VERSION
+  # 64-wide hidden layers are grouped; the 10-wide head trained ungrouped.
+  assert manifest['layers']['dense_0']['group_size'] == 8
+  assert manifest['layers']['head']['group_size'] == 1
+  assert manifest['plan']['layers']['dense_1']['group_size'] == 8
+  assert manifest['variables']['params/dense_0/values']['shape'][2] == 8
+  served = serving.load_inference_model(out)
+  x = served.preprocess(raw_test_images(5)[0])
+  params = srigl_jax.apply_masks(state.params, masks)
+  np.testing.assert_allclose(
+      np.asarray(served(x)),
+      np.asarray(model.apply({'params': params}, x, train=False)),
+      atol=1e-4,
+      rtol=1e-4,
+  )
+
+  # A manifest whose group size does not match the saved arrays is refused,
+  # naming the arrays, with the command that writes the artefact again.
+  for g, implied in ((4, r'\[\d+\] int32'), (1, 'none')):
+    manifest['plan']['layers']['dense_0']['group_size'] = g
+    manifest['layers']['dense_0']['group_size'] = g
+    with open(os.path.join(out, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f)
+    with pytest.raises(serving.ArtefactError) as e:
+      serving.load_inference_model(out)
+    assert e.value.field == 'variables'
+    assert re.search(
+        r'params/dense_0/group_ids: manifest \[\d+\] int32, implied ' + implied, str(e.value)
+    ), str(e.value)
+    assert 'python -m srigl_jax.export --workdir=' in str(e.value)
+  # The record and the plan disagreeing is refused too.
+  manifest['layers']['dense_0']['group_size'] = 8
+  with open(os.path.join(out, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f)
+  with pytest.raises(serving.ArtefactError, match='group_size: is 8 but the plan says 1') as e:
+    serving.load_inference_model(out)
+  assert e.value.field == 'layers.dense_0.group_size'
 
 
 def test_differing_predictions_fail_the_export(run, tmp_path, monkeypatch):

@@ -142,7 +142,10 @@ def test_tiny_run_writes_every_impl_checked_and_floored(tmp_path):
   assert meta["platform"] == "cpu" and meta["jax_version"] == jax.__version__
   used = meta["ceilings"]["used"]
   assert used["bandwidth"] > 0 and set(used["rates"]) == {"fp32", "bf16"}
-  assert {r["impl"] for r in records} == set(gpu.IMPLS)
+  plain = {name for name, impl in gpu.IMPLS.items() if not impl.grouped}
+  assert {r["impl"] for r in records} == plain
+  for name in set(gpu.IMPLS) - plain:
+    assert meta["skipped_impls"][name] == "needs --group-size > 1"
   for r in records:
     impl = gpu.IMPLS[r["impl"]]
     # Off GPUs the default-precision dot is plain fp32 (TF32 only on GPUs).
@@ -314,3 +317,18 @@ def test_command_buffers_are_serialised_before_the_backend_starts():
   ).stdout.split("\n")
   assert out[0] == f"set {gpu.SERIALIZE_FLAG}"
   assert out[1] == "already set"
+
+
+def test_tiny_run_of_the_grouped_impls(tmp_path):
+  out = tmp_path / "gpu.json"
+  grouped = [name for name, impl in gpu.IMPLS.items() if impl.grouped]
+  assert grouped, "the grouped kernels are registered"
+  impls = ",".join(["dense_fp32_highest", *grouped])
+  assert gpu.main(["--tiny", "--group-size=4", f"--impls={impls}", f"--json={out}"]) == 0
+  _, records = _records(out)
+  assert {r["impl"] for r in records} == {"dense_fp32_highest", *grouped}
+  for r in records:
+    if r["impl"] in grouped:
+      assert r["group_size"] == 4
+      # Checked against the float64 product of the same group-shared layer.
+      assert r["rel_err"] < (1e-2 if r["dtype"] == "bfloat16" else 1e-5), r

@@ -70,12 +70,65 @@ def _conv_case(kernel_size, strides, dtype, index_dtype, batch):
   return (lambda x, layer: C.condensed_conv(x, layer, impl="pallas")), (x, layer)
 
 
+def _grouped_mask(rng, fan_in, out, group_size, k, n_active_groups):
+  gmask = np.zeros((fan_in, out // group_size), bool)
+  for g in rng.choice(out // group_size, n_active_groups, replace=False):
+    gmask[rng.choice(fan_in, k, replace=False), g] = True
+  return np.repeat(gmask, group_size, axis=1)
+
+
+def _grouped_dense_case(group_size, dtype, index_dtype, batch):
+  """`condensed_matmul(impl="pallas")` on a grouped 300 -> 96 layer, k = 29."""
+  rng = np.random.default_rng(0)
+  fan_in, out = 300, 96
+  mask = _grouped_mask(rng, fan_in, out, group_size, 29, out // group_size - 1)
+  kernel = rng.standard_normal((fan_in, out)).astype(np.float32)
+  layer = C.condense_grouped_dense(
+      kernel, mask, rng.standard_normal(out).astype(np.float32), group_size=group_size
+  )
+  layer = layer.replace(
+      values=layer.values.astype(dtype),
+      indices=layer.indices.astype(index_dtype),
+      bias=layer.bias.astype(dtype),
+  )
+  x = jnp.asarray(rng.standard_normal((batch, fan_in)), dtype)
+  return (lambda x, layer: C.condensed_matmul(x, layer, impl="pallas")), (x, layer)
+
+
+def _grouped_conv_case(kernel_size, strides, group_size, dtype, index_dtype, batch):
+  """`condensed_conv(impl="pallas")` on a grouped 15x15 SAME conv, one group ablated."""
+  rng = np.random.default_rng(0)
+  kh, kw = kernel_size
+  cin, cout = (3 if kh == 7 else 16), 32
+  fan = kh * kw * cin
+  mask = _grouped_mask(rng, fan, cout, group_size, max(1, fan // 10), cout // group_size - 1)
+  kernel = rng.standard_normal((kh, kw, cin, cout)).astype(np.float32)
+  layer = C.condense_grouped_conv(
+      kernel,
+      mask.reshape(kernel.shape),
+      rng.standard_normal(cout).astype(np.float32),
+      group_size=group_size,
+      strides=strides,
+      padding="SAME",
+      index_dtype=index_dtype,
+  )
+  layer = layer.replace(values=layer.values.astype(dtype), bias=layer.bias.astype(dtype))
+  x = jnp.asarray(rng.standard_normal((batch, 15, 15, cin)), dtype)
+  return (lambda x, layer: C.condensed_conv(x, layer, impl="pallas")), (x, layer)
+
+
 KERNELS = [
     pytest.param(_dense_case, id="dense"),
     pytest.param(functools.partial(_conv_case, (1, 1), (1, 1)), id="conv1x1"),
     pytest.param(functools.partial(_conv_case, (3, 3), (1, 1)), id="conv3x3s1"),
     pytest.param(functools.partial(_conv_case, (3, 3), (2, 2)), id="conv3x3s2"),
     pytest.param(functools.partial(_conv_case, (7, 7), (2, 2)), id="conv7x7s2"),
+    pytest.param(functools.partial(_grouped_dense_case, 8), id="grouped_dense_g8"),
+    pytest.param(functools.partial(_grouped_dense_case, 2), id="grouped_dense_g2"),
+    pytest.param(
+        functools.partial(_grouped_conv_case, (3, 3), (2, 2), 16), id="grouped_conv3x3s2_g16"
+    ),
+    pytest.param(functools.partial(_grouped_conv_case, (1, 1), (1, 1), 4), id="grouped_conv1x1_g4"),
 ]
 
 

@@ -20,6 +20,22 @@ struct CondensedWeights {
   const float* bias;   // (out,)
 };
 
+// A grouped condensed layer (group-shared fan-in): each of the n_groups
+// active groups has k fan-in entries shared by its g neurons (output
+// channels), and g contiguous weights per entry. Group ids[j] feeds outputs
+// ids[j] * g .. ids[j] * g + g - 1.
+struct GroupedWeights {
+  const void* idx;  // (n_groups, k), int16 or int32
+  bool idx16;
+  const void* val;  // (n_groups, k, g), float32 or bfloat16
+  bool val_bf16;
+  int64_t n_groups;
+  int64_t k;
+  int64_t g;
+  const int32_t* ids;  // (n_groups,) sorted, distinct group ids
+  const float* bias;   // (out,)
+};
+
 }  // namespace srigl
 
 #endif  // SRIGL_COMMON_WEIGHTS_H_

@@ -20,6 +20,15 @@ kernel variant; ``condensed_native_bf16w`` reads bf16-stored weights),
 condensed_pallas (GPU). ``--model`` adds whole-model
 latency of a ViT MLP block (dense masked vs converted).
 
+``--group-size=8,16`` (a list; default 1) times group-shared fan-in layers:
+for each G a grouped random constant fan-in mask (G consecutive neurons share
+one set of inputs, whole groups ablated, as `srigl(..., group_size=G)`
+trains them) in the grouped format, whose condensed impls run the grouped
+kernels. All group sizes of a sparsity are timed in the same rounds; the
+impls of G > 1 are named ``<impl>@g<G>`` in the table, and every record
+carries its ``group_size``. The dense, bcsr and structured baselines run on
+the first group size's layer.
+
 Cache state (``--cache``): ``cold`` (default) gives every impl enough
 distinct copies of its weights that together they exceed the last-level
 cache, and each call uses the next copy, as inside a real model whose weights
@@ -64,8 +73,17 @@ DEFAULT_LLC_BYTES = 64 * 2**20
 DEFAULT_ABLATION = {0.8: 0.05, 0.9: 0.1, 0.95: 0.2, 0.99: 0.4}
 
 
-def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
-  """A random constant fan-in layer: (kernel, mask, bias) as numpy arrays."""
+def make_layer(rng, in_features, out_features, sparsity, ablation, dtype, group_size=1):
+  """A random constant fan-in layer: (kernel, mask, bias) as numpy arrays.
+
+  With ``group_size`` G > 1 the mask is grouped: G consecutive neurons share
+  one random set of k inputs, a fraction ``ablation`` of the groups is
+  ablated, and the budget is spread over the active groups' neurons.
+  """
+  if group_size > 1:
+    return _make_grouped_layer(
+        rng, in_features, out_features, sparsity, ablation, dtype, group_size
+    )
   n_active = max(1, round(out_features * (1 - ablation)))
   budget = int(in_features * out_features * (1 - sparsity))
   k = max(1, min(in_features, budget // n_active))
@@ -73,6 +91,24 @@ def make_layer(rng, in_features, out_features, sparsity, ablation, dtype):
   active = np.sort(rng.choice(out_features, n_active, replace=False))
   for j in active:
     mask[rng.choice(in_features, k, replace=False), j] = True
+  kernel = (rng.standard_normal((in_features, out_features)) / np.sqrt(k)).astype(dtype)
+  bias = (0.1 * rng.standard_normal(out_features)).astype(dtype)
+  return kernel, mask, bias
+
+
+def _make_grouped_layer(rng, in_features, out_features, sparsity, ablation, dtype, g):
+  if out_features % g:
+    raise ValueError(f"--group-size={g} does not divide --out-features={out_features}")
+  n_groups = out_features // g
+  n_active = max(1, round(n_groups * (1 - ablation)))
+  budget = int(in_features * out_features * (1 - sparsity))
+  k = max(1, min(in_features, budget // (n_active * g)))
+  active = np.sort(rng.choice(n_groups, n_active, replace=False))
+  # k distinct inputs per active group without a Python loop: argsort of noise.
+  picks = np.argsort(rng.random((n_active, in_features)), axis=1)[:, :k]
+  group_mask = np.zeros((in_features, n_groups), bool)
+  group_mask[picks, np.broadcast_to(active[:, None], picks.shape)] = True
+  mask = np.repeat(group_mask, g, axis=1)
   kernel = (rng.standard_normal((in_features, out_features)) / np.sqrt(k)).astype(dtype)
   bias = (0.1 * rng.standard_normal(out_features)).astype(dtype)
   return kernel, mask, bias
@@ -113,8 +149,19 @@ def tree_nbytes(tree) -> int:
   return int(sum(a.nbytes for a in jax.tree.leaves(tree) if hasattr(a, "nbytes")))
 
 
-def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None):
+# Condensed impl -> (kernel of the plain format, kernel of the grouped format).
+_CONDENSED_KERNELS = {
+    "condensed_xla": (C.condensed_matmul_xla, C.grouped_matmul_xla),
+    "condensed_native": (C.condensed_matmul_native, C.grouped_matmul_native),
+    "condensed_pallas": (C.condensed_matmul_pallas, C.grouped_matmul_pallas),
+}
+
+
+def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None, group_size=1):
   """``f(x) -> y`` per impl, and the bytes of weights each impl reads.
+
+  With ``group_size`` G > 1 the layer is condensed in the grouped format and
+  the condensed impls run its kernels.
 
   Weights are passed to the jitted function as arguments, as a served model's
   params are, rather than baked into the program as constants (which changes
@@ -127,7 +174,13 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
   """
   w = jnp.asarray(np.where(mask, kernel, 0), dtype)
   b = jnp.asarray(bias, dtype)
-  layer = C.condense_dense(np.where(mask, kernel, 0).astype(dtype), mask, bias.astype(dtype))
+  masked = np.where(mask, kernel, 0).astype(dtype)
+  grouped = group_size > 1
+  if grouped:
+    layer = C.condense_grouped_dense(masked, mask, bias.astype(dtype), group_size=group_size)
+  else:
+    layer = C.condense_dense(masked, mask, bias.astype(dtype))
+  native = _CONDENSED_KERNELS["condensed_native"][grouped]
   fns: dict[str, Callable] = {}
   weight_bytes: dict[str, int] = {}
   copies: dict[str, int] = {}
@@ -157,18 +210,14 @@ def build_impls(impls, kernel, mask, bias, dtype, cache="warm", cache_bytes=None
     elif impl == "structured":
       s = C.structured_from_mask(np.asarray(w), mask, bias)
       fns[impl] = bind(impl, _structured, s.kernel, s.neuron_ids, b)
-    elif impl == "condensed_xla":
-      fns[impl] = bind(impl, C.condensed_matmul_xla, layer)
-    elif impl == "condensed_native":
-      fns[impl] = bind(impl, C.condensed_matmul_native, layer)
+    elif impl in _CONDENSED_KERNELS:
+      fns[impl] = bind(impl, _CONDENSED_KERNELS[impl][grouped], layer)
     elif impl in NATIVE_VARIANTS:
       isa = impl.rsplit("_", 1)[1]
-      fns[impl] = bind(impl, lambda x, l, isa=isa: C.condensed_matmul_native(x, l, isa=isa), layer)
+      fns[impl] = bind(impl, lambda x, l, isa=isa: native(x, l, isa=isa), layer)
     elif impl == NATIVE_BF16:
       lb = layer.replace(values=layer.values.astype(jnp.bfloat16))
-      fns[impl] = bind(impl, C.condensed_matmul_native, lb)
-    elif impl == "condensed_pallas":
-      fns[impl] = bind(impl, C.condensed_matmul_pallas, layer)
+      fns[impl] = bind(impl, native, lb)
   return fns, weight_bytes, copies, layer
 
 
@@ -263,8 +312,13 @@ def model_latency(args, rng, dtype, device):
   return records
 
 
+def _name(record) -> str:
+  """The timed name of a record (``<impl>@g<G>`` for a grouped layer's kernel)."""
+  return record.get("name", record["impl"])
+
+
 def print_table(records, impls):
-  keys = sorted({(r["sparsity"], r["batch"]) for r in records if r["impl"] in impls})
+  keys = sorted({(r["sparsity"], r["batch"]) for r in records if _name(r) in impls})
   cond = [i for i in impls if i.startswith("condensed")]
   head = f"{'sparsity':>8} {'batch':>6} " + " ".join(f"{i:>16}" for i in impls)
   head += (
@@ -273,12 +327,12 @@ def print_table(records, impls):
   )
   print(head)
   for s, b in keys:
-    t = {r["impl"]: r["median_us"] for r in records if r["sparsity"] == s and r["batch"] == b}
+    t = {_name(r): r["median_us"] for r in records if r["sparsity"] == s and r["batch"] == b}
     row = f"{s:>8} {b:>6} " + " ".join(f"{t.get(i, float('nan')):>16.1f}" for i in impls)
     best = min((i for i in cond if i in t), key=t.get, default=None)
     if best:
       ratio = lambda ref: f"{t[ref] / t[best]:.2f}" if ref in t else "-"
-      rec = next(r for r in records if r["impl"] == best and r["sparsity"] == s and r["batch"] == b)
+      rec = next(r for r in records if _name(r) == best and r["sparsity"] == s and r["batch"] == b)
       pr = lambda ref: f"{rec[f'x_vs_{ref}_paired']:.2f}" if f"x_vs_{ref}_paired" in rec else "-"
       row += (
           f" {best:>16} {ratio('dense'):>10} {ratio('bcsr'):>10} {ratio('structured'):>11}"
@@ -293,8 +347,8 @@ def plot(records, impls, path, title):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  sparsities = sorted({r["sparsity"] for r in records if r["impl"] in impls})
-  batches = sorted({r["batch"] for r in records if r["impl"] in impls})
+  sparsities = sorted({r["sparsity"] for r in records if _name(r) in impls})
+  batches = sorted({r["batch"] for r in records if _name(r) in impls})
   fig, axes = plt.subplots(1, len(sparsities), figsize=(4.5 * len(sparsities), 4), squeeze=False)
   width = 0.8 / max(1, len(impls))
   for ax, s in zip(axes[0], sparsities):
@@ -304,7 +358,7 @@ def plot(records, impls, path, title):
               (
                   r["median_us"]
                   for r in records
-                  if r["impl"] == impl and r["sparsity"] == s and r["batch"] == b
+                  if _name(r) == impl and r["sparsity"] == s and r["batch"] == b
               ),
               np.nan,
           )
@@ -372,6 +426,18 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
       "Last-level cache size for --cache=cold (default: read from the CPU).",
       flag_values=fv,
   )
+  flags.DEFINE_list(
+      "group-size",
+      ["1"],
+      "Group sizes G (group-shared fan-in; 1 = per-neuron), timed side by side.",
+      flag_values=fv,
+  )
+  flags.register_validator(
+      "group-size",
+      lambda v: all(g.isdigit() and int(g) >= 1 for g in v),
+      "group sizes are integers >= 1",
+      flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the random layers and inputs.", flag_values=fv)
   flags.DEFINE_string("json", None, "Write the records to this JSON file.", flag_values=fv)
   flags.DEFINE_string("plot", None, "Write a PNG of grouped bars per batch size.", flag_values=fv)
@@ -384,6 +450,7 @@ def _main(argv: Sequence[str], fv: flags.FlagValues) -> int:
   args = types.SimpleNamespace(**{k.replace("-", "_"): v for k, v in fv.flag_values_dict().items()})
   args.sparsities = [float(v) for v in args.sparsities]
   args.batch_sizes = [int(v) for v in args.batch_sizes]
+  args.group_size = [int(v) for v in args.group_size]
   # Restored afterwards: main() may be called from a program with its own setting.
   with timing.sync_cpu_dispatch(enabled=not args.async_dispatch):
     return _run(args)
@@ -421,28 +488,45 @@ def _run(args) -> int:
   )
   rng = np.random.default_rng(args.seed)
   records = []
+  names = []  # timed names, in table order
   for s in args.sparsities:
     abl = args.ablation if args.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
-    kernel, mask, bias = make_layer(rng, args.in_features, args.out_features, s, abl, dtype)
-    fns, weight_bytes, copies, layer = build_impls(
-        impls, kernel, mask, bias, dtype, cache=args.cache, cache_bytes=cache_bytes
-    )
-    nnz = layer.n_active * layer.fan_in
+    # name -> (impl, group size, weight bytes, copies, layer)
+    runs, fns = {}, {}
+    for i, g in enumerate(args.group_size):
+      kernel, mask, bias = make_layer(
+          rng, args.in_features, args.out_features, s, abl, dtype, group_size=g
+      )
+      # The baselines do not depend on the mask's grouping: timed once.
+      here = impls if i == 0 else [m for m in impls if m.startswith("condensed")]
+      f, weight_bytes, copies, layer = build_impls(
+          here, kernel, mask, bias, dtype, cache=args.cache, cache_bytes=cache_bytes, group_size=g
+      )
+      for impl, fn in f.items():
+        name = impl if g == 1 or not impl.startswith("condensed") else f"{impl}@g{g}"
+        fns[name] = fn
+        runs[name] = (impl, g, weight_bytes[impl], copies[impl], layer)
+        if name not in names:
+          names.append(name)
     for batch in args.batch_sizes:
       x = jnp.asarray(rng.standard_normal((batch, args.in_features)), dtype)
       io_bytes = x.nbytes + batch * args.out_features * dtype.itemsize
       res = time_impls(fns, x, args.repeats, args.budget)
       for name in res.seconds:
+        impl, g, weight_bytes, copies, layer = runs[name]
+        nnz = layer.n_active * layer.fan_in
         us = res.median_us(name)
         paired = {
             f"x_vs_{ref}_paired": res.paired_ratio(ref, name)
             for ref in ("dense", "bcsr")
             if ref in res.seconds
         }
-        moved = weight_bytes[name] + io_bytes
+        moved = weight_bytes + io_bytes
         records.append(
             dict(
-                impl=name,
+                impl=impl,
+                name=name,
+                group_size=g,
                 sparsity=s,
                 batch=batch,
                 median_us=us,
@@ -451,10 +535,10 @@ def _run(args) -> int:
                 **paired,
                 device=device,
                 cpu=cpu,
-                native_isa=_native_isa(name),
+                native_isa=_native_isa(impl),
                 cache=args.cache,
                 cache_bytes=cache_bytes,
-                copies=copies[name],
+                copies=copies,
                 bytes_moved=moved,
                 bandwidth_gb_s=moved / us * 1e-3,
                 useful_gflop_s=2 * nnz * batch / us * 1e-3,
@@ -468,7 +552,7 @@ def _run(args) -> int:
             )
         )
       print(f"  done sparsity {s} batch {batch}", file=sys.stderr, flush=True)
-  print_table(records, impls)
+  print_table(records, names)
   if args.model:
     records += model_latency(args, rng, dtype, device)
   if args.json:
@@ -477,7 +561,7 @@ def _run(args) -> int:
   if args.plot:
     plot(
         records,
-        impls,
+        names,
         args.plot,
         f"{args.in_features}->{args.out_features} {args.dtype}, {args.cache} cache, "
         f"on {device} ({cpu})",

@@ -439,13 +439,58 @@ for _impl in ("pallas", "xla"):
             _condensed_builder(_impl),
         )
     )
-# Grouped kernels (G consecutive neurons sharing one index set; on a GPU a
-# small dense (batch x k) @ (k x G) product per group, on the tensor cores)
-# are registered here, one line per dtype, with grouped=True so that they run
-# with --group-size G > 1 (every impl then runs on the same group-shared
-# layer) and their builder gets group_size=G, e.g.
-#   register(Impl("grouped_pallas_bf16", "bfloat16", "bf16", "bf16", "nnz", False,
-#                 build_grouped, grouped=True))
+
+
+def _grouped_builder(impl: str):
+  def build(kernel, mask, bias, dtype, group_size):
+    masked = np.where(mask, kernel, 0).astype(dtype)
+    layer = C.condense_grouped_dense(
+        masked, mask, np.asarray(bias).astype(dtype), group_size=group_size
+    )
+    if impl == "pallas":
+
+      def fn(x, l):
+        if _pallas_interpret():
+          return C.grouped_matmul_pallas(x, l.for_input(x.shape), interpret=True)
+        return C.condensed_matmul(x, l, impl="pallas")
+
+    elif jnp.dtype(dtype) == jnp.float32:
+
+      def fn(x, l):
+        # Its batched dot would run on TF32 at default precision on a GPU.
+        with jax.default_matmul_precision("float32"):
+          return C.condensed_matmul(x, l, impl="xla")
+
+    else:
+      fn = lambda x, l: C.condensed_matmul(x, l, impl="xla")
+    return Built(fn, layer, _f64(masked), _f64(layer.bias))
+
+  return build
+
+
+# Grouped kernels (G consecutive neurons sharing one index set): a small
+# dense (batch x k) @ (k x G) product per group, which the Pallas kernel runs
+# on the tensor cores (fp32 as TF32, its default). They run with
+# --group-size G > 1, every impl then on the same group-shared layer.
+for _impl, _dtype, _precision, _unit in (
+    ("pallas", "float32", "fp32_default", "fp32_default"),
+    ("pallas", "bfloat16", "bf16", "bf16"),
+    ("xla", "float32", "fp32", "fp32"),
+    ("xla", "bfloat16", "bf16", "bf16"),
+):
+  _label = "tf32" if _precision == "fp32_default" else _precision
+  register(
+      Impl(
+          f"grouped_{_impl}_{_label}",
+          _dtype,
+          _precision,
+          _unit,
+          "nnz",
+          False,
+          _grouped_builder(_impl),
+          grouped=True,
+      )
+  )
 
 
 # ------------------------------------------------------------------ counting

@@ -12,6 +12,15 @@ ablated and each remaining neuron gets the layer's budget spread over fewer
 neurons (``k' = budget // active``), as SRigL's update does. With
 ``--workdir`` the trained run's newest checkpoint is benchmarked instead.
 
+``--group-size=1,8,16`` (default 1) adds group-shared fan-in: for each G the
+masks come from the optimizer's own init with ``group_size=G`` (layers whose
+width G divides are grouped, the others stay per-neuron, as training does),
+redrawn with whole groups ablated, and the model is converted with those
+groups. The converted models of every G are timed in the same rounds as the
+dense and structured ones of the first G (whose speed does not depend on the
+mask); the condensed impl of G > 1 is named ``condensed@g<G>``. Every record
+carries its ``group_size``.
+
 Impls, all timed round-robin in every repeat so that machine load hits them
 alike: ``dense`` (the masked model under XLA), ``structured`` (ablated neurons
 removed, dense kernels) and ``condensed`` (the fastest condensed kernels).
@@ -57,8 +66,13 @@ IMPLS = ("dense", "structured", "condensed")
 DEFAULT_ABLATION = {0.8: 0.05, 0.9: 0.1, 0.95: 0.2, 0.99: 0.4}
 
 
-def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
-  """(model, variables, masks, input shape) with SRigL-like masks, random weights."""
+def synthetic_model(name, sparsity, ablation, seed=0, group_size=1, **model_kwargs):
+  """(model, variables, masks, input shape) with SRigL-like masks, random weights.
+
+  With ``group_size`` G > 1 the optimizer groups the layers whose width G
+  divides; their redrawn masks keep G consecutive neurons on one shared set
+  of inputs and ablate whole groups.
+  """
   shape, classes, dist, dense_layers = MODELS[name]
   model = get_model(name, classes, **model_kwargs)
   rng = np.random.default_rng(seed)
@@ -71,6 +85,7 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
       update_every=100,
       stop_step=1000,
       dense_layers=dense_layers,
+      group_size=group_size,
       key=jax.random.key(seed + 1),
   )
   params = variables["params"]
@@ -85,7 +100,7 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
   def layer_mask(path, m, p, d):
     if m is None:
       return None
-    return _redraw_density(rng, path, p, d, ablation)
+    return _redraw_density(rng, path, p, d, ablation, _mask_group_size(path, m, group_size))
 
   masks = jax.tree_util.tree_map_with_path(
       layer_mask, tx_masks, params, dens, is_leaf=lambda m: m is None
@@ -105,23 +120,40 @@ def synthetic_model(name, sparsity, ablation, seed=0, **model_kwargs):
   return model, variables, masks, shape
 
 
-def _redraw_density(rng, path, p, density, ablation):
-  shape = np.shape(p)
-  name = jax.tree_util.keystr(path)
+def _fan_axes(path, shape) -> int:
+  """How many leading axes of a kernel are its fan-in."""
   # Attention kernels: query/key/value (embed, heads, head_dim) have fan-in
   # axis 0; out (heads, head_dim, embed) has fan-in axes (0, 1).
-  n_fan = 1 if len(shape) == 3 and "'out'" not in name else len(shape) - 1
+  return 1 if len(shape) == 3 and "'out'" not in jax.tree_util.keystr(path) else len(shape) - 1
+
+
+def _mask_group_size(path, mask, group_size: int) -> int:
+  """``group_size`` when the optimizer's mask of this layer is grouped by it, else 1."""
+  shape = np.shape(mask)
+  n_fan = _fan_axes(path, shape)
+  m2 = np.asarray(mask).reshape(int(np.prod(shape[:n_fan])), -1)
+  if group_size == 1 or m2.shape[1] % group_size:
+    return 1
+  cols = m2.reshape(m2.shape[0], -1, group_size)
+  return group_size if (cols == cols[:, :, :1]).all() else 1
+
+
+def _redraw_density(rng, path, p, density, ablation, group_size=1):
+  shape = np.shape(p)
+  n_fan = _fan_axes(path, shape)
   fan = int(np.prod(shape[:n_fan]))
   n = int(np.prod(shape[n_fan:]))
+  g = group_size
+  n_units = n // g  # neurons, or groups of G neurons sharing their inputs
   budget = max(1, int(round(fan * n * density)))
-  ablate = 0 if "head" in jax.tree_util.keystr(path) else int(n * ablation)
-  active = rng.choice(n, n - ablate, replace=False)
-  k = max(1, min(fan, budget // len(active)))
-  # Random k-subsets per neuron without a Python loop: argsort of noise.
+  ablate = 0 if "head" in jax.tree_util.keystr(path) else int(n_units * ablation)
+  active = rng.choice(n_units, n_units - ablate, replace=False)
+  k = max(1, min(fan, budget // (len(active) * g)))
+  # Random k-subsets per unit without a Python loop: argsort of noise.
   picks = np.argsort(rng.random((len(active), fan)), axis=1)[:, :k]
-  mask = np.zeros((fan, n), bool)
+  mask = np.zeros((fan, n_units), bool)
   mask[picks, np.broadcast_to(active[:, None], picks.shape)] = True
-  return mask.reshape(shape)
+  return np.repeat(mask, g, axis=1).reshape(shape)
 
 
 def trained_model(workdir):
@@ -150,27 +182,58 @@ def bench_model(
     budget_s,
     impls=IMPLS,
     log=print,
+    group_size=1,
+    grouped_masks=None,
 ):
-  """Records of one model at every batch size."""
+  """Records of one model at every batch size.
+
+  Args:
+    name, model, variables, masks, shape, sparsity: the model and its masks
+      (trained with ``group_size``).
+    batches, repeats, budget_s: the timed batch sizes, the most rounds and
+      the seconds of timing per batch size.
+    impls: of `IMPLS`.
+    log: prints progress.
+    group_size: the G ``masks`` were made with.
+    grouped_masks: ``{G: masks}`` of other group sizes, whose condensed
+      models (``condensed@g<G>``) are timed in the same rounds.
+
+  Returns:
+    One record per timed model and batch size.
+  """
   rng = np.random.default_rng(0)
   sample = jnp.asarray(rng.standard_normal((2, *shape)), jnp.float32)
-  params = jax.tree.map(
-      lambda p, m: p if m is None else p * m,
-      variables["params"],
-      masks,
-      is_leaf=lambda m: m is None,
-  )
-  masked = {**variables, "params": params}
-  fns = {}
+
+  def masked_vars(masks):
+    params = jax.tree.map(
+        lambda p, m: p if m is None else p * m,
+        variables["params"],
+        masks,
+        is_leaf=lambda m: m is None,
+    )
+    return {**variables, "params": params}
+
+  masked = masked_vars(masks)
+  fns, groups = {}, {}
   t0 = time.perf_counter()
   if "dense" in impls:
     fns["dense"] = jax.jit(lambda x: model.apply(masked, x))
+    groups["dense"] = group_size
   converted = {}
-  for impl, fmt in (("structured", "structured"), ("condensed", "condensed")):
-    if impl in impls:
-      converted[impl] = C.convert_model(model, variables, masks, sample, format=fmt, check=False)
-      fns[impl] = jax.jit(converted[impl].apply)
+  variants = [("structured", "structured", group_size, masks)]
+  variants.append(("condensed", "condensed", group_size, masks))
+  for g, m in (grouped_masks or {}).items():
+    variants.append((f"condensed@g{g}", "condensed", g, m))
+  for impl, fmt, g, m in variants:
+    if impl.split("@")[0] in impls:
+      converted[impl] = C.convert_model(
+          model, variables, m, sample, format=fmt, check=False, group_size=None
+      )
+      fns[impl], groups[impl] = jax.jit(converted[impl].apply), g
   log(f"{name}: converted in {time.perf_counter() - t0:.1f} s")
+  # The masked dense reference of a variant with its own masks (not timed).
+  reference = jax.jit(model.apply)
+  own_masks = {impl: m for impl, _, _, m in variants if m is not masks}
   plan = converted.get("condensed", converted.get("structured"))
   layers = plan.plan["layers"] if plan else {}
   records = []
@@ -182,17 +245,23 @@ def bench_model(
     us_of = res.medians_us()
     for impl in calls:
       err = None
-      if want is not None:
+      ref = want
+      if impl in own_masks:
+        ref = np.asarray(reference(masked_vars(own_masks[impl]), x), np.float64)
+      if ref is not None:
         got = np.asarray(fns[impl](x), np.float64)
-        err = float(np.abs(got - want).max() / max(1e-12, np.abs(want).max()))
+        err = float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max()))
       paired = None
       if "dense" in calls and impl != "dense":
         paired = res.paired_ratio("dense", impl)
+      own = converted[impl].plan["layers"] if impl in converted else {}
       rec = {
           "model": name,
           "sparsity": sparsity,
           "batch": batch,
           "impl": impl,
+          "group_size": groups[impl],
+          "grouped_layers": sum(e.get("group_size", 1) > 1 for e in own.values()),
           "median_us": us_of[impl],
           "repeats": res.rounds,
           "round_us": [t * 1e6 for t in res.seconds[impl]],
@@ -227,7 +296,7 @@ def plot(records, path):
 
   keys = sorted({(r["model"], r["sparsity"]) for r in records}, key=str)
   batches = sorted({r["batch"] for r in records})
-  impls = [i for i in IMPLS if any(r["impl"] == i for r in records)]
+  impls = list(dict.fromkeys(r["impl"] for r in records))
   fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
   for ax, (model, s) in zip(axes[0], keys):
     width = 0.8 / len(impls)
@@ -272,14 +341,27 @@ def _run(fv: flags.FlagValues, done=lambda records: None):
         fv.workdir, model, variables, masks, shape, sp, batches, fv.repeats, budget_s, fv.impls
     )
   records = []
+  first, *others = [int(g) for g in fv["group-size"].value]
+  kwargs = json.loads(fv["model-kwargs"].value)
   for name in fv.model:
     for s in (float(v) for v in fv.sparsity):
       abl = fv.ablation if fv.ablation is not None else DEFAULT_ABLATION.get(s, 0.1)
-      model, variables, masks, shape = synthetic_model(
-          name, s, abl, **json.loads(fv["model-kwargs"].value)
-      )
+      model, variables, masks, shape = synthetic_model(name, s, abl, group_size=first, **kwargs)
+      # Same weights, the masks of each other group size.
+      grouped = {g: synthetic_model(name, s, abl, group_size=g, **kwargs)[2] for g in others}
       recs = bench_model(
-          name, model, variables, masks, shape, s, batches, fv.repeats, budget_s, fv.impls
+          name,
+          model,
+          variables,
+          masks,
+          shape,
+          s,
+          batches,
+          fv.repeats,
+          budget_s,
+          fv.impls,
+          group_size=first,
+          grouped_masks=grouped,
       )
       for r in recs:
         r["ablation"] = abl
@@ -313,6 +395,19 @@ def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
       flag_values=fv,
   )
   flags.DEFINE_list("impls", list(IMPLS), f"Impls, of {IMPLS}.", flag_values=fv)
+  flags.DEFINE_list(
+      "group-size",
+      ["1"],
+      "Group sizes G of the masks (group-shared fan-in; 1 = per-neuron). The first one's "
+      "models are all timed; the others add their condensed model.",
+      flag_values=fv,
+  )
+  flags.register_validator(
+      "group-size",
+      lambda v: bool(v) and all(g.isdigit() and int(g) >= 1 for g in v) and len(set(v)) == len(v),
+      "group sizes are distinct integers >= 1",
+      flag_values=fv,
+  )
   known = set(IMPLS)
   flags.register_validator("impls", known.issuperset, "unknown impls", flag_values=fv)
   flags.DEFINE_integer("repeats", 15, "Most timed rounds per point.", flag_values=fv)

@@ -1,7 +1,8 @@
 """The native CPU kernel library, shared by the Dense and conv kernels.
 
 The package build compiles ``csrc/`` into ``libsrigl_condensed.so`` next to
-this file. The library holds one XLA FFI handler per kind of layer (`KERNELS`),
+this file. The library holds one XLA FFI handler per kind of layer (`KERNELS`:
+Dense and conv, plain and grouped),
 each with generic, AVX2 and AVX-512 variants; the ``isa`` attribute of a call
 picks one (``'auto'``: the widest this CPU runs). Loading the library registers
 every handler as an FFI target for XLA:CPU, once per process.
@@ -54,6 +55,12 @@ KERNELS = {
     ),
     "conv": NativeKernel(
         "srigl_condensed_conv_f32", "SriglCondensedConvF32", "SriglCondensedConvKernelName"
+    ),
+    "grouped_dense": NativeKernel(
+        "srigl_grouped_matmul_f32", "SriglGroupedMatmulF32", "SriglGroupedKernelName"
+    ),
+    "grouped_conv": NativeKernel(
+        "srigl_grouped_conv_f32", "SriglGroupedConvF32", "SriglGroupedConvKernelName"
     ),
 }
 
@@ -111,7 +118,7 @@ def native_isas(kind: str = "dense") -> dict[str, str]:
   """Kernel variants usable here, e.g. ``{'auto': 'avx512', 'generic': ...}``.
 
   Args:
-    kind: 'dense' or 'conv' (`KERNELS`).
+    kind: a key of `KERNELS`.
 
   Returns:
     ``isa`` value -> name of the variant it runs; empty when the library is
@@ -134,24 +141,27 @@ def ffi_call(
     *,
     max_threads: int,
     isa: str,
+    ids: jax.Array | None = None,
     **attrs: int,
 ) -> jax.Array:
   """Calls one native kernel with operands in the dtypes its handler binds.
 
   The operands are the input, the indices, and the layer's values, neuron
-  ids and full bias. The input and the bias go in as float32, neuron ids as
-  int32, indices as int16 or int32 (other integer dtypes as int32), values as
-  bfloat16 when they are stored so (the kernels read them as they are), else
-  as float32. The kernels accumulate in float32.
+  (or group) ids and full bias. The input and the bias go in as float32, ids
+  as int32, indices as int16 or int32 (other integer dtypes as int32), values
+  as bfloat16 when they are stored so (the kernels read them as they are),
+  else as float32. The kernels accumulate in float32.
 
   Args:
-    kind: 'dense' or 'conv'.
+    kind: a key of `KERNELS`.
     out_shape: the float32 result's shape.
     x: the input.
-    indices: ``(n_active, k)`` input indices (Dense) or taps (conv).
-    layer: the `CondensedLayer` or `CondensedConv`.
+    indices: ``(rows, k)`` input indices (Dense) or taps (conv).
+    layer: the `CondensedLayer`, `CondensedConv` or a grouped format.
     max_threads: cap on threads (0 = XLA's intra-op pool size).
     isa: a key of `ISAS`.
+    ids: the row ids the kernel takes (a grouped layer's ``group_ids``);
+      default the layer's ``neuron_ids``.
     **attrs: the kernel's further int64 attributes (conv geometry).
 
   Returns:
@@ -177,7 +187,7 @@ def ffi_call(
       x.astype(jnp.float32),
       indices,
       values,
-      layer.neuron_ids.astype(jnp.int32),
+      (layer.neuron_ids if ids is None else ids).astype(jnp.int32),
       layer.bias_or_zeros(jnp.float32),
       max_threads=np.int64(max_threads),
       isa=np.int64(ISAS[isa]),

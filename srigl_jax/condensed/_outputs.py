@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CondensedRows", "check_rows", "finish_outputs"]
+__all__ = ["CondensedRows", "check_grouped_rows", "check_rows", "finish_outputs"]
 
 
 def _first_outside(a: np.ndarray, lo: int, hi: int) -> tuple[tuple[int, ...], int] | None:
@@ -82,17 +82,88 @@ def check_rows(
   if bad is not None:
     (r, c), v = bad
     raise ValueError(f"{name}: {index_name}[{r}, {c}] = {v} is outside [0, {fan_in}).")
-  bad = _first_outside(neuron_ids, 0, n_outputs)
+  _check_ids(name, neuron_ids, "neuron_ids", n_outputs)
+
+
+def _check_ids(name: str, ids: np.ndarray, id_name: str, limit: int) -> None:
+  """Refuses ids outside [0, limit) or not strictly increasing, naming the entry."""
+  bad = _first_outside(ids, 0, limit)
   if bad is not None:
     (j,), v = bad
-    raise ValueError(f"{name}: neuron_ids[{j}] = {v} is outside [0, {n_outputs}).")
-  steps = np.diff(neuron_ids.astype(np.int64))
+    raise ValueError(f"{name}: {id_name}[{j}] = {v} is outside [0, {limit}).")
+  steps = np.diff(ids.astype(np.int64))
   if (steps <= 0).any():
     j = int(np.argmax(steps <= 0)) + 1
     raise ValueError(
-        f"{name}: neuron_ids must be strictly increasing (sorted, distinct): neuron_ids[{j}] = "
-        f"{int(neuron_ids[j])} follows neuron_ids[{j - 1}] = {int(neuron_ids[j - 1])}."
+        f"{name}: {id_name} must be strictly increasing (sorted, distinct): {id_name}[{j}] = "
+        f"{int(ids[j])} follows {id_name}[{j - 1}] = {int(ids[j - 1])}."
     )
+
+
+def check_grouped_rows(
+    name: str,
+    *,
+    values,
+    indices,
+    group_ids,
+    bias,
+    fan_in: int,
+    n_outputs: int,
+    group_size: int,
+    index_name: str = "indices",
+) -> None:
+  """Checks the arrays of a grouped condensed layer before any kernel reads through them.
+
+  Args:
+    name: the layer, as messages name it (e.g. "layer 'dense_0'").
+    values: ``(n_groups, k, group_size)`` weights.
+    indices: ``(n_groups, k)`` integer positions in ``[0, fan_in)``, shared
+      by each group's neurons.
+    group_ids: ``(n_groups,)`` integer group positions, strictly increasing
+      within ``[0, n_outputs / group_size)``.
+    bias: ``(n_outputs,)`` or None.
+    fan_in: the size of the input the indices address.
+    n_outputs: the output width, ablated groups included.
+    group_size: G, the layer's neurons per group.
+    index_name: what the messages call ``indices`` ('taps' for a conv).
+
+  Raises:
+    ValueError: naming the layer, the array, and for a value out of range
+      its position, the value and the valid range.
+  """
+  values = np.asarray(values)
+  indices = np.asarray(indices)
+  group_ids = np.asarray(group_ids)
+  if group_size < 1 or n_outputs % group_size:
+    raise ValueError(
+        f"{name}: group_size = {group_size} must be >= 1 and divide the {n_outputs} outputs."
+    )
+  if values.ndim != 3 or values.shape[2] != group_size:
+    raise ValueError(
+        f"{name}: values must be (n_groups, k, {group_size}) for group_size {group_size}, got "
+        f"shape {values.shape}."
+    )
+  if indices.shape != values.shape[:2]:
+    raise ValueError(
+        f"{name}: {index_name} has shape {indices.shape} but values has shape {values.shape}; "
+        f"it must be {values.shape[:2]} (n_groups, k)."
+    )
+  if not np.issubdtype(indices.dtype, np.integer):
+    raise ValueError(f"{name}: {index_name} must be integers, got {indices.dtype}.")
+  if group_ids.shape != values.shape[:1] or not np.issubdtype(group_ids.dtype, np.integer):
+    raise ValueError(
+        f"{name}: group_ids must be {values.shape[:1]} integers (one per group of values), got "
+        f"{group_ids.dtype} of shape {group_ids.shape}."
+    )
+  if bias is not None and np.shape(bias) != (n_outputs,):
+    raise ValueError(
+        f"{name}: bias has shape {np.shape(bias)} but the layer has {n_outputs} outputs."
+    )
+  bad = _first_outside(indices, 0, fan_in)
+  if bad is not None:
+    (r, c), v = bad
+    raise ValueError(f"{name}: {index_name}[{r}, {c}] = {v} is outside [0, {fan_in}).")
+  _check_ids(name, group_ids, "group_ids", n_outputs // group_size)
 
 
 def finish_outputs(

@@ -14,6 +14,11 @@ row ``t`` of the transposed indices and values (``block_neurons`` contiguous
 entries), gathers a tile and accumulates it times the values. The data is read
 whole by every program.
 
+The grouped formats (group-shared fan-in) have their own program,
+`grouped_pallas_sums`: a group's gathered ``(block_k, block_cols)`` tile is
+multiplied with its ``(block_k, G)`` weights as one small dense product on
+the tensor cores.
+
 Inference-only: no derivative rule is defined. On CPU the kernels run in the
 Pallas interpreter (``interpret=True``).
 """
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-__all__ = ["LaunchOptions", "column_blocks", "pallas_sums"]
+__all__ = ["LaunchOptions", "column_blocks", "grouped_pallas_sums", "pallas_sums"]
 
 # Gather(data_ref, indices (block_neurons,), cols (block_cols,)) -> tile.
 Gather = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -168,3 +173,107 @@ def pallas_sums(
       compiler_params=compiler_params,
   )(data, idx_t, val_t)
   return sums[:n, :n_cols]
+
+
+def _grouped_kernel(
+    data_ref, idx_ref, val_ref, out_ref, *, gather: Gather, k_blocks: int, block_k: int, tf32: bool
+):
+  block_cols = out_ref.shape[1]
+  cols = pl.program_id(1) * block_cols + jnp.arange(block_cols, dtype=jnp.int32)
+  # Triton's dot takes fp32 or bf16 operands; fp32 runs as TF32 on tensor
+  # cores (JAX's default GPU precision) unless tf32 is off.
+  precision = None if data_ref.dtype == jnp.bfloat16 else _fp32_precision(tf32)
+  for g in range(out_ref.shape[0]):
+
+    def step(kb, acc, g=g):
+      ks = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+      tile = gather(data_ref, idx_ref[g, ks], cols)  # (block_k, block_cols)
+      w = val_ref[g, ks, :]  # (block_k, G padded)
+      # tile.T @ w, contracting the fan-in axis of both; Triton transposes
+      # the tile in registers.
+      return acc + jax.lax.dot_general(
+          tile,
+          w,
+          (((0,), (0,)), ((), ())),
+          precision=precision,
+          preferred_element_type=jnp.float32,
+      )
+
+    acc = jnp.zeros(out_ref.shape[1:], jnp.float32)
+    acc = jax.lax.fori_loop(0, k_blocks, step, acc)
+    out_ref[g] = acc.astype(out_ref.dtype)
+
+
+def _fp32_precision(tf32: bool):
+  return jax.lax.Precision.HIGH if tf32 else jax.lax.Precision.HIGHEST
+
+
+def grouped_pallas_sums(
+    data: jax.Array,
+    indices: jax.Array,
+    values: jax.Array,
+    gather: Gather,
+    n_cols: int,
+    block_cols: int,
+    block_sizes,
+    interpret: bool,
+) -> jax.Array:
+  """The grouped program: every group's sums ``(n_groups, n_cols, G)``.
+
+  Grid: (group blocks, column blocks). A program walks ``block_groups``
+  groups; for each it gathers ``block_k`` of the group's shared input rows at
+  a time (a ``(block_k, block_cols)`` tile) and multiplies it with the
+  group's ``(block_k, G)`` weights on the tensor cores,
+  ``(block_cols x block_k) @ (block_k x G)``, accumulating in float32. The
+  fan-in is padded to a multiple of ``block_k`` and G to a power of two of at
+  least 16 (what Triton's dot takes) with index-0, zero-weight entries.
+
+  Args:
+    data: what ``gather`` reads, in the dtype of the computation, with room
+      for the padded columns.
+    indices: ``(n_groups, k)`` the gather index shared by each group.
+    values: ``(n_groups, k, G)`` weights.
+    gather: the tile gather (see `Gather`).
+    n_cols: columns to keep.
+    block_cols: the column block from `column_blocks`.
+    block_sizes: the kernel's block-size dataclass (``block_groups``,
+      ``block_k``, ``tf32`` and the `LaunchOptions`).
+    interpret: run in the Pallas interpreter.
+
+  Returns:
+    ``(n_groups, n_cols, G)`` sums in the dtype of ``data``, no bias.
+  """
+  dtype = data.dtype
+  n, k, g = values.shape
+  bg, bk = block_sizes.block_groups, block_sizes.block_k
+  n_p = -(-n // bg) * bg
+  k_p = -(-k // bk) * bk
+  g_p = max(16, _next_pow2(g))
+  cols_p = -(-n_cols // block_cols) * block_cols
+  idx = jnp.pad(indices.astype(jnp.int32), ((0, n_p - n), (0, k_p - k)))
+  val = jnp.pad(values.astype(dtype), ((0, n_p - n), (0, k_p - k), (0, g_p - g)))
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu  # GPU-only import
+
+    compiler_params = plgpu.CompilerParams(
+        num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
+    )
+  whole = (0,) * data.ndim
+  kernel = functools.partial(
+      _grouped_kernel, gather=gather, k_blocks=k_p // bk, block_k=bk, tf32=block_sizes.tf32
+  )
+  sums = pl.pallas_call(
+      kernel,
+      grid=(n_p // bg, cols_p // block_cols),
+      in_specs=[
+          pl.BlockSpec(data.shape, lambda i, j: whole),
+          pl.BlockSpec((bg, k_p), lambda i, j: (i, 0)),
+          pl.BlockSpec((bg, k_p, g_p), lambda i, j: (i, 0, 0)),
+      ],
+      out_specs=pl.BlockSpec((bg, block_cols, g_p), lambda i, j: (i, j, 0)),
+      out_shape=jax.ShapeDtypeStruct((n_p, cols_p, g_p), dtype),
+      interpret=interpret,
+      compiler_params=compiler_params,
+  )(data, idx, val)
+  return sums[:n, :n_cols, :g]

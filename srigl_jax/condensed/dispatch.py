@@ -2,10 +2,11 @@
 
 They check their input against the layer once, here, and hand the kernels a
 layer set up for it (for a conv: with the `ConvGeometry` of the input size).
-An empty batch gets an empty result without a kernel call. The XLA and Pallas
-kernels trust the layer's arrays, which ``validate()`` checks once where a
-layer comes from outside (`convert_model`, the serving loader); the native
-kernels check them on every call and refuse what is out of range.
+Each format (plain or grouped) has its own kernels; the layer's type picks
+them. An empty batch gets an empty result without a kernel call. The XLA and
+Pallas kernels trust the layer's arrays, which ``validate()`` checks once
+where a layer comes from outside (`convert_model`, the serving loader); the
+native kernels check them on every call and refuse what is out of range.
 """
 
 from __future__ import annotations
@@ -18,35 +19,70 @@ import jax.numpy as jnp
 from srigl_jax.condensed import _native_lib
 from srigl_jax.condensed.conv import (
     CondensedConv,
+    GroupedCondensedConv,
     condensed_conv_native,
     condensed_conv_pallas,
     condensed_conv_reference,
     condensed_conv_xla,
+    grouped_conv_native,
+    grouped_conv_pallas,
+    grouped_conv_xla,
 )
 from srigl_jax.condensed.dense import (
     CondensedLayer,
+    GroupedCondensedLayer,
     condensed_matmul_native,
     condensed_matmul_pallas,
     condensed_matmul_reference,
     condensed_matmul_xla,
+    grouped_matmul_native,
+    grouped_matmul_pallas,
+    grouped_matmul_xla,
 )
 
 __all__ = ["IMPLS", "condensed_conv", "condensed_matmul", "resolve_impl"]
 
 IMPLS = ("auto", "native", "pallas", "xla", "reference")
 
+# Layer type -> kernel per concrete impl.
 _MATMUL = {
-    "native": condensed_matmul_native,
-    "pallas": condensed_matmul_pallas,
-    "xla": condensed_matmul_xla,
-    "reference": condensed_matmul_reference,
+    CondensedLayer: {
+        "native": condensed_matmul_native,
+        "pallas": condensed_matmul_pallas,
+        "xla": condensed_matmul_xla,
+        "reference": condensed_matmul_reference,
+    },
+    GroupedCondensedLayer: {
+        "native": grouped_matmul_native,
+        "pallas": grouped_matmul_pallas,
+        "xla": grouped_matmul_xla,
+        "reference": condensed_matmul_reference,
+    },
 }
 _CONV = {
-    "native": condensed_conv_native,
-    "pallas": condensed_conv_pallas,
-    "xla": condensed_conv_xla,
-    "reference": condensed_conv_reference,
+    CondensedConv: {
+        "native": condensed_conv_native,
+        "pallas": condensed_conv_pallas,
+        "xla": condensed_conv_xla,
+        "reference": condensed_conv_reference,
+    },
+    GroupedCondensedConv: {
+        "native": grouped_conv_native,
+        "pallas": grouped_conv_pallas,
+        "xla": grouped_conv_xla,
+        "reference": condensed_conv_reference,
+    },
 }
+
+
+def _kernels(table, layer, what: str):
+  kernels = table.get(type(layer))
+  if kernels is None:
+    raise TypeError(
+        f"{what}: expects one of {sorted(t.__name__ for t in table)}, got {type(layer).__name__}."
+    )
+  return kernels
+
 
 _log = logging.getLogger(__name__)
 _noticed = False
@@ -97,7 +133,11 @@ def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
 
 
 def condensed_matmul(
-    x: jax.Array, layer: CondensedLayer, impl: str = "auto", *, name: str = "condensed_matmul"
+    x: jax.Array,
+    layer: CondensedLayer | GroupedCondensedLayer,
+    impl: str = "auto",
+    *,
+    name: str = "condensed_matmul",
 ) -> jax.Array:
   """``x @ W + b`` for a condensed layer, with the fastest available kernel.
 
@@ -107,7 +147,8 @@ def condensed_matmul(
 
   Args:
     x: ``(..., in_features)`` input.
-    layer: a `CondensedLayer` (from `condense_dense` or `condense`).
+    layer: a `CondensedLayer` (from `condense_dense` or `condense`) or a
+      `GroupedCondensedLayer` (from `condense_grouped_dense`).
     impl: 'auto', 'native', 'pallas', 'xla' or 'reference'.
     name: what an error about the input names.
 
@@ -117,17 +158,23 @@ def condensed_matmul(
   Raises:
     ValueError: ``x`` does not have ``in_features`` features, or an unknown
       ``impl``.
+    TypeError: ``layer`` is not a condensed Dense layer.
   """
+  kernels = _kernels(_MATMUL, layer, "condensed_matmul")
   layer = layer.for_input(x.shape, name)
   which = resolve_impl(impl)
   if 0 in x.shape[:-1]:
     # An empty batch: no kernel is called (some cannot size their work for it).
     return jnp.zeros((*x.shape[:-1], layer.out_features), _out_dtype(x, layer))
-  return _MATMUL[which](x, layer)
+  return kernels[which](x, layer)
 
 
 def condensed_conv(
-    x: jax.Array, layer: CondensedConv, impl: str = "auto", *, name: str = "condensed_conv"
+    x: jax.Array,
+    layer: CondensedConv | GroupedCondensedConv,
+    impl: str = "auto",
+    *,
+    name: str = "condensed_conv",
 ) -> jax.Array:
   """A condensed convolution with the fastest available kernel.
 
@@ -140,7 +187,8 @@ def condensed_conv(
 
   Args:
     x: ``(b, h, w, cin)`` NHWC input.
-    layer: a `CondensedConv` (from `condense_conv` or `convert_model`).
+    layer: a `CondensedConv` (from `condense_conv` or `convert_model`) or a
+      `GroupedCondensedConv` (from `condense_grouped_conv`).
     impl: 'auto', 'native', 'pallas', 'xla' or 'reference'.
     name: what an error about the input names.
 
@@ -151,7 +199,9 @@ def condensed_conv(
     ValueError: ``x`` is not NHWC with ``in_channels`` channels, the layer
       has a bias map built for another input size, the kernel does not fit
       the padded input, or an unknown ``impl``.
+    TypeError: ``layer`` is not a condensed conv.
   """
+  kernels = _kernels(_CONV, layer, "condensed_conv")
   layer = layer.for_input(x.shape, name)
   which = resolve_impl(impl)
   if x.shape[0] == 0:
@@ -160,4 +210,4 @@ def condensed_conv(
     return jnp.zeros((0, geo.oh, geo.ow, layer.out_channels), _out_dtype(x, layer))
   if which == "pallas" and impl == "auto":
     return condensed_conv_reference(x, layer, precision=None)
-  return _CONV[which](x, layer)
+  return kernels[which](x, layer)

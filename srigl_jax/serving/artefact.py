@@ -56,6 +56,7 @@ __all__ = [
     'ArtefactError',
     'ArtefactWriter',
     'array_digest',
+    'format_version',
     'from_json',
     'integrity',
     'load_inference_model',
@@ -65,7 +66,12 @@ __all__ = [
 
 # The layout of the folder and of its manifest; a reader refuses newer ones.
 # 2: the marker file and the manifest's 'integrity' (sha256 of every array).
-FORMAT_VERSION = 2
+# 3: grouped condensed layers (plan entries with group_size > 1). An artefact
+# without them is written as version 2, which readers of version 2 load.
+FORMAT_VERSION = 3
+# The folder layout (the marker, checksums in the manifest) of version 2,
+# which later versions keep; the marker records it.
+_LAYOUT_VERSION = 2
 
 _log = logging.getLogger(__name__)
 
@@ -102,6 +108,12 @@ def tree_summary(tree) -> dict[str, Any]:
     path = '/'.join(str(getattr(k, 'key', k)) for k in kp)
     out[path] = {'shape': [int(d) for d in np.shape(leaf)], 'dtype': str(np.asarray(leaf).dtype)}
   return out
+
+
+def format_version(plan: Mapping[str, Any]) -> int:
+  """The oldest format version that holds a converter's plan: 3 with grouped layers, else 2."""
+  grouped = any(e.get('group_size', 1) > 1 for e in plan.get('layers', {}).values())
+  return 3 if grouped else 2
 
 
 def _flat_arrays(tree) -> dict[str, np.ndarray]:
@@ -166,7 +178,7 @@ class ArtefactWriter:
     """
     self.out = out
     self._folder = folder.Writer(
-        out, {'format_version': FORMAT_VERSION, 'written_by': f'srigl_jax {__version__}'}
+        out, {'format_version': _LAYOUT_VERSION, 'written_by': f'srigl_jax {__version__}'}
     )
 
   @property
@@ -478,7 +490,7 @@ def load_inference_model(
           field='variables',
       ) from None
   _check_runs(source, manifest, model, variables, impl)
-  if manifest['format_version'] < FORMAT_VERSION:
+  if manifest['format_version'] < _LAYOUT_VERSION:
     _log.warning(
         '%s has format version %d, without checksums: its manifest and arrays were checked, '
         'but damage that leaves the values finite cannot be detected. Rewrite it: %s',

@@ -49,6 +49,9 @@ _TOP = (
 # Format 2 adds the checksums of the saved arrays.
 _TOP_2 = _TOP + ('integrity',)
 _RECORD = ('format', 'kind', 'density', 'neurons', 'active_neurons', 'fan_in')
+# Format 3 adds group_size (group-shared fan-in) to layer records and plan
+# entries; absent, it is 1.
+_GROUP_SIZE = 'group_size'
 _PLAN_ENTRY = (
     'kind',
     'neurons',
@@ -163,10 +166,10 @@ def _dtype(value, field: str) -> np.dtype:
 
 
 def check_manifest(manifest: Any) -> None:
-  """Checks every field of a parsed manifest.json (format 1 or 2), without the model.
+  """Checks every field of a parsed manifest.json (format 1, 2 or 3), without the model.
 
   Args:
-    manifest: the parsed JSON; its 'format_version' (an integer in [1, 2])
+    manifest: the parsed JSON; its 'format_version' (an integer in [1, 3])
       is checked by the caller, before this.
 
   Raises:
@@ -235,14 +238,30 @@ def _check_preprocessing(record, input_shape: list[int]) -> None:
       _number(v, f'{field}.{key}[{i}]', lo=lo)
 
 
+def _check_group_size(record, field: str, neurons: int, active: int) -> int:
+  """The record's group size (1 when absent), which must divide both neuron counts."""
+  if _GROUP_SIZE not in record:
+    return 1
+  g = _int(record[_GROUP_SIZE], f'{field}.{_GROUP_SIZE}', 1)
+  if neurons % g or active % g:
+    raise ManifestError(
+        f'{field}.{_GROUP_SIZE}',
+        f'is {g} but does not divide neurons={neurons} and active_neurons={active}',
+    )
+  if g > 1 and record['format'] != 'condensed':
+    raise ManifestError(f'{field}.{_GROUP_SIZE}', f"is {g} for a {record['format']!r} layer")
+  return g
+
+
 def _check_record(record, field: str) -> None:
-  record = _object(record, field, _RECORD)
+  record = _object(record, field, _RECORD, (_GROUP_SIZE,))
   _choice(record['format'], f'{field}.format', LAYER_FORMATS)
   _choice(record['kind'], f'{field}.kind', LAYER_KINDS)
   _number(record['density'], f'{field}.density', 0.0, 1.0)
   neurons = _int(record['neurons'], f'{field}.neurons', 1)
-  _int(record['active_neurons'], f'{field}.active_neurons', 0, neurons)
+  active = _int(record['active_neurons'], f'{field}.active_neurons', 0, neurons)
   _int(record['fan_in'], f'{field}.fan_in', 0)
+  _check_group_size(record, field, neurons, active)
 
 
 def _check_plan(plan, input_shape: list[int], layers: Mapping[str, Any]) -> None:
@@ -257,11 +276,11 @@ def _check_plan(plan, input_shape: list[int], layers: Mapping[str, Any]) -> None
   folded = _mapping(plan['folded_batchnorms'], 'plan.folded_batchnorms')
   for path, entry in entries.items():
     field = f'plan.layers.{path}'
-    optional = ('in_shape', 'out_shape', 'input_hw')
+    optional = ('in_shape', 'out_shape', 'input_hw', _GROUP_SIZE)
     entry = _object(entry, field, _PLAN_ENTRY, optional)
     kind = _choice(entry['kind'], f'{field}.kind', LAYER_KINDS)
     neurons = _int(entry['neurons'], f'{field}.neurons', 1)
-    _int(entry['active_neurons'], f'{field}.active_neurons', 0, neurons)
+    active = _int(entry['active_neurons'], f'{field}.active_neurons', 0, neurons)
     fan = _int(entry['dense_fan_in'], f'{field}.dense_fan_in', 1)
     _int(entry['fan_in'], f'{field}.fan_in', 0, fan)
     _int(entry['folded_inputs'], f'{field}.folded_inputs', 0, fan)
@@ -269,6 +288,7 @@ def _check_plan(plan, input_shape: list[int], layers: Mapping[str, Any]) -> None
     fmt = _choice(entry['format'], f'{field}.format', PLAN_FORMATS)
     if plan_format == 'structured' and fmt != 'structured':
       raise ManifestError(f'{field}.format', f'is {fmt!r} in a structured plan')
+    _check_group_size(entry, field, neurons, active)
     if entry['batchnorm'] is not None:
       bn = _str(entry['batchnorm'], f'{field}.batchnorm')
       if folded.get(bn) != path:
@@ -299,8 +319,8 @@ def _check_plan(plan, input_shape: list[int], layers: Mapping[str, Any]) -> None
     record = layers.get(path)
     if record is None:
       raise ManifestError('layers', f'lacks {path!r}, a layer of the plan')
-    for key in _RECORD:
-      if record[key] != entry[key]:
+    for key in _RECORD + (_GROUP_SIZE,):
+      if record.get(key, 1) != entry.get(key, 1):
         raise ManifestError(
             f'layers.{path}.{key}', f'is {_show(record[key])} but the plan says {_show(entry[key])}'
         )
@@ -511,12 +531,22 @@ def _converted_arrays(path: str, entry, kernel_shape, call, flat) -> dict[str, d
   for leaf in ('kernel', 'bias'):
     flat.pop(f'params/{path}/{leaf}', None)
   p = f'params/{path}'
-  out = {f'{p}/neuron_ids': _spec((active,), np.int32), f'{p}/bias': _spec((neurons,), np.float32)}
-  if entry['format'] == 'condensed':
+  out = {f'{p}/bias': _spec((neurons,), np.float32)}
+  g = entry.get(_GROUP_SIZE, 1)
+  if entry['format'] == 'condensed' and g > 1:
+    # Grouped: indices (taps) and ids once per group, G weights per entry.
     index = 'taps' if entry['kind'] == 'conv' else 'indices'
+    n_groups = active // g
+    out[f'{p}/group_ids'] = _spec((n_groups,), np.int32)
+    out[f'{p}/values'] = _spec((n_groups, entry['fan_in'], g), np.float32)
+    out[f'{p}/{index}'] = _spec((n_groups, entry['fan_in']), index_dtype_for(fan))
+  elif entry['format'] == 'condensed':
+    index = 'taps' if entry['kind'] == 'conv' else 'indices'
+    out[f'{p}/neuron_ids'] = _spec((active,), np.int32)
     out[f'{p}/values'] = _spec((active, entry['fan_in']), np.float32)
     out[f'{p}/{index}'] = _spec((active, entry['fan_in']), index_dtype_for(fan))
   else:
+    out[f'{p}/neuron_ids'] = _spec((active,), np.int32)
     kept = kernel_shape[:-1] if entry['kind'] == 'conv' else [fan]
     out[f'{p}/kernel'] = _spec((*kept, active), np.float32)
   if entry['bias_map']:

@@ -31,6 +31,13 @@ contiguous inputs times one broadcast weight, for every batch size and image
 size: kernels vectorise over it without an im2col buffer. Grid columns with
 ``i >= oh`` or ``j >= ow`` are computed and discarded.
 
+With group-shared fan-in (`srigl(..., group_size=G)`), G consecutive output
+channels share one set of taps. `GroupedCondensedConv` stores the taps once
+per group, ``taps (n_groups, k)``, the G channels' own weights side by side,
+``values (n_groups, k, G)``, and the sorted ``group_ids`` of the active groups
+(group g feeds channels g * G .. g * G + G - 1); in the plane layout a tap is
+then one run of inputs feeding G channels.
+
 The per-image part of this layout (pads, output size, phase grid) is a
 `ConvGeometry`, computed once per input size: by `condense_conv` when it is
 given the input size, else by `CondensedConv.for_input` at the first call of
@@ -50,14 +57,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed._outputs import CondensedRows, check_rows
-from srigl_jax.condensed.dense.format import CondensedLayer, condense_dense, index_dtype_for
+from srigl_jax.condensed._groups import condense_groups, validate_group_size
+from srigl_jax.condensed._outputs import CondensedRows, check_grouped_rows, check_rows
+from srigl_jax.condensed.dense.format import (
+    CondensedLayer,
+    GroupedCondensedLayer,
+    condense_dense,
+    index_dtype_for,
+)
 
 __all__ = [
     "CondensedConv",
     "ConvGeometry",
+    "GroupedCondensedConv",
     "apply_planes",
     "condense_conv",
+    "condense_grouped_conv",
     "conv_geometry",
     "from_planes",
     "normalize_padding",
@@ -198,37 +213,13 @@ def conv_geometry(
   return ConvGeometry(h, w, int(cin), kh, kw, sh, sw, pads, *out, *phase_grid)
 
 
-@flax.struct.dataclass
-class CondensedConv(CondensedRows):
-  """A constant fan-in sparse Conv layer in condensed form (a pytree).
+class ConvLayout:
+  """What the condensed conv formats share: the layout of the convolution.
 
-  Attributes:
-    values: ``(n_active, k)`` weights of the active output channels.
-    taps: ``(n_active, k)`` int16/int32 flat ``(kh, kw, cin)`` index of each.
-    neuron_ids: ``(n_active,)`` int32, sorted output channel of each row.
-    bias: ``(cout,)`` or None.
-    bias_map: ``(oh, ow, cout)`` per-position bias or None; only valid for
-      inputs of the size ``geometry`` was built for.
-    kernel_size: ``(kh, kw)`` (static).
-    in_channels: ``cin`` (static).
-    out_channels: ``cout``, ablated channels included (static).
-    strides: ``(sh, sw)`` (static).
-    padding: normalised padding spec (static).
-    geometry: the `ConvGeometry` of the input size the layer is set up for,
-      or None when no size is known yet (static; `for_input` sets it).
+  A subclass is a flax dataclass with the fields ``kernel_size``,
+  ``in_channels``, ``out_channels``, ``strides``, ``padding``, ``geometry``
+  and ``bias_map`` (see `CondensedConv`), and an ``as_dense_layer()``.
   """
-
-  values: Any
-  taps: Any
-  neuron_ids: Any
-  bias: Any
-  bias_map: Any = None
-  kernel_size: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
-  in_channels: int = flax.struct.field(pytree_node=False, default=1)
-  out_channels: int = flax.struct.field(pytree_node=False, default=1)
-  strides: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
-  padding: Padding = flax.struct.field(pytree_node=False, default="VALID")
-  geometry: ConvGeometry | None = flax.struct.field(pytree_node=False, default=None)
 
   @property
   def n_outputs(self) -> int:
@@ -239,31 +230,19 @@ class CondensedConv(CondensedRows):
     """The input ``(h, w)`` the layer is set up for, or None."""
     return None if self.geometry is None else self.geometry.hw
 
-  def as_dense_layer(self) -> CondensedLayer:
-    """The same weights as a Dense layer over the flattened ``(kh, kw, cin)``
-    fan-in (for a 1x1 conv: a Dense layer over pixels)."""
-    kh, kw = self.kernel_size
-    return CondensedLayer(
-        values=self.values,
-        indices=self.taps,
-        neuron_ids=self.neuron_ids,
-        bias=self.bias,
-        in_features=kh * kw * self.in_channels,
-        out_features=self.out_channels,
-    )
-
   def to_dense(self) -> jnp.ndarray:
     """The equivalent masked kernel ``(kh, kw, cin, cout)``."""
     kh, kw = self.kernel_size
     kernel = self.as_dense_layer().to_dense()
     return kernel.reshape(kh, kw, self.in_channels, self.out_channels)
 
-  def validate(self, name: str = "condensed conv") -> CondensedConv:
+  def validate(self, name: str = "condensed conv"):
     """Checks the arrays and geometry on the host before a kernel reads through them.
 
-    `condense_conv` builds valid layers; call this on layers read from
-    elsewhere (`convert_model` and `srigl_jax.serving`'s loader check the
-    converted variables the same way).
+    `condense_conv` and `condense_grouped_conv` build valid layers; call
+    this on layers read from elsewhere (`convert_model` and
+    `srigl_jax.serving`'s loader check the converted variables the same
+    way).
 
     Args:
       name: what the error message names (e.g. "layer 'conv_0'").
@@ -274,7 +253,8 @@ class CondensedConv(CondensedRows):
     Raises:
       ValueError: a kernel size or stride below 1, negative padding, shapes
         that disagree, a tap outside ``[0, kh * kw * in_channels)``,
-        ``neuron_ids`` not strictly increasing within ``[0, out_channels)``,
+        ``neuron_ids`` (``group_ids`` of a grouped conv) not strictly
+        increasing within ``[0, out_channels)`` (``[0, out_channels / G)``),
         or a bias map of another shape than the geometry's output.
     """
     kh, kw = self.kernel_size
@@ -285,16 +265,7 @@ class CondensedConv(CondensedRows):
       )
     if not isinstance(self.padding, str) and min(min(p) for p in self.padding) < 0:
       raise ValueError(f"{name}: negative padding {self.padding}.")
-    check_rows(
-        name,
-        values=self.values,
-        indices=self.taps,
-        neuron_ids=self.neuron_ids,
-        bias=self.bias,
-        fan_in=kh * kw * self.in_channels,
-        n_outputs=self.out_channels,
-        index_name="taps",
-    )
+    self._check_rows(name, kh * kw * self.in_channels)
     if self.bias_map is not None and self.geometry is not None:
       want = (self.geometry.oh, self.geometry.ow, self.out_channels)
       if np.shape(self.bias_map) != want:
@@ -316,7 +287,7 @@ class CondensedConv(CondensedRows):
   def _geometry_of(self, hw: tuple[int, int]) -> ConvGeometry:
     return conv_geometry(hw, self.in_channels, self.kernel_size, self.strides, self.padding)
 
-  def for_input(self, x_shape: Sequence[int], name: str = "condensed_conv") -> CondensedConv:
+  def for_input(self, x_shape: Sequence[int], name: str = "condensed_conv"):
     """Checks that this layer takes inputs of shape ``x_shape``; returns it set up for them.
 
     Args:
@@ -352,11 +323,141 @@ class CondensedConv(CondensedRows):
     return self.replace(geometry=self._geometry_of(hw))
 
 
-def apply_planes(x: jax.Array, layer: CondensedConv, grid_sums) -> jax.Array:
+@flax.struct.dataclass
+class CondensedConv(ConvLayout, CondensedRows):
+  """A constant fan-in sparse Conv layer in condensed form (a pytree).
+
+  Attributes:
+    values: ``(n_active, k)`` weights of the active output channels.
+    taps: ``(n_active, k)`` int16/int32 flat ``(kh, kw, cin)`` index of each.
+    neuron_ids: ``(n_active,)`` int32, sorted output channel of each row.
+    bias: ``(cout,)`` or None.
+    bias_map: ``(oh, ow, cout)`` per-position bias or None; only valid for
+      inputs of the size ``geometry`` was built for.
+    kernel_size: ``(kh, kw)`` (static).
+    in_channels: ``cin`` (static).
+    out_channels: ``cout``, ablated channels included (static).
+    strides: ``(sh, sw)`` (static).
+    padding: normalised padding spec (static).
+    geometry: the `ConvGeometry` of the input size the layer is set up for,
+      or None when no size is known yet (static; `for_input` sets it).
+  """
+
+  values: Any
+  taps: Any
+  neuron_ids: Any
+  bias: Any
+  bias_map: Any = None
+  kernel_size: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+  in_channels: int = flax.struct.field(pytree_node=False, default=1)
+  out_channels: int = flax.struct.field(pytree_node=False, default=1)
+  strides: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+  padding: Padding = flax.struct.field(pytree_node=False, default="VALID")
+  geometry: ConvGeometry | None = flax.struct.field(pytree_node=False, default=None)
+
+  def _check_rows(self, name: str, fan_in: int) -> None:
+    check_rows(
+        name,
+        values=self.values,
+        indices=self.taps,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        fan_in=fan_in,
+        n_outputs=self.out_channels,
+        index_name="taps",
+    )
+
+  def as_dense_layer(self) -> CondensedLayer:
+    """The same weights as a Dense layer over the flattened ``(kh, kw, cin)``
+    fan-in (for a 1x1 conv: a Dense layer over pixels)."""
+    kh, kw = self.kernel_size
+    return CondensedLayer(
+        values=self.values,
+        indices=self.taps,
+        neuron_ids=self.neuron_ids,
+        bias=self.bias,
+        in_features=kh * kw * self.in_channels,
+        out_features=self.out_channels,
+    )
+
+
+@flax.struct.dataclass
+class GroupedCondensedConv(ConvLayout, CondensedRows):
+  """A group-shared constant fan-in Conv layer in condensed form (a pytree).
+
+  Attributes:
+    values: ``(n_groups, k, G)`` weights of the active groups' channels.
+    taps: ``(n_groups, k)`` int16/int32 flat ``(kh, kw, cin)`` taps shared by
+      each group.
+    group_ids: ``(n_groups,)`` int32, sorted ids of the active groups.
+    bias, bias_map, kernel_size, in_channels, strides, padding, geometry: as
+      in `CondensedConv`.
+    out_channels: ``cout``, ablated groups included (static); a multiple of
+      ``group_size``.
+    group_size: G, output channels per group (static).
+  """
+
+  values: Any
+  taps: Any
+  group_ids: Any
+  bias: Any
+  bias_map: Any = None
+  kernel_size: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+  in_channels: int = flax.struct.field(pytree_node=False, default=1)
+  out_channels: int = flax.struct.field(pytree_node=False, default=1)
+  strides: tuple[int, int] = flax.struct.field(pytree_node=False, default=(1, 1))
+  padding: Padding = flax.struct.field(pytree_node=False, default="VALID")
+  geometry: ConvGeometry | None = flax.struct.field(pytree_node=False, default=None)
+  group_size: int = flax.struct.field(pytree_node=False, default=1)
+
+  def _check_rows(self, name: str, fan_in: int) -> None:
+    check_grouped_rows(
+        name,
+        values=self.values,
+        indices=self.taps,
+        group_ids=self.group_ids,
+        bias=self.bias,
+        fan_in=fan_in,
+        n_outputs=self.out_channels,
+        group_size=self.group_size,
+        index_name="taps",
+    )
+
+  def as_dense_layer(self) -> GroupedCondensedLayer:
+    """The same weights as a grouped Dense layer over the flattened
+    ``(kh, kw, cin)`` fan-in (for a 1x1 conv: a Dense layer over pixels)."""
+    kh, kw = self.kernel_size
+    return GroupedCondensedLayer(
+        values=self.values,
+        indices=self.taps,
+        group_ids=self.group_ids,
+        bias=self.bias,
+        in_features=kh * kw * self.in_channels,
+        out_features=self.out_channels,
+        group_size=self.group_size,
+    )
+
+  @property
+  def n_groups(self) -> int:
+    """Active groups."""
+    return int(self.values.shape[0])
+
+  @property
+  def n_active(self) -> int:
+    """Active output channels: G per active group."""
+    return self.n_groups * self.group_size
+
+  @property
+  def neuron_ids(self) -> jax.Array:
+    """``(n_groups * G,)`` sorted output channel of every active channel."""
+    return self.as_dense_layer().neuron_ids
+
+
+def apply_planes(x: jax.Array, layer: CondensedConv | GroupedCondensedConv, grid_sums) -> jax.Array:
   """Runs a kernel that computes the active channels' sums in the plane layout.
 
   Calls ``grid_sums(x, geometry)``, with ``x`` in the promoted dtype of x and
-  the values, for the ``(n_active, grid)`` sums (skipped when there is
+  the values, for the ``(n_active, grid)`` sums of the active channels (skipped when there is
   nothing to sum), and returns the finished ``(b, oh, ow, cout)`` output.
   """
   geo = layer.geometry_for(x.shape)
@@ -403,18 +504,7 @@ def condense_conv(
     ValueError: the kernel is not 4-D, shapes disagree, active channels do
       not all have the same number of taps, or the padding is unsupported.
   """
-  kernel = np.asarray(kernel)
-  mask = np.asarray(mask)
-  if kernel.ndim != 4:
-    raise ValueError(
-        f"condense_conv: layer '{name}' has a kernel of shape {kernel.shape}; "
-        "a 2-D convolution kernel has shape (kh, kw, cin, cout)."
-    )
-  if mask.shape != kernel.shape:
-    raise ValueError(
-        f"condense_conv: layer '{name}' has mask shape {mask.shape} but kernel "
-        f"shape {kernel.shape}; pass the mask that belongs to this kernel."
-    )
+  kernel, mask = _check_conv_arrays(kernel, mask, name, "condense_conv")
   kh, kw, cin, cout = kernel.shape
   fan = kh * kw * cin
   flat = condense_dense(
@@ -439,6 +529,89 @@ def condense_conv(
   if input_hw is None:
     return layer
   return layer.for_input((1, *input_hw, cin), name=f"condense_conv: layer '{name}'")
+
+
+def condense_grouped_conv(
+    kernel,
+    mask,
+    bias=None,
+    *,
+    group_size: int,
+    strides: Sequence[int] = (1, 1),
+    padding="SAME",
+    input_hw: Sequence[int] | None = None,
+    name: str = "<layer>",
+    allow_ragged: bool = False,
+    index_dtype=None,
+) -> GroupedCondensedConv:
+  """Condenses one Conv kernel from its group-shared constant fan-in mask (on the host).
+
+  Args:
+    kernel: ``(kh, kw, cin, cout)`` weights (Flax NHWC layout).
+    mask: bool array of the same shape; the masks of the G output channels of
+      every group must be identical.
+    bias: optional ``(cout,)`` bias.
+    group_size: G, consecutive output channels sharing one set of taps; must
+      divide ``cout``.
+    strides, padding, input_hw, name: as in `condense_conv`.
+    allow_ragged: pad groups with fewer taps up to the largest count (tap 0,
+      value 0) instead of raising; used by the model converter.
+    index_dtype: override the tap dtype (default `index_dtype_for(fan_in)`).
+
+  Returns:
+    The `GroupedCondensedConv`.
+
+  Raises:
+    ValueError: the kernel is not 4-D, shapes disagree, G does not divide
+      ``cout``, a group's masks differ, active groups do not all have the
+      same number of taps, or the padding is unsupported.
+  """
+  what = "condense_grouped_conv"
+  group_size = validate_group_size(group_size, what)
+  kernel, mask = _check_conv_arrays(kernel, mask, name, what)
+  kh, kw, cin, cout = kernel.shape
+  fan = kh * kw * cin
+  values, taps, group_ids = condense_groups(
+      kernel.reshape(fan, cout),
+      mask.reshape(fan, cout),
+      group_size,
+      name=name,
+      what=what,
+      allow_ragged=allow_ragged,
+      index_dtype=np.dtype(index_dtype or index_dtype_for(fan)),
+  )
+  layer = GroupedCondensedConv(
+      values=jnp.asarray(values),
+      taps=jnp.asarray(taps),
+      group_ids=jnp.asarray(group_ids),
+      bias=None if bias is None else jnp.asarray(bias),
+      kernel_size=(int(kh), int(kw)),
+      in_channels=int(cin),
+      out_channels=int(cout),
+      strides=tuple(int(s) for s in strides),
+      padding=normalize_padding(padding),
+      group_size=group_size,
+  )
+  if input_hw is None:
+    return layer
+  return layer.for_input((1, *input_hw, cin), name=f"{what}: layer '{name}'")
+
+
+def _check_conv_arrays(kernel, mask, name: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+  """The kernel and mask as numpy arrays; raises unless both are 4-D of one shape."""
+  kernel = np.asarray(kernel)
+  mask = np.asarray(mask)
+  if kernel.ndim != 4:
+    raise ValueError(
+        f"{what}: layer '{name}' has a kernel of shape {kernel.shape}; "
+        "a 2-D convolution kernel has shape (kh, kw, cin, cout)."
+    )
+  if mask.shape != kernel.shape:
+    raise ValueError(
+        f"{what}: layer '{name}' has mask shape {mask.shape} but kernel "
+        f"shape {kernel.shape}; pass the mask that belongs to this kernel."
+    )
+  return kernel, mask
 
 
 def to_planes(x: jax.Array, geo: ConvGeometry) -> jax.Array:

@@ -7,14 +7,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from srigl_jax.condensed.conv.format import CondensedConv
+from srigl_jax.condensed.conv.format import CondensedConv, GroupedCondensedConv
 
 __all__ = ["condensed_conv_reference"]
 
 
 @functools.partial(jax.jit, static_argnames=("precision",))
 def condensed_conv_reference(
-    x: jax.Array, layer: CondensedConv, *, precision=jax.lax.Precision.HIGHEST
+    x: jax.Array,
+    layer: CondensedConv | GroupedCondensedConv,
+    *,
+    precision=jax.lax.Precision.HIGHEST,
 ) -> jax.Array:
   """Densifies the kernel and runs `lax.conv_general_dilated` with the layer's padding.
 
@@ -24,7 +27,7 @@ def condensed_conv_reference(
 
   Args:
     x: ``(b, h, w, cin)`` NHWC input.
-    layer: the condensed conv.
+    layer: the condensed conv, grouped or not.
     precision: of the convolution (full fp32 by default).
 
   Returns:

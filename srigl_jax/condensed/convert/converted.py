@@ -2,7 +2,8 @@
 
 The converted model runs the *unchanged* Flax model definition under a method
 interceptor that routes every converted layer (per the plan) to its kernel:
-condensed layers to `condensed_matmul` / `condensed_conv`, structured ones to
+condensed layers to `condensed_matmul` / `condensed_conv` (grouped layers,
+``group_size > 1`` in the plan, in their grouped format), structured ones to
 a dense matmul or convolution of the kept neurons, and folded BatchNorms to
 the identity. The variables hold arrays only, so orbax saves them as they
 are, and ``ConvertedModel(model, variables, plan)`` rebuilds the model from a
@@ -21,10 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed._outputs import check_rows, finish_outputs
-from srigl_jax.condensed.conv import CondensedConv, conv_geometry, normalize_padding
+from srigl_jax.condensed._outputs import check_grouped_rows, check_rows, finish_outputs
+from srigl_jax.condensed.conv import (
+    CondensedConv,
+    GroupedCondensedConv,
+    conv_geometry,
+    normalize_padding,
+)
 from srigl_jax.condensed.convert.analysis import module_path
-from srigl_jax.condensed.dense import CondensedLayer
+from srigl_jax.condensed.dense import CondensedLayer, GroupedCondensedLayer
 from srigl_jax.condensed.dispatch import condensed_conv, condensed_matmul
 
 __all__ = ["ConvertedModel", "as_pair", "condensed_apply"]
@@ -39,8 +45,8 @@ class ConvertedModel:
     variables: ``{'params': ..., 'batch_stats': ...}`` with converted layers;
       arrays only, so orbax saves it as it is.
     plan: a JSON-serialisable description: per layer its kind, format,
-      neurons, active neurons, fan-in and density; the folded BatchNorms; the
-      input size a per-position bias map was built for.
+      group size, neurons, active neurons, fan-in and density; the folded
+      BatchNorms; the input size a per-position bias map was built for.
   """
 
   model: nn.Module
@@ -50,13 +56,15 @@ class ConvertedModel:
   def validate(self) -> ConvertedModel:
     """Checks every condensed and structured layer's arrays on the host; returns the model.
 
-    What `CondensedLayer.validate` checks, for each layer the plan stores
-    condensed: shapes that agree, indices (taps) within the layer's fan-in,
-    neuron ids strictly increasing within its outputs; for each layer stored
-    structured, one neuron id per kept neuron, strictly increasing within
-    its outputs, and a bias of its output width. `convert_model` calls
-    it on what it built, and `srigl_jax.serving`'s loader on the variables it
-    reads, so that no kernel meets an index out of range.
+    What `CondensedLayer.validate` (`GroupedCondensedLayer.validate` for a
+    layer with ``group_size`` > 1 in the plan) checks, for each layer the
+    plan stores condensed: shapes that agree, indices (taps) within the
+    layer's fan-in, neuron (group) ids strictly increasing within its
+    outputs (groups); for each layer stored structured, one neuron id per
+    kept neuron, strictly increasing within its outputs, and a bias of its
+    output width. `convert_model` calls it on what it built, and
+    `srigl_jax.serving`'s loader on the variables it reads, so that no
+    kernel meets an index out of range.
 
     Returns:
       This model.
@@ -70,6 +78,10 @@ class ConvertedModel:
       if entry["format"] not in ("condensed", "structured"):
         continue
       name = f"layer '{path}'"
+      # Plans written before grouped formats existed have no group_size.
+      g = entry.get("group_size", 1)
+      if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"{name}: the plan's group_size {g!r} is not an integer >= 1.")
       node = params
       for key in path.split("/"):
         node = node.get(key) if isinstance(node, Mapping) else None
@@ -77,30 +89,27 @@ class ConvertedModel:
         _check_structured(name, node, entry["neurons"])
         continue
       index_key = "taps" if entry["kind"] == "conv" else "indices"
-      want = ("values", index_key, "neuron_ids", "bias")
+      id_key = "group_ids" if g > 1 else "neuron_ids"
+      want = ("values", index_key, id_key, "bias")
       if not isinstance(node, Mapping) or any(k not in node for k in want):
         have = sorted(node) if isinstance(node, Mapping) else []
         raise ValueError(f"{name}: stored condensed, its params need {list(want)}, got {have}.")
-      rows = dict(values=node["values"], neuron_ids=node["neuron_ids"], bias=node["bias"])
-      if entry["kind"] == "conv":
-        # The kernel size belongs to the module definition; the taps index the
-        # flat (kh, kw, cin) fan-in, which the plan records (and which
-        # `_apply_condensed_layer` checks against the module).
-        check_rows(
-            name,
-            **rows,
-            indices=node["taps"],
-            fan_in=entry["dense_fan_in"],
-            n_outputs=entry["neurons"],
-            index_name="taps",
-        )
+      # The kernel size of a conv belongs to the module definition; the taps
+      # index the flat (kh, kw, cin) fan-in, which the plan records (and which
+      # `_apply_condensed_layer` checks against the module).
+      arrays = dict(
+          name=name,
+          values=node["values"],
+          indices=node[index_key],
+          bias=node["bias"],
+          fan_in=entry["dense_fan_in"],
+          n_outputs=entry["neurons"],
+          index_name=index_key,
+      )
+      if g > 1:
+        check_grouped_rows(**arrays, group_ids=node["group_ids"], group_size=g)
       else:
-        CondensedLayer(
-            **rows,
-            indices=node["indices"],
-            in_features=entry["dense_fan_in"],
-            out_features=entry["neurons"],
-        ).validate(name)
+        check_rows(**arrays, neuron_ids=node["neuron_ids"])
     return self
 
   def apply(self, x, impl: str = "auto"):
@@ -160,6 +169,11 @@ def _flatten_dense_input(module, entry, x):
 def _apply_condensed_layer(module, entry, x, impl):
   p = module.variables["params"]
   name = f"layer '{module_path(module)}'"
+  # Plans written before grouped formats existed have no group_size.
+  g = entry.get("group_size", 1)
+  rows = (
+      {"group_ids": p["group_ids"], "group_size": g} if g > 1 else {"neuron_ids": p["neuron_ids"]}
+  )
   if entry["kind"] == "conv":
     kernel_size = as_pair(module.kernel_size)
     strides = as_pair(module.strides)
@@ -173,10 +187,10 @@ def _apply_condensed_layer(module, entry, x, impl):
     geometry = None
     if entry.get("input_hw") is not None:
       geometry = conv_geometry(tuple(entry["input_hw"]), in_channels, kernel_size, strides, padding)
-    layer = CondensedConv(
+    layer_type = GroupedCondensedConv if g > 1 else CondensedConv
+    layer = layer_type(
         values=p["values"],
         taps=p["taps"],
-        neuron_ids=p["neuron_ids"],
         bias=p["bias"],
         bias_map=p.get("bias_map"),
         kernel_size=kernel_size,
@@ -185,16 +199,18 @@ def _apply_condensed_layer(module, entry, x, impl):
         strides=strides,
         padding=padding,
         geometry=geometry,
+        **rows,
     )
     return condensed_conv(x, layer, impl, name=name)
   lead, x2 = _flatten_dense_input(module, entry, x)
-  layer = CondensedLayer(
+  layer_type = GroupedCondensedLayer if g > 1 else CondensedLayer
+  layer = layer_type(
       values=p["values"],
       indices=p["indices"],
-      neuron_ids=p["neuron_ids"],
       bias=p["bias"],
       in_features=entry["dense_fan_in"],
       out_features=int(p["bias"].shape[0]),
+      **rows,
   )
   y = condensed_matmul(x2, layer, impl, name=name)
   return y.reshape(*lead, *entry["out_shape"])

@@ -29,7 +29,12 @@ structure, so no layer pairs are declared by hand:
    stores them with ablated neurons removed but dense kernels instead, and
    ``on_unsupported='structured'`` does so for the layers that cannot be
    condensed (masks that are not constant fan-in, dilated convolutions).
-6. It checks itself: the converted model must reproduce the masked model on
+6. *Groups.* A layer trained with group-shared fan-in (G consecutive neurons
+   sharing one mask column) is stored in the grouped format, its inputs once
+   per group: ``group_size=None`` detects each layer's G from its mask, an int
+   requires it. Folding keeps groups whole: a folded input is dropped from
+   every column of the mask, so from every neuron of a group.
+7. It checks itself: the converted model must reproduce the masked model on
    a probe input, else it raises naming the first layer that differs.
 
 `ConvertedModel.apply` (`srigl_jax.condensed.convert.converted`) runs the
@@ -50,7 +55,8 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from srigl_jax.condensed.conv import condense_conv
+from srigl_jax.condensed._groups import detect_group_size, grouped_by, validate_group_size
+from srigl_jax.condensed.conv import condense_conv, condense_grouped_conv
 from srigl_jax.condensed.convert.analysis import (
     LINEAR,
     eval_abstract,
@@ -59,7 +65,7 @@ from srigl_jax.condensed.convert.analysis import (
     use_counts,
 )
 from srigl_jax.condensed.convert.converted import ConvertedModel, as_pair
-from srigl_jax.condensed.dense import condense_dense, fan_in_counts
+from srigl_jax.condensed.dense import condense_dense, condense_grouped_dense, fan_in_counts
 from srigl_jax.condensed.structured import structured_from_mask
 
 __all__ = ["convert_model"]
@@ -105,6 +111,13 @@ class _Layer:
   input_hw: tuple | None = None
   # Why the kernel has no condensed form whatever its mask, or None.
   not_condensable: str | None = None
+  # G: consecutive neurons sharing one mask column (1 = ungrouped).
+  group_size: int = 1
+
+  @property
+  def mask2d(self) -> np.ndarray:
+    """The mask as (fan_in, neurons)."""
+    return self.mask.reshape(-1, self.mask.shape[-1])
 
 
 def _flat_leaves(tree):
@@ -176,6 +189,7 @@ def convert_model(
     on_unsupported: str = "error",
     check: bool = True,
     impl: str = "auto",
+    group_size: int | None = None,
 ) -> ConvertedModel:
   """Converts a trained sparse Flax model for inference.
 
@@ -202,6 +216,14 @@ def convert_model(
       either way.
     check: run the self-check against the masked model.
     impl: kernel choice for the self-check.
+    group_size: group-shared fan-in (`srigl(..., group_size=G)`). None
+      detects, per layer, the largest G > 1 dividing its width whose groups of
+      G consecutive neurons have identical mask columns, and stores the layer
+      in the grouped format (`GroupedCondensedLayer`, `GroupedCondensedConv`;
+      no such G: today's format). An int G requires every sparse layer whose
+      width G divides to be grouped by G (as training makes them); layers it
+      does not divide stay ungrouped, as they trained. 1 stores every layer
+      ungrouped. The plan records each layer's ``group_size``.
 
   Returns:
     The `ConvertedModel`.
@@ -210,8 +232,9 @@ def convert_model(
     TypeError: a Flax NNX module or state (not supported yet).
     ValueError: a layer cannot be condensed (with ``on_unsupported='error'``),
       a grouped or depthwise conv is marked sparse, a sparse kernel is used
-      in a way the converter cannot follow, or the self-check fails (naming
-      the first layer that differs).
+      in a way the converter cannot follow, a layer's mask is not grouped by
+      an int ``group_size`` that divides its width (naming the layer), or the
+      self-check fails (naming the first layer that differs).
   """
   _refuse_nnx(model, variables)
   if format not in _FORMATS:
@@ -220,6 +243,8 @@ def convert_model(
     raise ValueError(
         f"convert_model: on_unsupported must be one of {_ON_UNSUPPORTED}, got {on_unsupported!r}"
     )
+  if group_size is not None:
+    group_size = validate_group_size(group_size, "convert_model")
   if isinstance(fold, str) and fold not in ("auto", "none"):
     raise ValueError(
         f"convert_model: fold must be 'auto', 'none' or a collection of layer paths, got {fold!r}"
@@ -344,6 +369,10 @@ def convert_model(
         out_shape=tuple(out_shape),
         not_condensable=not_condensable,
     )
+
+  # Groups, from the masks as trained (folding below keeps them whole).
+  for layer in layers.values():
+    layer.group_size = _layer_group_size(layer, group_size)
 
   # BatchNorm folds: a BN that reads exactly a sparse layer's output, which
   # nothing else reads.
@@ -484,6 +513,26 @@ def _prune_empty(tree):
         del tree[k]
 
 
+def _layer_group_size(layer: _Layer, group_size: int | None) -> int:
+  """The G a layer is stored with: detected (None) or checked (an int)."""
+  mask = layer.mask2d
+  if group_size is None:
+    return detect_group_size(mask)
+  if group_size == 1 or mask.shape[1] % group_size:
+    return 1  # trained ungrouped: group_size does not divide its width
+  bad = grouped_by(mask, group_size)
+  if bad is not None:
+    lo = bad * group_size
+    raise _unsupported(
+        layer.path,
+        f"is not grouped by group_size={group_size}: the mask columns of its "
+        f"neurons {lo}..{lo + group_size - 1} differ",
+        "Pass the group_size the run trained with (config.sparsity.group_size), "
+        "or group_size=None to detect each layer's groups from its mask.",
+    )
+  return group_size
+
+
 def _fold_known_inputs(layer: _Layer, a) -> None:
   """Drops the taps on inputs known at every position; adds them as bias."""
   if a is None:
@@ -575,13 +624,23 @@ def _convert_layer(layer: _Layer, format: str, on_unsupported: str):
     fmt = "structured"
   entry["format"] = fmt
   kernel = np.where(m, layer.kernel, 0).astype(np.float32)
+  g = layer.group_size if fmt == "condensed" else 1
+  entry["group_size"] = g
   if fmt == "condensed":
+    grouped = dict(group_size=g) if g > 1 else {}
     if layer.kind == "conv":
-      c = condense_conv(kernel, m, layer.bias, name=layer.path, allow_ragged=True)
-      new = {"values": c.values, "taps": c.taps, "neuron_ids": c.neuron_ids, "bias": c.bias}
+      condense_fn = condense_grouped_conv if g > 1 else condense_conv
+      c = condense_fn(kernel, m, layer.bias, name=layer.path, allow_ragged=True, **grouped)
+      new = {"values": c.values, "taps": c.taps}
     else:
-      c = condense_dense(kernel, m, layer.bias, name=layer.path, allow_ragged=True)
-      new = {"values": c.values, "indices": c.indices, "neuron_ids": c.neuron_ids, "bias": c.bias}
+      condense_fn = condense_grouped_dense if g > 1 else condense_dense
+      c = condense_fn(kernel, m, layer.bias, name=layer.path, allow_ragged=True, **grouped)
+      new = {"values": c.values, "indices": c.indices}
+    if g > 1:
+      new["group_ids"] = c.group_ids
+    else:
+      new["neuron_ids"] = c.neuron_ids
+    new["bias"] = c.bias
     entry["fan_in"] = c.fan_in
   else:
     st = structured_from_mask(kernel, m, layer.bias, name=layer.path)

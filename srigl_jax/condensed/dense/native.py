@@ -10,8 +10,15 @@ indices before it reads through them (3-6% of a batch-1 call, nothing
 measurable at batch 256; see ``csrc/dense/ffi.cc``), and fails with an error
 that names the array, position, value and valid range.
 
-Inference-only: the FFI call has no derivative rule; use
-`condensed_matmul_xla` to differentiate.
+The grouped kernel (``csrc/dense/grouped_*``) reads each gathered input once
+for the G neurons of a group: at batches up to 4 it broadcasts x[idx] and
+multiplies it with the group's G contiguous weights (no gather instruction,
+G accumulators in registers); at larger batches one row of a transposed
+batch tile feeds G neurons' accumulators. It checks its arrays (shapes,
+index range, sorted group ids) before it reads through them.
+
+Inference-only: the FFI calls have no derivative rule; use
+`condensed_matmul_xla` / `grouped_matmul_xla` to differentiate.
 """
 
 from __future__ import annotations
@@ -22,9 +29,9 @@ import jax
 import jax.numpy as jnp
 
 from srigl_jax.condensed import _native_lib
-from srigl_jax.condensed.dense.format import CondensedLayer
+from srigl_jax.condensed.dense.format import CondensedLayer, GroupedCondensedLayer
 
-__all__ = ["condensed_matmul_native"]
+__all__ = ["condensed_matmul_native", "grouped_matmul_native"]
 
 
 @functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
@@ -60,5 +67,44 @@ def condensed_matmul_native(
   out_shape = (x2.shape[0], layer.out_features)
   y = _native_lib.ffi_call(
       "dense", out_shape, x2, layer.indices, layer, max_threads=max_threads, isa=isa
+  )
+  return y.astype(out_dtype).reshape(*lead, layer.out_features)
+
+
+@functools.partial(jax.jit, static_argnames=("max_threads", "isa"))
+def grouped_matmul_native(
+    x: jax.Array, layer: GroupedCondensedLayer, *, max_threads: int = 0, isa: str = "auto"
+) -> jax.Array:
+  """Grouped condensed matmul with the native multithreaded C++ kernel (CPU only).
+
+  Dtypes as in `condensed_matmul_native`: bfloat16 values are read as
+  bfloat16, everything else goes in and is accumulated as float32.
+
+  Args:
+    x: ``(..., in_features)`` input (`condensed_matmul` checks it).
+    layer: the grouped condensed layer (int16 or int32 indices, any G).
+    max_threads: cap on threads (0 = XLA's intra-op pool size).
+    isa: kernel variant: 'auto', 'generic', 'avx2' or 'avx512'.
+
+  Returns:
+    ``(..., out_features)`` in the promoted dtype of x and the values.
+
+  Raises:
+    RuntimeError: the library is not available (see `native_error`).
+    ValueError: an unknown ``isa``.
+  """
+  lead = x.shape[:-1]
+  out_dtype = jnp.result_type(x.dtype, layer.values.dtype)
+  x2 = x.reshape(-1, x.shape[-1])
+  out_shape = (x2.shape[0], layer.out_features)
+  y = _native_lib.ffi_call(
+      "grouped_dense",
+      out_shape,
+      x2,
+      layer.indices,
+      layer,
+      ids=layer.group_ids,
+      max_threads=max_threads,
+      isa=isa,
   )
   return y.astype(out_dtype).reshape(*lead, layer.out_features)

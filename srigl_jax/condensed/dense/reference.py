@@ -5,19 +5,22 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from srigl_jax.condensed.dense.format import CondensedLayer
+from srigl_jax.condensed.dense.format import CondensedLayer, GroupedCondensedLayer
 
 __all__ = ["condensed_matmul_reference"]
 
 
 def condensed_matmul_reference(
-    x: jax.Array, layer: CondensedLayer, *, precision=jax.lax.Precision.HIGHEST
+    x: jax.Array,
+    layer: CondensedLayer | GroupedCondensedLayer,
+    *,
+    precision=jax.lax.Precision.HIGHEST,
 ) -> jax.Array:
   """Densifies the layer and computes ``x @ W + b``.
 
   Args:
     x: ``(..., in_features)`` input.
-    layer: the condensed layer.
+    layer: the condensed layer, grouped or not.
     precision: of the matmul (full fp32 by default).
 
   Returns:
