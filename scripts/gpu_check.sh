@@ -30,6 +30,11 @@
 #                     (meta.skipped_cases). The rest in a second call:
 #                     GPU_CHECK_STAGES=bench GPU_CHECK_LIMIT_BENCH=300
 #                     GPU_CHECK_BENCH_ARGS=--sparsities=0.8,0.95
+#   grouped   ~50 s  (limit 60) the same benchmark with group-shared fan-in
+#                     (G = 16): 3072 -> 768 at 90% and 99%, batch 256 then 1,
+#                     the grouped Pallas (TF32, bf16) and XLA kernels against
+#                     dense fp32 HIGHEST / TF32 / bf16, structured bf16 and the
+#                     per-neuron Pallas bf16 kernel (gpu_bench_grouped.json)
 #   model      ~40 s  (limit 50) ResNet-18, then ViT-S/16, at batch 1 and 256:
 #                     masked dense vs structured vs condensed (the JSON is
 #                     written after each model; ResNet-50's conversion alone
@@ -61,8 +66,8 @@
 # failed; later stages still run.
 #
 # Knobs (environment): PYTHON; GPU_CHECK_STAGES (default "preflight tests bench
-# model profile train"; collect always runs); GPU_CHECK_TINY;
-# GPU_CHECK_DEADLINE_S; GPU_CHECK_LIMIT_{TESTS,BENCH,MODEL,PROFILE,TRAIN}
+# grouped model profile train"; collect always runs); GPU_CHECK_TINY;
+# GPU_CHECK_DEADLINE_S; GPU_CHECK_LIMIT_{TESTS,BENCH,GROUPED,MODEL,PROFILE,TRAIN}
 # (seconds; the defaults above, x4 at toy sizes);
 # GPU_CHECK_WORK (scratch folder, default a temporary one removed at the end);
 # GPU_CHECK_EXTRA_TESTS (e.g. tests/test_convert.py); GPU_CHECK_BENCH_ARGS
@@ -83,7 +88,7 @@ fi
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
-STAGES=${GPU_CHECK_STAGES:-"preflight tests bench model profile train"}
+STAGES=${GPU_CHECK_STAGES:-"preflight tests bench grouped model profile train"}
 if [[ -n "${GPU_CHECK_WORK:-}" ]]; then
   WORK=$(mkdir -p "$GPU_CHECK_WORK" && cd "$GPU_CHECK_WORK" && pwd)
 else
@@ -182,6 +187,22 @@ if has_stage bench; then
     --json=\"$OUT/gpu_bench.json\" ${GPU_CHECK_BENCH_ARGS:-} 2>&1 | tee \"$WORK/gpu_bench.log\""
 fi
 
+if has_stage grouped; then
+  # Group-shared fan-in (G = 16) against the same dense baselines, on the
+  # tensor cores: 3072 -> 768 at 90% and 99%, batch 256 then 1.
+  lim=$(stage_limit "${GPU_CHECK_LIMIT_GROUPED:-$((60 * SCALE))}")
+  GROUPED_IMPLS=dense_fp32_highest,dense_fp32_default,dense_bf16,structured_bf16,condensed_pallas_bf16,grouped_pallas_tf32,grouped_pallas_bf16,grouped_xla_fp32,grouped_xla_bf16
+  if [[ "$GPU_CHECK_TINY" == 1 ]]; then
+    GROUPED_ARGS=(--tiny --profile=none --noserialize --group-size=4
+                  --impls=dense_fp32_highest,grouped_xla_fp32,grouped_pallas_bf16)
+  else
+    GROUPED_ARGS=(--group-size=16 --sparsities=0.9,0.99 --batch-sizes=256,1 --profile=none
+                  --impls=$GROUPED_IMPLS --time-budget-s=$((lim > 40 ? lim - 20 : lim / 2)))
+  fi
+  run_stage grouped "$lim" bash -c "\"$PYTHON\" -m srigl_jax.benchmarks.gpu ${GROUPED_ARGS[*]} \
+    --json=\"$OUT/gpu_bench_grouped.json\" 2>&1 | tee \"$WORK/gpu_bench_grouped.log\""
+fi
+
 if has_stage model; then
   # Whole models: masked dense vs structured vs condensed (Pallas on a GPU).
   if [[ "$GPU_CHECK_TINY" == 1 ]]; then
@@ -249,9 +270,11 @@ fi
 } >"$OUT/status.json"
 
 # The tables last: what the device tool's reply shows.
-if [[ -f "$OUT/gpu_bench.json" ]]; then
-  "$PYTHON" -m srigl_jax.benchmarks.gpu --table-from="$OUT/gpu_bench.json" 2>/dev/null
-fi
+for table in gpu_bench gpu_bench_grouped; do
+  if [[ -f "$OUT/$table.json" ]]; then
+    "$PYTHON" -m srigl_jax.benchmarks.gpu --table-from="$OUT/$table.json" 2>/dev/null
+  fi
+done
 cat "$WORK/collect.log"
 echo "gpu_check: status $(tr -d '\n ' <"$OUT/status.json") in $SECONDS s"
 for rc in "${STATUS[@]}"; do

@@ -18,13 +18,13 @@ config predates, for a workdir whose own config no longer builds.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import platform
 
 import jax
+from absl import app, flags
 
 # JAX reads this when it creates its CPU client: before any array exists.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
@@ -84,27 +84,31 @@ def models_of(workdir: str, base: str | None):
   return shape, fns, variables, plan
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("runs", nargs="+", help="NAME=WORKDIR")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--batches", default="1,8,128")
-  parser.add_argument("--budget_s", type=float, default=8.0)
-  parser.add_argument("--base_config", default=None)
-  args = parser.parse_args()
+_OUT = flags.DEFINE_string("out", None, "Where the JSON records go.", required=True)
+_BATCHES = flags.DEFINE_list("batches", ["1", "8", "128"], "Batch sizes.")
+_BUDGET_S = flags.DEFINE_float("budget_s", 8.0, "Timing budget per model and batch size (s).")
+_BASE_CONFIG = flags.DEFINE_string(
+    "base_config", None, "A config file whose fields fill in what a workdir's config predates."
+)
+
+
+def main(argv):
+  runs = argv[1:]
+  if not runs:
+    raise app.UsageError("Pass one or more NAME=WORKDIR.")
   records = []
-  for run in args.runs:
+  for run in runs:
     name, workdir = run.split("=", 1)
-    shape, fns, variables, plan = models_of(workdir, args.base_config)
+    shape, fns, variables, plan = models_of(workdir, _BASE_CONFIG.value)
     rng = np.random.default_rng(0)
-    for batch in (int(b) for b in args.batches.split(",")):
+    for batch in (int(b) for b in _BATCHES.value):
       x = jnp.asarray(rng.standard_normal((batch, *shape)), jnp.float32)
       want = np.asarray(fns["dense"](variables["dense"], x), np.float64)
       for fmt, f in fns.items():
         got = np.asarray(f(variables[fmt], x), np.float64)
         assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), fmt
       calls = {fmt: (lambda f=f, v=variables[fmt]: f(v, x)) for fmt, f in fns.items()}
-      t = timing.time_interleaved(calls, budget_s=args.budget_s, max_rounds=20000, min_rounds=20)
+      t = timing.time_interleaved(calls, budget_s=_BUDGET_S.value, max_rounds=20000, min_rounds=20)
       med = t.medians_us()
       rec = {
           "model": name,
@@ -135,10 +139,10 @@ def main():
           "vs structured",
           flush=True,
       )
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
     json.dump(records, f, indent=1)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

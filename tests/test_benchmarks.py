@@ -217,7 +217,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   env = dict(
       os.environ,
       PYTHON=sys.executable,
-      GPU_CHECK_STAGES="preflight bench model",
+      GPU_CHECK_STAGES="preflight bench grouped model",
       GPU_CHECK_WORK=str(work),
       JAX_PLATFORMS="cpu",
   )
@@ -229,6 +229,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
   # At most 8 files come back from a device call.
   assert sorted(p.name for p in out.iterdir()) == [
       "gpu_bench.json",
+      "gpu_bench_grouped.json",
       "gpu_check.log",
       "logs.tar.gz",
       "model.json",
@@ -237,7 +238,15 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
       "train.json",
   ]
   status = json.loads((out / "status.json").read_text())
-  assert status == {"preflight": 0, "bench": 0, "model": 0, "collect": 0}
+  assert status == {"preflight": 0, "bench": 0, "grouped": 0, "model": 0, "collect": 0}
+  grouped = json.loads((out / "gpu_bench_grouped.json").read_text())["records"]
+  assert {r["impl"] for r in grouped} == {
+      "dense_fp32_highest",
+      "grouped_xla_fp32",
+      "grouped_pallas_bf16",
+  }
+  assert all(r["group_size"] == 4 for r in grouped if r["impl"].startswith("grouped_"))
+  assert all(r["rel_err"] <= r["rel_err_bound"] for r in grouped)
   records = json.loads((out / "gpu_bench.json").read_text())["records"]
   assert {r["impl"] for r in records} == {
       "dense_fp32_highest",
