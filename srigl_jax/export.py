@@ -113,7 +113,11 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
 def _restore(
     workdir: str, config: ml_collections.ConfigDict | None, *, open_dataset: bool
 ) -> tuple[build_lib.Run, Any, int]:
-  """(run, state on the first local device, step) of the newest complete checkpoint."""
+  """(run, state on the first local device, step) of the newest checkpoint that restores.
+
+  Reads only: a damaged checkpoint is skipped with a warning naming its
+  folder (`training.checkpointing.restore_newest`) and left where it is.
+  """
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise ExportError(
@@ -138,15 +142,17 @@ def _restore(
   try:
     # Orbax lists only finalised checkpoints: one cut off by a kill stays in
     # a temporary folder and is never picked up.
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
       raise ExportError(f'{ckpt_dir} holds no complete checkpoint. {how}')
     run = build_lib.build(config, open_dataset=open_dataset)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), run.abstract_state
     )
-    state = manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      step, state, _ = checkpointing.restore_newest(manager, target)
+    except checkpointing.DamagedWorkdirError as e:
+      raise ExportError(str(e)) from None
   finally:
     manager.close()
   return run, state, int(step)
@@ -175,64 +181,18 @@ def restore_run(workdir: str, config: ml_collections.ConfigDict | None = None):
       (naming each one's folder and error).
     config_lib.ConfigError: the saved config is not a valid run.
   """
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
-    raise ExportError(
-        f'workdir {workdir} does not exist. Pass the --workdir '
-        'of a run of python -m srigl_jax.main.'
-    )
-  config = load_run_config(workdir) if config is None else config
-  ckpt_dir = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
-  how = (
-      'Train first (python -m srigl_jax.main --config=... '
-      f'--workdir={workdir}), or let a running job reach its first '
-      'checkpoint (checkpoint_every).'
-  )
-  if not os.path.isdir(ckpt_dir):
-    raise ExportError(f'{workdir} has no checkpoints/ folder. {how}')
-  manager = ocp.CheckpointManager(
-      ckpt_dir,
-      options=ocp.CheckpointManagerOptions(
-          read_only=True, create=False, enable_async_checkpointing=False
-      ),
-  )
-  try:
-    if manager.latest_step() is None:
-      raise ExportError(f'{ckpt_dir} holds no complete checkpoint. {how}')
-    run = build_lib.build(config, open_dataset=False)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), run.abstract_state
-    )
-    try:
-      step, state, _ = checkpointing.restore_newest(manager, target)
-    except checkpointing.DamagedWorkdirError as e:
-      raise ExportError(str(e)) from None
-  finally:
-    manager.close()
-  return run.config, run.model, state, int(step)
+  run, state, step = _restore(workdir, config, open_dataset=False)
+  return run.config, run.model, state, step
 
 
 def _fingerprint(workdir: str | None, config, step: int | None = None) -> dict[str, Any]:
   """The run's fingerprint with a digest to compare runs by.
 
-  From the workdir's fingerprint.json, else the checkpoint's metadata, else
-  computed from the config.
+  From the workdir (`training.checkpointing.read_fingerprint`: its
+  fingerprint.json, or where that is missing or damaged the checkpoint's
+  metadata), else computed from the config.
   """
-  fp = None
-  if workdir is not None:
-    path = os.path.join(workdir, checkpointing.FINGERPRINT_FILE)
-    if os.path.exists(path):
-      try:
-        with open(path, encoding='utf-8') as f:
-          fp = json.load(f)
-      except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(
-            f'{path} is not valid JSON ({e}); the workdir is damaged. Delete '
-            'the file: the export then reads the fingerprint from the checkpoint.'
-        ) from None
-    elif step is not None:
-      fp = checkpointing.checkpoint_fingerprint(workdir, step)
+  fp = checkpointing.read_fingerprint(workdir, step) if workdir is not None else None
   if fp is None:
     fp = checkpointing.fingerprint(config)
   digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()

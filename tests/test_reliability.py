@@ -994,6 +994,12 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(recovery_runs,
   assert step == 10 and int(state.step) == 10
   assert f'Checkpoint {damaged} cannot be restored (' in caplog.text
   assert finished_steps(workdir) == [10, 20]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    report = export.export_inference_model(workdir, str(tmp_path / 'inference'), verify=False)
+  assert report['source_step'] == 10
+  assert f'Checkpoint {damaged} cannot be restored (' in caplog.text
+  assert finished_steps(workdir) == [10, 20]
   # So does the trainer, which moves the damaged one aside and trains 11-30 again.
   caplog.clear()
   with caplog.at_level(logging.WARNING):
@@ -1038,6 +1044,10 @@ def test_damaged_fingerprint_json_is_rebuilt_and_allowed_changes_keep_the_run(
   assert fp == checkpointing.checkpoint_fingerprint(workdir, 20)
   assert fp == checkpointing.fingerprint(small_config(**RECOVERY))
   assert f'{path} is damaged (not valid JSON' in caplog.text
+  # So does the export command.
+  report = export.export_inference_model(workdir, str(tmp_path / 'inference'), verify=False)
+  with open(os.path.join(report['path'], 'manifest.json')) as f:
+    assert json.load(f)['source']['fingerprint']['fields'] == fp
   # The trainer rebuilds it, and resumes with every field that may change
   # changed (those testable on one device): the same run, bitwise.
   changes = {
