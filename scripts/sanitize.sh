@@ -24,6 +24,7 @@ BUILD=${SANITIZE_BUILD_DIR:-$ROOT/build/sanitize}
 CXX=${CXX:-g++}
 
 SANITIZE="-fsanitize=address,undefined -fno-omit-frame-pointer"
+mkdir -p "$(dirname "$BUILD")"
 cmake -S . -B "$BUILD" \
   -DCMAKE_CXX_COMPILER="$CXX" \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo \
@@ -60,5 +61,5 @@ EOF
 
 "$PYTHON" -m pytest -q -p no:cacheprovider \
   tests/test_condensed.py tests/test_conv_native.py tests/test_conv_independent.py \
-  tests/test_untrusted.py "$@"
+  tests/test_untrusted.py tests/test_grouped_condensed.py "$@"
 echo "sanitize.sh: no sanitizer report"
