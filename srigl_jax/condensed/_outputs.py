@@ -74,6 +74,14 @@ def check_rows(
         f"{name}: neuron_ids must be {values.shape[:1]} integers (one per row of values), got "
         f"{neuron_ids.dtype} of shape {neuron_ids.shape}."
     )
+  _check_bias_and_range(name, bias, n_outputs, indices, index_name, fan_in)
+  _check_ids(name, neuron_ids, "neuron_ids", n_outputs)
+
+
+def _check_bias_and_range(
+    name: str, bias, n_outputs: int, indices: np.ndarray, index_name: str, fan_in: int
+) -> None:
+  """Refuses a bias that is not (n_outputs,) and the first index outside [0, fan_in)."""
   if bias is not None and np.shape(bias) != (n_outputs,):
     raise ValueError(
         f"{name}: bias has shape {np.shape(bias)} but the layer has {n_outputs} outputs."
@@ -82,7 +90,6 @@ def check_rows(
   if bad is not None:
     (r, c), v = bad
     raise ValueError(f"{name}: {index_name}[{r}, {c}] = {v} is outside [0, {fan_in}).")
-  _check_ids(name, neuron_ids, "neuron_ids", n_outputs)
 
 
 def _check_ids(name: str, ids: np.ndarray, id_name: str, limit: int) -> None:
@@ -155,14 +162,7 @@ def check_grouped_rows(
         f"{name}: group_ids must be {values.shape[:1]} integers (one per group of values), got "
         f"{group_ids.dtype} of shape {group_ids.shape}."
     )
-  if bias is not None and np.shape(bias) != (n_outputs,):
-    raise ValueError(
-        f"{name}: bias has shape {np.shape(bias)} but the layer has {n_outputs} outputs."
-    )
-  bad = _first_outside(indices, 0, fan_in)
-  if bad is not None:
-    (r, c), v = bad
-    raise ValueError(f"{name}: {index_name}[{r}, {c}] = {v} is outside [0, {fan_in}).")
+  _check_bias_and_range(name, bias, n_outputs, indices, index_name, fan_in)
   _check_ids(name, group_ids, "group_ids", n_outputs // group_size)
 
 
